@@ -1,0 +1,48 @@
+"""looproto: a framework-agnostic training-loop protocol.
+
+`Module` and `Variable` give tf.Module's semantics to any framework; the
+`Trainer`/`Evaluator` protocols and the `Controller` give Orbit's outer loop;
+backends (`numpy`, `jax`, `tensorflow`, `torch`) supply compiled inner loops.
+
+Importing looproto imports NumPy and the standard library only: frameworks,
+orbax and tensorboardX are imported where they are first used.
+"""
+
+from importlib import metadata as _metadata
+
+from looproto import backends as backends
+from looproto.errors import BackendNotAvailableError as BackendNotAvailableError
+from looproto.errors import CheckpointError as CheckpointError
+from looproto.errors import ConfigError as ConfigError
+from looproto.errors import LooprotoError as LooprotoError
+from looproto.errors import ProtocolError as ProtocolError
+from looproto.errors import ShapeError as ShapeError
+from looproto.module import Module as Module
+from looproto.module import NameScope as NameScope
+from looproto.module import Variable as Variable
+from looproto.module import create_global_step as create_global_step
+from looproto.module import current_name_scope as current_name_scope
+from looproto.module import name_scope as name_scope
+from looproto.module import variables_by_path as variables_by_path
+
+try:
+    __version__ = _metadata.version("looproto")
+except _metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "BackendNotAvailableError",
+    "CheckpointError",
+    "ConfigError",
+    "LooprotoError",
+    "Module",
+    "NameScope",
+    "ProtocolError",
+    "ShapeError",
+    "Variable",
+    "backends",
+    "create_global_step",
+    "current_name_scope",
+    "name_scope",
+    "variables_by_path",
+]

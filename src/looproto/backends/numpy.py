@@ -1,0 +1,110 @@
+"""The NumPy backend: the reference implementation and the default.
+
+It needs no framework. Its inner loop is a plain Python loop, which also makes it
+the eager reference for any framework: a step written in PyTorch or TensorFlow
+runs unchanged under it, just without compilation. Variables are
+`looproto.Variable`s holding NumPy arrays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from looproto import _nest
+from looproto.backends.base import Loop, LoopOptions, ReduceFn, StepFn
+from looproto.errors import ConfigError, ProtocolError, ShapeError
+
+if TYPE_CHECKING:
+    from looproto.module import Module
+
+__all__ = ["BACKEND", "NumpyBackend", "python_loop"]
+
+_log = logging.getLogger("looproto")
+
+
+def python_loop(step_fn: StepFn) -> Loop:
+    """An eager loop calling `step_fn(iterator)` until `num_steps` or `StopIteration`.
+
+    Other backends reuse it for their non-compiled paths.
+    """
+
+    def loop(
+        iterator: Any, num_steps: int, state: Any = None, reduce_fn: ReduceFn | None = None
+    ) -> tuple[Any, int]:
+        step = 0
+        try:
+            while num_steps < 0 or step < num_steps:
+                outputs = step_fn(iterator)
+                if reduce_fn is not None:
+                    state = reduce_fn(state, outputs)
+                step += 1
+        except StopIteration:
+            _log.info("The data iterator is exhausted after %d steps.", step)
+        return state, step
+
+    return loop
+
+
+class NumpyBackend:
+    """See the module docstring."""
+
+    name = "numpy"
+
+    def version(self) -> str:
+        """See base class."""
+        return np.__version__
+
+    def is_variable(self, obj: Any) -> bool:
+        """See base class. (Only `looproto.Variable`, which the core knows itself.)"""
+        from looproto.module import Variable
+
+        return isinstance(obj, Variable)
+
+    def is_trainable(self, obj: Any) -> bool:
+        """See base class."""
+        return bool(getattr(obj, "trainable", False))
+
+    def expand(self, obj: Any) -> Iterable[tuple[tuple[Any, ...], Any]] | None:
+        """See base class. NumPy has no containers of its own."""
+        return None
+
+    def to_numpy(self, value: Any) -> np.ndarray[Any, Any]:
+        """See base class."""
+        return np.array(value)
+
+    def assign(self, variable: Any, array: np.ndarray[Any, Any]) -> None:
+        """See base class."""
+        current = variable.value
+        if tuple(current.shape) != tuple(array.shape) or current.dtype != array.dtype:
+            raise ShapeError(
+                f"Cannot assign an array of shape {array.shape} and dtype {array.dtype} to "
+                f"{variable.name!r} of shape {tuple(current.shape)} and dtype {current.dtype}."
+            )
+        variable.assign(np.array(array, copy=True))
+
+    def to_host(self, tree: Any) -> Any:
+        """See base class."""
+        return _nest.map_output(_nest.to_numpy_leaf, tree)
+
+    def name_scope(self, scope: str) -> contextlib.nullcontext[None]:
+        """See base class. NumPy has no scopes of its own."""
+        return contextlib.nullcontext()
+
+    def make_loop(self, step_fn: StepFn, *, module: Module, options: LoopOptions) -> Loop:
+        """See base class. Always a Python loop; the compile options do not apply."""
+        if options.backend_options:
+            raise ConfigError(
+                f"The numpy backend takes no `backend_options`; received "
+                f"{dict(options.backend_options)!r}."
+            )
+        if not callable(step_fn):
+            raise ProtocolError(f"`step_fn` must be callable; received {step_fn!r}.")
+        return python_loop(step_fn)
+
+
+BACKEND = NumpyBackend()

@@ -1,0 +1,59 @@
+"""looproto's exception family.
+
+Every error looproto raises on bad input is one of these, so callers can catch
+`LooprotoError` alone, or the builtin it subclasses (`ValueError`, `TypeError`,
+`ImportError`) where code written for Orbit or tf.Module expects that.
+
+Messages follow one formula: the argument in backticks, the value received, what
+was expected, and (where there is one) the fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "BackendNotAvailableError",
+    "CheckpointError",
+    "ConfigError",
+    "LooprotoError",
+    "ProtocolError",
+    "ShapeError",
+    "value_repr",
+]
+
+
+class LooprotoError(Exception):
+    """Base class of every error looproto raises on purpose."""
+
+
+class ConfigError(LooprotoError, ValueError):
+    """An argument or configuration value is invalid."""
+
+
+class ProtocolError(LooprotoError, TypeError):
+    """An object does not follow the contract looproto expects of it.
+
+    For example a `train_step` that returns something other than arrays, or a
+    decorator applied to something that is not a method.
+    """
+
+
+class ShapeError(LooprotoError, ValueError):
+    """An array has the wrong shape or dtype for the variable it should go into."""
+
+
+class CheckpointError(LooprotoError, ValueError):
+    """A checkpoint cannot be written, read, or does not match the module tree."""
+
+
+class BackendNotAvailableError(LooprotoError, ImportError):
+    """A backend was asked for whose framework is not installed."""
+
+
+def value_repr(value: Any, limit: int = 80) -> str:
+    """Returns a short `repr` of `value` for error messages."""
+    text = repr(value)
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text
