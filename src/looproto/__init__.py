@@ -10,7 +10,12 @@ orbax and tensorboardX are imported where they are first used.
 
 from importlib import metadata as _metadata
 
+from looproto import actions as actions
 from looproto import backends as backends
+from looproto import data as data
+from looproto.checkpoint import CheckpointManager as CheckpointManager
+from looproto.controller import Action as Action
+from looproto.controller import Controller as Controller
 from looproto.errors import BackendNotAvailableError as BackendNotAvailableError
 from looproto.errors import CheckpointError as CheckpointError
 from looproto.errors import ConfigError as ConfigError
@@ -24,6 +29,16 @@ from looproto.module import create_global_step as create_global_step
 from looproto.module import current_name_scope as current_name_scope
 from looproto.module import name_scope as name_scope
 from looproto.module import variables_by_path as variables_by_path
+from looproto.runner import AbstractEvaluator as AbstractEvaluator
+from looproto.runner import AbstractTrainer as AbstractTrainer
+from looproto.runner import Evaluator as Evaluator
+from looproto.runner import Output as Output
+from looproto.runner import Trainer as Trainer
+from looproto.standard_runner import StandardEvaluator as StandardEvaluator
+from looproto.standard_runner import StandardEvaluatorOptions as StandardEvaluatorOptions
+from looproto.standard_runner import StandardTrainer as StandardTrainer
+from looproto.standard_runner import StandardTrainerOptions as StandardTrainerOptions
+from looproto.summary import SummaryManager as SummaryManager
 
 try:
     __version__ = _metadata.version("looproto")
@@ -31,18 +46,33 @@ except _metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "AbstractEvaluator",
+    "AbstractTrainer",
+    "Action",
     "BackendNotAvailableError",
     "CheckpointError",
+    "CheckpointManager",
     "ConfigError",
+    "Controller",
+    "Evaluator",
     "LooprotoError",
     "Module",
     "NameScope",
+    "Output",
     "ProtocolError",
     "ShapeError",
+    "StandardEvaluator",
+    "StandardEvaluatorOptions",
+    "StandardTrainer",
+    "StandardTrainerOptions",
+    "SummaryManager",
+    "Trainer",
     "Variable",
+    "actions",
     "backends",
     "create_global_step",
     "current_name_scope",
+    "data",
     "name_scope",
     "variables_by_path",
 ]

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import operator
 import re
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack
@@ -67,6 +69,28 @@ def current_name_scope() -> str:
     return getattr(_local, "scope", "")
 
 
+# Frameworks whose backend mirrors looproto scopes, hooked the first time a scope is
+# entered after that framework was imported (no framework is imported for this).
+_SCOPE_FRAMEWORKS = {"tensorflow": "tensorflow", "torch": "torch", "jax": "jax"}
+_scope_frameworks_hooked: set[str] = set()
+
+
+def _hook_imported_frameworks() -> None:
+    for module_name, backend_name in _SCOPE_FRAMEWORKS.items():
+        if module_name in _scope_frameworks_hooked or module_name not in sys.modules:
+            continue
+        _scope_frameworks_hooked.add(module_name)
+        from looproto import backends
+        from looproto.errors import BackendNotAvailableError
+
+        if backend_name not in backends.available():
+            continue
+        try:
+            register_name_scope_hook(backends.get(backend_name).name_scope)
+        except BackendNotAvailableError:
+            continue
+
+
 def register_name_scope_hook(hook: Callable[[str], AbstractContextManager[Any]]) -> None:
     """Makes every `NameScope` also enter `hook(full_scope_name)`.
 
@@ -75,6 +99,15 @@ def register_name_scope_hook(hook: Callable[[str], AbstractContextManager[Any]])
     """
     if hook not in _name_scope_hooks:
         _name_scope_hooks.append(hook)
+
+
+def _entries(scope: NameScope) -> list[tuple[str, ExitStack | None]]:
+    """This thread's stack of `(previous scope, framework scopes)` for `scope`."""
+    try:
+        by_scope: dict[int, list[tuple[str, ExitStack | None]]] = _local.entries
+    except AttributeError:
+        by_scope = _local.entries = {}
+    return by_scope.setdefault(id(scope), [])
 
 
 class NameScope:
@@ -86,7 +119,7 @@ class NameScope:
     mode: scopes are never uniquified.
     """
 
-    __slots__ = ("_name", "_stack")
+    __slots__ = ("_name",)
 
     def __init__(self, name: str) -> None:
         if not isinstance(name, str):
@@ -95,7 +128,6 @@ class NameScope:
                 f"of type {type(name).__name__}."
             )
         self._name = name
-        self._stack: list[tuple[str, ExitStack | None]] = []
 
     @property
     def name(self) -> str:
@@ -103,6 +135,8 @@ class NameScope:
         return self._name
 
     def __enter__(self) -> str:
+        if len(_scope_frameworks_hooked) < len(_SCOPE_FRAMEWORKS):
+            _hook_imported_frameworks()
         previous = current_name_scope()
         name = self._name
         if not name:
@@ -120,7 +154,9 @@ class NameScope:
             except BaseException:
                 frameworks.close()
                 raise
-        self._stack.append((previous, frameworks))
+        # What to restore on exit is kept per thread (and per scope object): a module's
+        # scope may be entered by several threads at once, which exit in any order.
+        _entries(self).append((previous, frameworks))
         _local.scope = scope
         return scope
 
@@ -130,7 +166,10 @@ class NameScope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        previous, frameworks = self._stack.pop()
+        entries = _entries(self)
+        previous, frameworks = entries.pop()
+        if not entries:
+            del _local.entries[id(self)]
         _local.scope = previous
         if frameworks is not None:
             frameworks.__exit__(exc_type, exc, tb)
@@ -385,7 +424,9 @@ class Variable:
         current = self._value
         if isinstance(value, Variable):
             value = value.value
-        if not hasattr(value, "dtype") or isinstance(value, np.generic):
+        if isinstance(value, np.ndarray):
+            value = value.copy()  # Never alias the caller's (or another variable's) buffer.
+        elif not hasattr(value, "dtype") or isinstance(value, np.generic):
             array = np.asarray(value)
             if not np.can_cast(array.dtype, current.dtype, casting="same_kind"):
                 raise ShapeError(
@@ -409,15 +450,30 @@ class Variable:
 
     def assign_add(self, delta: Any) -> Variable:
         """Adds `delta` to the value (same rules as `assign`). Returns the variable."""
-        return self.assign(self._value + delta)
+        return self.assign(self._combine(operator.add, delta))
 
     def assign_sub(self, delta: Any) -> Variable:
         """Subtracts `delta` from the value (same rules as `assign`). Returns the variable."""
-        return self.assign(self._value - delta)
+        return self.assign(self._combine(operator.sub, delta))
+
+    def _combine(self, op: Callable[[Any, Any], Any], delta: Any) -> Any:
+        if isinstance(delta, Variable):
+            delta = delta.value
+        try:
+            return op(self._value, delta)
+        except ValueError as err:  # shapes that do not broadcast
+            raise ShapeError(
+                f"Cannot update variable {self._name!r} of shape {self.shape} with a value of "
+                f"shape {tuple(np.shape(delta))}: {err}"
+            ) from err
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray[Any, Any]:
         array = np.asarray(self._value)
-        return array.astype(dtype) if dtype is not None else array
+        if dtype is not None and array.dtype != np.dtype(dtype):
+            return array.astype(dtype)
+        # NumPy 2 trusts `copy`: `np.array(var)` asks for a copy and must not get
+        # the variable's own buffer.
+        return array.copy() if copy else array
 
     def __int__(self) -> int:
         return int(np.asarray(self._value))
@@ -641,7 +697,9 @@ class Module:
         return method_with_name_scope  # type: ignore[return-value]
 
     def __repr__(self) -> str:
-        return f"<{type(self).__module__}.{type(self).__qualname__} name={self._name!r}>"
+        # `_name` is missing while a subclass's `__init__` runs before `Module.__init__`.
+        name = getattr(self, "_name", None)
+        return f"<{type(self).__module__}.{type(self).__qualname__} name={name!r}>"
 
 
 def _always(_: Any) -> bool:

@@ -44,7 +44,7 @@ def python_loop(step_fn: StepFn) -> Loop:
                     state = reduce_fn(state, outputs)
                 step += 1
         except StopIteration:
-            _log.info("The data iterator is exhausted after %d steps.", step)
+            _log.debug("The data iterator is exhausted after %d steps.", step)
         return state, step
 
     return loop

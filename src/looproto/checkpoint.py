@@ -1,0 +1,749 @@
+"""`CheckpointManager`: `tf.train.CheckpointManager`'s surface on orbax-checkpoint.
+
+A checkpoint of a root object (a `Module`, a variable, or a dict/list of them)
+holds every variable reachable from it, keyed by its path from
+`variables_by_path` (e.g. `"model/layers/0/w"`), plus the JSON state of every
+reachable object that follows the iterator-state protocol (callable
+`get_state()` / `set_state(state)` with JSON-serialisable data) and of every
+`numpy.random.Generator`. No pickle is used anywhere.
+
+On disk, `<directory>/<step>/` is an orbax checkpoint with two items: `state`
+(the arrays, OCDBT) and `meta` (human-readable JSON: format version, step, each
+array's shape, dtype and CRC-32, and the objects' states). A step directory
+appears only when complete (orbax renames a temporary directory on commit), and
+temporary directories left by a crash are deleted when a manager opens the
+directory.
+
+Restores are all-or-nothing: the stored tree is compared with the live one and
+every array is read and checked against its recorded shape, dtype and CRC-32
+before any variable is written, because orbax silently returns garbage for
+overwritten bytes and an empty tree for a deleted item directory.
+
+Asynchronous saves (`enable_async=True`) are lost if the process exits before
+they finish, even on a normal exit or through `atexit`: call `sync()` or
+`close()` (or use the manager as a context manager) before the process ends.
+The `Controller` does this in a `finally` block.
+
+orbax (and through it JAX) is imported only when a manager is created.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from looproto.errors import CheckpointError, ConfigError, value_repr
+from looproto.module import assign_variable, variable_to_numpy, variables_by_path
+
+__all__ = ["CheckpointManager", "checkpoints_iterator", "latest_step"]
+
+_log = logging.getLogger("looproto")
+
+_FORMAT = "looproto.checkpoint"
+_FORMAT_VERSION = 1
+_STATE_ITEM = "state"
+_META_ITEM = "meta"
+_STEP_NAME = re.compile(r"[0-9]+")
+# Dtype kinds orbax/tensorstore cannot store: objects, strings, bytes.
+_UNSUPPORTED_KINDS = frozenset("OUS")
+# Exceptions orbax/tensorstore raise for unreadable checkpoints (KeyError: a missing item).
+_READ_ERRORS = (ValueError, KeyError, TypeError, OSError)
+
+
+class _CorruptCheckpointError(CheckpointError):
+    """A checkpoint on disk is unreadable or fails its integrity checks."""
+
+
+# ----------------------------------------------------------------------------
+# Listing committed steps (no orbax import: plain directory listing)
+
+
+def _committed_steps(directory: str) -> list[int]:
+    """Steps with a committed `<directory>/<step>/` directory, ascending."""
+    try:
+        names = os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(
+        int(name)
+        for name in names
+        if _STEP_NAME.fullmatch(name) and os.path.isdir(os.path.join(directory, name))
+    )
+
+
+def latest_step(directory: str | os.PathLike[str]) -> int | None:
+    """Returns the newest committed step in `directory`, or None if there is none.
+
+    Temporary directories of unfinished saves are ignored.
+    """
+    steps = _committed_steps(os.fspath(directory))
+    return steps[-1] if steps else None
+
+
+def checkpoints_iterator(
+    directory: str | os.PathLike[str],
+    min_interval_secs: float = 0,
+    timeout: float | None = None,
+    timeout_fn: Callable[[], bool] | None = None,
+) -> Iterator[str]:
+    """Yields the path of the newest checkpoint in `directory` each time it changes.
+
+    `tf.train.checkpoints_iterator`'s semantics: the newest checkpoint already
+    present is yielded at once; then the directory is polled for a newer one. If
+    none appears within `timeout` seconds, `timeout_fn()` is called: the iterator
+    stops when it returns True or when there is no `timeout_fn`, and keeps
+    waiting otherwise. Only committed steps count.
+
+    Args:
+        directory: The checkpoint directory (it need not exist yet).
+        min_interval_secs: Least time between two yields, in seconds.
+        timeout: Seconds to wait for a new checkpoint; None waits forever.
+        timeout_fn: Called after each timeout; returns True to stop.
+    """
+    path = os.fspath(directory)
+    last: str | None = None
+    while True:
+        found = _wait_for_new_checkpoint(path, last, timeout)
+        if found is None:
+            if timeout_fn is None or timeout_fn():
+                return
+            continue
+        start = time.monotonic()
+        last = found
+        yield found
+        remaining = start + min_interval_secs - time.monotonic()
+        if remaining > 0:
+            time.sleep(remaining)
+
+
+def _wait_for_new_checkpoint(directory: str, last: str | None, timeout: float | None) -> str | None:
+    poll = 0.25
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        step = latest_step(directory)
+        if step is not None:
+            path = os.path.join(directory, str(step))
+            if path != last:
+                return path
+        if deadline is None:
+            time.sleep(poll)
+            continue
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        time.sleep(min(poll, remaining))
+
+
+# ----------------------------------------------------------------------------
+# What is saved
+
+
+def _is_generator(obj: Any) -> bool:
+    return isinstance(obj, np.random.Generator)
+
+
+def _is_stateful(obj: Any) -> bool:
+    if isinstance(obj, type):
+        return False
+    if _is_generator(obj):
+        return True
+    return callable(getattr(obj, "get_state", None)) and callable(getattr(obj, "set_state", None))
+
+
+def _to_json(value: Any, where: str) -> Any:
+    """`value` with NumPy scalars/arrays and tuples turned into JSON types.
+
+    Raises:
+        CheckpointError: Something is left that JSON cannot hold.
+    """
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_to_json(item, where) for item in value]
+    if isinstance(value, dict):
+        converted: dict[str, Any] = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise CheckpointError(
+                    f"The state of {where!r} has a dict key {key!r} of type "
+                    f"{type(key).__name__}; expected string keys (JSON objects)."
+                )
+            converted[key] = _to_json(item, where)
+        return converted
+    raise CheckpointError(
+        f"The state of {where!r} holds {value_repr(value)} of type {type(value).__name__}; "
+        "expected JSON data (None, bool, int, float, str, lists, dicts with string keys, "
+        "NumPy scalars or arrays)."
+    )
+
+
+def _crc32(array: np.ndarray[Any, Any]) -> int:
+    raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    return zlib.crc32(raw.data)
+
+
+def _spec_text(shape: Any, dtype: Any) -> str:
+    return f"shape={tuple(shape)} dtype={dtype}"
+
+
+def _live_spec(variable: Any) -> tuple[tuple[int, ...], str]:
+    """Shape and NumPy dtype name of a live variable, without copying when possible."""
+    try:
+        return tuple(int(d) for d in variable.shape), str(np.dtype(variable.dtype))
+    except (AttributeError, TypeError):
+        array = variable_to_numpy(variable)
+        return tuple(array.shape), str(array.dtype)
+
+
+def _as_int(value: Any) -> int:
+    try:
+        return int(value)
+    except TypeError:
+        return int(variable_to_numpy(value))
+
+
+class CheckpointManager:
+    """Saves and restores a root object's variables and state; keeps the newest N.
+
+    The surface of `tf.train.CheckpointManager`, with orbax-checkpoint underneath.
+    Checkpoints live at `<directory>/<step>/`.
+
+    Example:
+        >>> import tempfile
+        >>> from looproto.module import Variable
+        >>> w = Variable(np.zeros(3, np.float32), name="w")
+        >>> manager = CheckpointManager(tempfile.mkdtemp(), {"w": w}, max_to_keep=3)
+        >>> manager.restore_or_initialize() is None  # nothing saved yet
+        True
+        >>> os.path.basename(manager.save(checkpoint_number=100))
+        '100'
+        >>> manager.close()
+
+    Args:
+        directory: Where checkpoints go; created if missing. Stored as an absolute path.
+        checkpoint: The root: a `Module`, a variable, or a mapping/list of them.
+        max_to_keep: How many checkpoints to keep (older ones are deleted after each
+            save, including those of earlier runs); None keeps all.
+        checkpoint_interval: Least number of steps between two saves; needs
+            `step_counter`. None saves on every `save()` call.
+        step_counter: A scalar variable (or anything `int()` accepts) holding the
+            current step; `save()` numbers checkpoints by it.
+        init_fn: Called by `restore_or_initialize()` when there is nothing to restore.
+        enable_async: Write in a background thread: `save()` returns once the arrays
+            are copied. Call `sync()` or `close()` before the process exits.
+
+    Raises:
+        ConfigError: `max_to_keep` is not positive, or `checkpoint_interval` is given
+            without `step_counter` or is not positive.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        checkpoint: Any,
+        *,
+        max_to_keep: int | None = 5,
+        checkpoint_interval: int | None = None,
+        step_counter: Any = None,
+        init_fn: Callable[[], None] | None = None,
+        enable_async: bool = False,
+    ) -> None:
+        if max_to_keep is not None and (isinstance(max_to_keep, bool) or max_to_keep <= 0):
+            raise ConfigError(
+                f"`max_to_keep` must be a positive int or None (keep all); received "
+                f"{value_repr(max_to_keep)}."
+            )
+        if checkpoint_interval is not None:
+            if step_counter is None:
+                raise ConfigError(
+                    f"`checkpoint_interval` is {checkpoint_interval!r} but `step_counter` is "
+                    "None: an interval needs a step counter to measure it (pass "
+                    "`step_counter=global_step`)."
+                )
+            if isinstance(checkpoint_interval, bool) or checkpoint_interval <= 0:
+                raise ConfigError(
+                    f"`checkpoint_interval` must be a positive int or None; received "
+                    f"{value_repr(checkpoint_interval)}."
+                )
+        import orbax.checkpoint as ocp
+
+        self._ocp: Any = ocp
+        self._directory = os.path.abspath(os.fspath(directory))
+        self._checkpoint = checkpoint
+        self._max_to_keep = max_to_keep
+        self._checkpoint_interval = checkpoint_interval
+        self._step_counter = step_counter
+        self._init_fn = init_fn
+        self._enable_async = enable_async
+        self._last_checkpoint_step: int | None = None
+        self._pending_step: int | None = None
+        self._closed = False
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            cleanup_tmp_directories=True,
+            enable_async_checkpointing=enable_async,
+        )
+        self._manager: Any = ocp.CheckpointManager(
+            self._directory, options=options, item_handlers=self._item_handlers()
+        )
+
+    def _item_handlers(self) -> dict[str, Any]:
+        return {
+            _STATE_ITEM: self._ocp.StandardCheckpointHandler(),
+            _META_ITEM: self._ocp.JsonCheckpointHandler(),
+        }
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def directory(self) -> str:
+        """The absolute checkpoint directory."""
+        return self._directory
+
+    @property
+    def checkpoint(self) -> Any:
+        """The root object whose state is saved."""
+        return self._checkpoint
+
+    @property
+    def checkpoint_interval(self) -> int | None:
+        """Least number of steps between saves, or None."""
+        return self._checkpoint_interval
+
+    @property
+    def max_to_keep(self) -> int | None:
+        """How many checkpoints are kept; None keeps all."""
+        return self._max_to_keep
+
+    @property
+    def checkpoints(self) -> list[str]:
+        """Paths of the committed checkpoints on disk, oldest first."""
+        return [self._path(step) for step in _committed_steps(self._directory)]
+
+    @property
+    def latest_checkpoint(self) -> str | None:
+        """Path of the newest committed checkpoint, or None."""
+        step = latest_step(self._directory)
+        return None if step is None else self._path(step)
+
+    def _path(self, step: int) -> str:
+        return os.path.join(self._directory, str(step))
+
+    # ------------------------------------------------------------------ save
+
+    def save(self, checkpoint_number: int | None = None, check_interval: bool = True) -> str | None:
+        """Saves a checkpoint unless the interval says not to; returns its path or None.
+
+        `tf.train.CheckpointManager.save`'s rules: with a `checkpoint_interval`, a
+        save at the step of the last save is skipped, and so (if `check_interval`)
+        is one fewer than `checkpoint_interval` steps after it; the first save always
+        happens. A step that already exists on disk, or one lower than the newest on
+        disk, is skipped with a logged warning (nothing is overwritten).
+
+        Args:
+            checkpoint_number: The step to number the checkpoint by; defaults to
+                `int(step_counter)`, or the newest step on disk + 1 without one.
+            check_interval: False saves even if less than `checkpoint_interval` steps
+                passed (still never twice at the same step).
+
+        Raises:
+            CheckpointError: The manager is closed, a value cannot be stored, or an
+                earlier asynchronous save failed.
+        """
+        if self._closed:
+            raise CheckpointError(
+                f"`save()` called on a closed CheckpointManager ({self._directory})."
+            )
+        if self._checkpoint_interval is not None:
+            current = _as_int(self._step_counter)
+            if self._last_checkpoint_step is not None:
+                if current == self._last_checkpoint_step:
+                    return None
+                if (
+                    check_interval
+                    and current < self._last_checkpoint_step + self._checkpoint_interval
+                ):
+                    return None
+            self._last_checkpoint_step = current
+        on_disk = set(_committed_steps(self._directory)) | set(self._manager.all_steps())
+        if checkpoint_number is not None:
+            step = _as_int(checkpoint_number)
+        elif self._step_counter is not None:
+            step = _as_int(self._step_counter)
+        else:
+            step = max(on_disk, default=0) + 1
+        if step < 0:
+            raise CheckpointError(f"`checkpoint_number` must be >= 0; received {step}.")
+        if step in on_disk:
+            _log.warning(
+                "Not saving checkpoint %d: %s already exists (from an earlier save or run); "
+                "checkpoints are never overwritten.",
+                step,
+                self._path(step),
+            )
+            return None
+        newest = max(on_disk, default=None)
+        if newest is not None and step < newest:
+            _log.warning(
+                "Not saving checkpoint %d: it is older than the newest checkpoint %d in %s; "
+                "checkpoint steps must increase.",
+                step,
+                newest,
+                self._directory,
+            )
+            return None
+        arrays, meta = self._collect(step)
+        ocp = self._ocp
+        items: dict[str, Any] = {_META_ITEM: ocp.args.JsonSave(meta)}
+        if arrays:
+            items[_STATE_ITEM] = ocp.args.StandardSave(arrays)
+        self._check_async_errors()
+        try:
+            saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as err:
+            raise CheckpointError(
+                f"Saving checkpoint {step} to {self._directory} failed: {err}"
+            ) from err
+        if not saved:
+            _log.warning("orbax declined to save checkpoint %d in %s.", step, self._directory)
+            return None
+        if self._enable_async:
+            self._pending_step = step
+        return self._path(step)
+
+    def _collect(self, step: int) -> tuple[dict[str, np.ndarray[Any, Any]], dict[str, Any]]:
+        """Host copies of all arrays, and the JSON item describing them."""
+        arrays: dict[str, np.ndarray[Any, Any]] = {}
+        tree: dict[str, Any] = {}
+        for path, variable in variables_by_path(self._checkpoint).items():
+            array = np.asarray(variable_to_numpy(variable))
+            if array.dtype.kind in _UNSUPPORTED_KINDS:
+                raise CheckpointError(
+                    f"Variable {path!r} has dtype {array.dtype}, which checkpoints cannot "
+                    "store; expected a numeric or bool dtype."
+                )
+            arrays[path] = array
+            tree[path] = {
+                "shape": list(array.shape),
+                "dtype": str(array.dtype),
+                "crc32": _crc32(array),
+            }
+        objects: dict[str, Any] = {}
+        for path, obj in variables_by_path(self._checkpoint, predicate=_is_stateful).items():
+            if _is_generator(obj):
+                state = _to_json(obj.bit_generator.state, path)
+                objects[path] = {"kind": "numpy_generator", "state": state}
+            else:
+                state = _to_json(obj.get_state(), path)
+                objects[path] = {"kind": "state", "state": state}
+        meta = {
+            "format": _FORMAT,
+            "version": _FORMAT_VERSION,
+            "step": step,
+            "tree": tree,
+            "objects": objects,
+        }
+        try:
+            json.dumps(meta)
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"Checkpoint {step}: state is not JSON data: {err}") from err
+        return arrays, meta
+
+    # ------------------------------------------------------------------ async
+
+    def _check_async_errors(self) -> None:
+        if self._pending_step is None:
+            return
+        step, self._pending_step = self._pending_step, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as err:
+            raise CheckpointError(
+                f"The asynchronous save of checkpoint {step} to {self._directory} failed: {err}"
+            ) from err
+
+    def sync(self) -> None:
+        """Waits for an asynchronous save to finish.
+
+        Raises:
+            CheckpointError: That save failed (the original error is its cause).
+        """
+        if self._closed:
+            return
+        self._check_async_errors()
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases orbax's resources. Idempotent.
+
+        Raises:
+            CheckpointError: A pending asynchronous save failed.
+        """
+        if self._closed:
+            return
+        try:
+            self.sync()
+        finally:
+            self._closed = True
+            self._manager.close()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ restore
+
+    def restore(self, checkpoint: str | int | os.PathLike[str]) -> str:
+        """Restores every variable and object state from a checkpoint; returns its path.
+
+        Nothing is written unless the whole checkpoint matches the live tree and
+        passes its integrity checks.
+
+        Args:
+            checkpoint: A step number, or a checkpoint path `<dir>/<step>` (which may
+                be in another directory).
+
+        Raises:
+            CheckpointError: There is no such checkpoint; it does not match the live
+                variables (every differing path is listed); or it is unreadable or
+                corrupted.
+        """
+        if self._closed:
+            raise CheckpointError(
+                f"`restore()` called on a closed CheckpointManager ({self._directory})."
+            )
+        directory, step = self._locate(checkpoint)
+        self.sync()
+        self._restore_step(directory, step)
+        return os.path.join(directory, str(step))
+
+    def _locate(self, checkpoint: str | int | os.PathLike[str]) -> tuple[str, int]:
+        if isinstance(checkpoint, (int, np.integer)) and not isinstance(checkpoint, bool):
+            directory, step = self._directory, int(checkpoint)
+        elif isinstance(checkpoint, (str, os.PathLike)):
+            path = os.path.abspath(os.fspath(checkpoint))
+            directory, name = os.path.split(path)
+            if not _STEP_NAME.fullmatch(name):
+                raise CheckpointError(
+                    f"`checkpoint` must be a step number or a path `<directory>/<step>`; "
+                    f"received {value_repr(checkpoint)}."
+                )
+            step = int(name)
+        else:
+            raise CheckpointError(
+                f"`checkpoint` must be a step number or a path `<directory>/<step>`; "
+                f"received {value_repr(checkpoint)} of type {type(checkpoint).__name__}."
+            )
+        if step not in _committed_steps(directory):
+            raise CheckpointError(
+                f"No checkpoint {step} in {directory}; committed steps there: "
+                f"{_committed_steps(directory)}."
+            )
+        return directory, step
+
+    def _read(self, directory: str, step: int, **items: Any) -> Any:
+        """One orbax restore; read failures become `_CorruptCheckpointError`."""
+        try:
+            return self._manager.restore(
+                step, directory=directory, args=self._ocp.args.Composite(**items)
+            )
+        except _READ_ERRORS as err:
+            raise _CorruptCheckpointError(
+                f"Checkpoint {os.path.join(directory, str(step))} is unreadable: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+
+    def _restore_step(self, directory: str, step: int) -> None:
+        where = os.path.join(directory, str(step))
+        meta = self._read(directory, step, **{_META_ITEM: self._ocp.args.JsonRestore()})[_META_ITEM]
+        tree, objects = _parse_meta(meta, where)
+
+        variables = variables_by_path(self._checkpoint)
+        live_objects = variables_by_path(self._checkpoint, predicate=_is_stateful)
+        _check_matches(tree, objects, variables, live_objects, where)
+
+        arrays: dict[str, Any] = {}
+        if tree:
+            arrays = dict(
+                self._read(directory, step, **{_STATE_ITEM: self._ocp.args.StandardRestore()})[
+                    _STATE_ITEM
+                ]
+            )
+        _check_arrays(arrays, tree, where)
+
+        for path, variable in variables.items():
+            assign_variable(variable, arrays[path])
+        for path, obj in live_objects.items():
+            state = objects[path]["state"]
+            if _is_generator(obj):
+                obj.bit_generator.state = state
+            else:
+                obj.set_state(state)
+
+    def restore_or_initialize(self) -> str | None:
+        """Restores the newest good checkpoint, or calls `init_fn` if there is none.
+
+        A checkpoint that is unreadable or fails its integrity checks is skipped with
+        a warning naming it and the reason, and the one before it is tried. A
+        checkpoint that does not match the live variables raises instead (that is a
+        code change, not damage). After a restore, the save interval counts from the
+        restored step.
+
+        Returns:
+            The restored checkpoint's path, or None if `init_fn` ran (or nothing did).
+
+        Raises:
+            CheckpointError: The newest readable checkpoint does not match the live tree.
+        """
+        for step in reversed(_committed_steps(self._directory)):
+            try:
+                self._restore_step(self._directory, step)
+            except _CorruptCheckpointError as err:
+                _log.warning(
+                    "Skipping corrupted checkpoint %d in %s and trying the previous one: %s",
+                    step,
+                    self._directory,
+                    err,
+                )
+                continue
+            self._last_checkpoint_step = step
+            return self._path(step)
+        if self._init_fn is not None:
+            self._init_fn()
+        return None
+
+    def __repr__(self) -> str:
+        return (
+            f"CheckpointManager(directory={self._directory!r}, max_to_keep={self._max_to_keep}, "
+            f"checkpoint_interval={self._checkpoint_interval})"
+        )
+
+
+# ----------------------------------------------------------------------------
+# Restore checks
+
+
+def _parse_meta(meta: Any, where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The array tree and object states of a JSON item, validated."""
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+        raise _CorruptCheckpointError(
+            f"Checkpoint {where} has no valid looproto metadata item; received {value_repr(meta)}."
+        )
+    version = meta.get("version")
+    if version != _FORMAT_VERSION:
+        raise CheckpointError(
+            f"Checkpoint {where} has format version {version!r}; this looproto reads version "
+            f"{_FORMAT_VERSION}. Upgrade looproto to read it."
+        )
+    tree = meta.get("tree")
+    objects = meta.get("objects")
+    if not isinstance(tree, dict) or not isinstance(objects, dict):
+        raise _CorruptCheckpointError(f"Checkpoint {where} has a malformed metadata item.")
+    for path, spec in tree.items():
+        if not (
+            isinstance(spec, dict)
+            and isinstance(spec.get("shape"), list)
+            and isinstance(spec.get("dtype"), str)
+            and isinstance(spec.get("crc32"), int)
+        ):
+            raise _CorruptCheckpointError(
+                f"Checkpoint {where} has a malformed entry for {path!r}: {value_repr(spec)}."
+            )
+    for path, entry in objects.items():
+        if not (isinstance(entry, dict) and "state" in entry and "kind" in entry):
+            raise _CorruptCheckpointError(
+                f"Checkpoint {where} has a malformed state for {path!r}: {value_repr(entry)}."
+            )
+    return tree, objects
+
+
+def _check_matches(
+    tree: dict[str, Any],
+    objects: dict[str, Any],
+    variables: dict[str, Any],
+    live_objects: dict[str, Any],
+    where: str,
+) -> None:
+    """Raises `CheckpointError` listing every path where checkpoint and live tree differ."""
+    problems: list[str] = []
+    for path in sorted(set(variables) - set(tree)):
+        shape, dtype = _live_spec(variables[path])
+        problems.append(f"  {path!r}: not in the checkpoint (live {_spec_text(shape, dtype)})")
+    for path in sorted(set(tree) - set(variables)):
+        spec = tree[path]
+        problems.append(
+            f"  {path!r}: in the checkpoint ({_spec_text(spec['shape'], spec['dtype'])}) "
+            "but not a live variable"
+        )
+    for path in sorted(set(tree) & set(variables)):
+        spec = tree[path]
+        shape, dtype = _live_spec(variables[path])
+        if tuple(spec["shape"]) != shape or spec["dtype"] != dtype:
+            problems.append(
+                f"  {path!r}: checkpoint {_spec_text(spec['shape'], spec['dtype'])}, "
+                f"live {_spec_text(shape, dtype)}"
+            )
+    for path in sorted(set(live_objects) - set(objects)):
+        problems.append(f"  {path!r}: object state not in the checkpoint")
+    for path in sorted(set(objects) - set(live_objects)):
+        problems.append(f"  {path!r}: object state in the checkpoint but no live object")
+    for path in sorted(set(objects) & set(live_objects)):
+        live_kind = "numpy_generator" if _is_generator(live_objects[path]) else "state"
+        if objects[path]["kind"] != live_kind:
+            problems.append(
+                f"  {path!r}: checkpoint holds a {objects[path]['kind']!r} state, live object "
+                f"is a {live_kind!r}"
+            )
+    if problems:
+        raise CheckpointError(
+            f"Checkpoint {where} does not match the variables of `checkpoint` "
+            f"({len(problems)} difference(s)); nothing was restored:\n" + "\n".join(problems)
+        )
+
+
+def _check_arrays(arrays: dict[str, Any], tree: dict[str, Any], where: str) -> None:
+    """Raises `_CorruptCheckpointError` unless `arrays` are exactly what `tree` records."""
+    problems: list[str] = []
+    for path in sorted(set(tree) - set(arrays)):
+        problems.append(f"  {path!r}: missing from the array data")
+    for path in sorted(set(arrays) - set(tree)):
+        problems.append(f"  {path!r}: in the array data but not in the metadata")
+    for path in sorted(set(tree) & set(arrays)):
+        spec = tree[path]
+        array = arrays[path]
+        if not isinstance(array, np.ndarray):
+            problems.append(f"  {path!r}: read back as {type(array).__name__}, not an array")
+            continue
+        if tuple(array.shape) != tuple(spec["shape"]) or str(array.dtype) != spec["dtype"]:
+            problems.append(
+                f"  {path!r}: read {_spec_text(array.shape, array.dtype)}, recorded "
+                f"{_spec_text(spec['shape'], spec['dtype'])}"
+            )
+            continue
+        crc = _crc32(array)
+        if crc != spec["crc32"]:
+            problems.append(f"  {path!r}: CRC-32 {crc} does not match the recorded {spec['crc32']}")
+    if problems:
+        raise _CorruptCheckpointError(
+            f"Checkpoint {where} is corrupted ({len(problems)} problem(s)):\n" + "\n".join(problems)
+        )

@@ -1,0 +1,599 @@
+"""The `Controller`: the outer training loop.
+
+Training is two nested loops. The *inner* loop runs `steps_per_loop` steps inside
+the trainer, compiled by its backend into as few framework calls as possible
+(`Trainer.train(num_steps)`). The *outer* loop, here, calls it repeatedly and,
+between calls, does everything that needs the host: logging, summaries,
+checkpoints, actions, and evaluation. A larger `steps_per_loop` means fewer
+host round-trips and a faster run; a smaller one means finer-grained summaries
+and checkpoints.
+
+This is Orbit's `Controller` (TensorFlow Models), framework-agnostic: the global
+step is any variable holding a scalar integer (`looproto.create_global_step()`),
+checkpoints go through orbax (`looproto.CheckpointManager`) and summaries through
+tensorboardX (`looproto.SummaryManager`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import pprint
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Final, Protocol, runtime_checkable
+
+import numpy as np
+
+from looproto import _nest
+from looproto.errors import ConfigError, ProtocolError, value_repr
+from looproto.module import Variable, is_variable, variable_to_numpy
+from looproto.runner import Evaluator, Output, Trainer
+from looproto.summary import SummaryManager
+
+__all__ = ["Action", "CheckpointManagerLike", "Controller", "StepTimer"]
+
+_log = logging.getLogger("looproto")
+
+Action = Callable[[Output], None]
+"""Called after each inner loop (train actions) or evaluation (eval actions) with
+the raw output of `train()`/`evaluate()` (`{}` when it returned None)."""
+
+MSG_STEP_NOT_ADVANCED: Final = (
+    "`trainer.train({num_steps})` did not advance `global_step` (it stayed at {step}). "
+    "Either the training data ended, or the trainer never increments the global step. "
+    "A trainer must advance the step it was given to the `Controller` by the number of "
+    "steps it ran, e.g. `self.global_step.assign_add(1)` in `train_step`. Training "
+    "stops here rather than loop forever."
+)
+
+
+@runtime_checkable
+class CheckpointManagerLike(Protocol):
+    """What the `Controller` needs of a checkpoint manager (see `CheckpointManager`)."""
+
+    @property
+    def directory(self) -> str: ...
+
+    @property
+    def checkpoint_interval(self) -> int | None: ...
+
+    @property
+    def latest_checkpoint(self) -> str | None: ...
+
+    def save(self, checkpoint_number: int | None = None, check_interval: bool = True) -> Any: ...
+
+    def restore(self, checkpoint: Any) -> Any: ...
+
+    def restore_or_initialize(self) -> str | None: ...
+
+    def sync(self) -> None: ...
+
+
+def _read_step(global_step: Any) -> int:
+    if isinstance(global_step, Variable):
+        return int(global_step.value)
+    return int(variable_to_numpy(global_step))
+
+
+def _check_global_step(global_step: Any) -> None:
+    if global_step is None or not is_variable(global_step):
+        raise ConfigError(
+            "`global_step` must be a variable holding a scalar integer, e.g. "
+            "`looproto.create_global_step()` (or a `tf.Variable`/torch tensor the trainer "
+            f"advances); received global_step={value_repr(global_step)}."
+        )
+    value = np.asarray(variable_to_numpy(global_step))
+    if value.shape != () or not np.issubdtype(value.dtype, np.integer):
+        raise ConfigError(
+            "`global_step` must hold a scalar integer; received a variable of shape "
+            f"{value.shape} and dtype {value.dtype}."
+        )
+
+
+def _format_output(output: Any, indent: int = 4) -> str:
+    text = pprint.pformat(output)
+    if "\n" in text:
+        pad = " " * indent
+        text = "\n" + "\n".join(pad + line for line in text.splitlines())
+    return text
+
+
+class StepTimer:
+    """Measures steps per second between calls."""
+
+    def __init__(self, step: Any) -> None:
+        self.step = step
+        self.start()
+
+    def start(self) -> None:
+        """Restarts the measurement at the current step and time."""
+        self.last_iteration = _read_step(self.step)
+        self.last_time = time.perf_counter()
+
+    def steps_per_second(self, restart: bool = True) -> float:
+        """Steps per second since the last `start()`."""
+        elapsed = time.perf_counter() - self.last_time
+        value = (_read_step(self.step) - self.last_iteration) / max(elapsed, 1e-12)
+        if restart:
+            self.start()
+        return value
+
+
+class Controller:
+    """Runs the outer loop: train, evaluate, summarise, checkpoint, act.
+
+    `train(steps)` calls `trainer.train(n)` with `n = steps_per_loop` (the inner
+    loop) until the global step reaches `steps`, an *absolute* step. After each
+    inner loop it calls the train actions with the loop's output, logs the output
+    and steps/second, writes summaries (every loop, or when a multiple of
+    `summary_interval` is crossed) and saves a checkpoint if
+    `checkpoint_manager.checkpoint_interval` steps have passed since the last one.
+    `evaluate`, `train_and_evaluate` and `evaluate_continuously` are the other
+    entry points.
+
+    If a `checkpoint_manager` is given, the latest checkpoint is restored during
+    `__init__` (or the manager's `init_fn` runs), so a restarted job resumes where
+    the last complete checkpoint left it.
+
+    Differences from Orbit, each deliberate:
+
+    * `summary_interval` gates the summaries the Controller writes; Orbit wrote
+      those every loop and used the interval only for summaries inside the step.
+    * A checkpoint manager without `checkpoint_interval` still saves at completion
+      and on `save_checkpoint()`; Orbit silently saved nothing.
+    * `train(-1)` trains until the data ends; a trainer that does not advance the
+      global step stops training with a warning instead of looping forever.
+
+    Example:
+        >>> import numpy as np, looproto
+        >>> class Counter(looproto.StandardTrainer):
+        ...     def __init__(self):
+        ...         super().__init__(train_dataset=None)
+        ...         self.global_step = looproto.create_global_step()
+        ...     def train_step(self, iterator):
+        ...         self.global_step.assign_add(1)
+        >>> trainer = Counter()
+        >>> controller = Controller(
+        ...     trainer=trainer, global_step=trainer.global_step, steps_per_loop=4)
+        >>> controller.train(steps=10)
+        >>> int(trainer.global_step)
+        10
+    """
+
+    def __init__(
+        self,
+        *,
+        global_step: Any,
+        # Things to run.
+        trainer: Trainer | None = None,
+        evaluator: Evaluator | None = None,
+        strategy: Any = None,
+        # Actions.
+        train_actions: Iterable[Action] | None = None,
+        eval_actions: Iterable[Action] | None = None,
+        # Train related.
+        steps_per_loop: int | Callable[[int], int] | None = None,
+        checkpoint_manager: CheckpointManagerLike | None = None,
+        # Summary related.
+        summary_interval: int | None = None,
+        summary_dir: str | None = None,
+        eval_summary_dir: str | None = None,
+        summary_manager: SummaryManager | None = None,
+        eval_summary_manager: SummaryManager | None = None,
+    ) -> None:
+        """Initialises the controller and restores the latest checkpoint.
+
+        Args:
+            global_step: The step counter the trainer advances (a variable holding a
+                scalar integer). Summaries and checkpoints are indexed by it.
+            trainer: A `Trainer`; required for `train`.
+            evaluator: An `Evaluator`; required for `evaluate`.
+            strategy: An object with a `scope()` context manager (e.g. a
+                `tf.distribute.Strategy`) entered around restoring checkpoints.
+            train_actions: Callables run after each inner training loop.
+            eval_actions: Callables run after each evaluation.
+            steps_per_loop: Steps per inner loop: an int, or a callable of the
+                current global step. Required with a trainer.
+            checkpoint_manager: Saves and restores checkpoints (see `CheckpointManager`).
+            summary_interval: Write train summaries when the global step crosses a
+                multiple of this; must be a multiple of an int `steps_per_loop`.
+                None: after every inner loop.
+            summary_dir: Directory for train summaries (none if None).
+            eval_summary_dir: Directory for eval summaries; defaults to `summary_dir`
+                (then train and eval share one writer, as in Orbit).
+            summary_manager: Use this instead of creating one for `summary_dir`.
+            eval_summary_manager: Use this instead of creating one for `eval_summary_dir`.
+
+        Raises:
+            ConfigError: An argument is invalid; the message says which and why.
+            ProtocolError: `trainer`/`evaluator` do not have `train`/`evaluate`.
+        """
+        if trainer is None and evaluator is None:
+            raise ConfigError("`trainer` and `evaluator` should not both be `None`.")
+        if trainer is not None:
+            if not isinstance(trainer, Trainer):
+                raise ProtocolError(
+                    "`trainer` must have a `train(num_steps)` method (the `Trainer` protocol); "
+                    f"received {value_repr(trainer)} of type {type(trainer).__name__}."
+                )
+            if steps_per_loop is None:
+                raise ConfigError("`steps_per_loop` is required when `trainer` is provided.")
+            if not callable(steps_per_loop) and (
+                isinstance(steps_per_loop, bool)
+                or not isinstance(steps_per_loop, int)
+                or steps_per_loop < 1
+            ):
+                raise ConfigError(
+                    "`steps_per_loop` must be a positive int or a callable of the global "
+                    f"step; received steps_per_loop={steps_per_loop!r}."
+                )
+            if summary_interval is not None:
+                if (
+                    isinstance(summary_interval, bool)
+                    or not isinstance(summary_interval, int)
+                    or summary_interval <= 0
+                ):
+                    raise ConfigError(
+                        "`summary_interval` must be a positive int or None; received "
+                        f"summary_interval={summary_interval!r}."
+                    )
+                if not callable(steps_per_loop) and summary_interval % steps_per_loop != 0:
+                    raise ConfigError(
+                        f"`summary_interval` ({summary_interval}) must be a multiple of "
+                        f"`steps_per_loop` ({steps_per_loop}), so that summaries fall on "
+                        "inner-loop boundaries."
+                    )
+        if evaluator is not None and not isinstance(evaluator, Evaluator):
+            raise ProtocolError(
+                "`evaluator` must have an `evaluate(num_steps)` method (the `Evaluator` "
+                f"protocol); received {value_repr(evaluator)} of type {type(evaluator).__name__}."
+            )
+        _check_global_step(global_step)
+        self.train_actions: tuple[Action, ...] = _check_actions(train_actions, "train_actions")
+        self.eval_actions: tuple[Action, ...] = _check_actions(eval_actions, "eval_actions")
+        if checkpoint_manager is not None and not isinstance(
+            checkpoint_manager, CheckpointManagerLike
+        ):
+            raise ProtocolError(
+                "`checkpoint_manager` must be a `looproto.CheckpointManager` (or have its "
+                f"`save`/`restore_or_initialize`/`sync` methods); received "
+                f"{value_repr(checkpoint_manager)}."
+            )
+        for argument, value in (("summary_dir", summary_dir), ("eval_summary_dir", eval_summary_dir)):
+            if value is not None and not isinstance(value, (str, bytes)) and not hasattr(
+                value, "__fspath__"
+            ):
+                raise ConfigError(
+                    f"`{argument}` must be a path or None; received {argument}={value!r}."
+                )
+
+        self.trainer = trainer
+        self.evaluator = evaluator
+        self.strategy = strategy
+        self.global_step = global_step
+        self.checkpoint_manager = checkpoint_manager
+        self.summary_interval = summary_interval
+        self._steps_per_loop = steps_per_loop
+        self.step_timer: StepTimer | None = None
+
+        self.summary_manager = summary_manager or SummaryManager(
+            summary_dir if trainer is not None else None, global_step=global_step
+        )
+        if evaluator is not None:
+            eval_summary_dir = eval_summary_dir or summary_dir
+            if eval_summary_dir == summary_dir and trainer is not None and not eval_summary_manager:
+                self.eval_summary_manager = self.summary_manager
+            else:
+                self.eval_summary_manager = eval_summary_manager or SummaryManager(
+                    eval_summary_dir, global_step=global_step
+                )
+
+        if checkpoint_manager is not None:
+            restored_path = self.restore_checkpoint()
+            if restored_path:
+                _log.info("restored from checkpoint: %s", restored_path)
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def steps_per_loop(self) -> int:
+        """Steps of the next inner loop (the callable form is evaluated now)."""
+        spl = self._steps_per_loop
+        if callable(spl):
+            value = spl(_read_step(self.global_step))
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ConfigError(
+                    f"`steps_per_loop` returned {value!r} at step {_read_step(self.global_step)}; "
+                    "expected a positive int."
+                )
+            return int(value)
+        assert spl is not None
+        return spl
+
+    def train(self, steps: int, checkpoint_at_completion: bool = True) -> None:
+        """Trains until the global step reaches `steps` (an absolute step).
+
+        Args:
+            steps: The global step to stop at. `-1` trains until the data ends.
+            checkpoint_at_completion: Save a checkpoint at the end, whatever the
+                interval says.
+        """
+        self._require("trainer", for_method="train")
+        steps = _check_steps(steps, "steps", allow_zero=True)
+        current_step = _read_step(self.global_step)
+        target = "the end of the data" if steps == -1 else f"step {steps}"
+        _log.info("train | step: %6d | training until %s...", current_step, target)
+        try:
+            while steps == -1 or current_step < steps:
+                loop_steps = self.steps_per_loop
+                num_steps = loop_steps if steps == -1 else min(steps - current_step, loop_steps)
+                advanced = self._train_n_steps(num_steps)
+                self._maybe_save_checkpoint()
+                current_step = _read_step(self.global_step)
+                if advanced < num_steps:
+                    _log.info(
+                        "train | step: %6d | the data ended after %d of %d steps of the last loop.",
+                        current_step,
+                        advanced,
+                        num_steps,
+                    )
+                    break
+            if checkpoint_at_completion:
+                self._maybe_save_checkpoint(check_interval=False)
+        finally:
+            self._sync_on_async_checkpointing()
+            self.summary_manager.flush()
+
+    def evaluate(self, steps: int = -1) -> Output:
+        """Runs one evaluation of `steps` steps (`-1`: until the data ends).
+
+        Returns:
+            The evaluator's output converted to NumPy, plus `steps_per_second` when
+            `steps > 0`; `{}`-based even if the evaluator returned None.
+        """
+        self._require("evaluator", for_method="evaluate")
+        assert self.evaluator is not None
+        steps = _check_steps(steps, "steps", allow_zero=False)
+        steps_msg = f"running {steps} steps of evaluation..." if steps > 0 else (
+            "running complete evaluation..."
+        )
+        current_step = _read_step(self.global_step)
+        _log.info(" eval | step: %6d | %s", current_step, steps_msg)
+
+        start = time.perf_counter()
+        raw_output = self.evaluator.evaluate(steps)
+        _nest.check_output(raw_output, "evaluator.evaluate")
+        elapsed = time.perf_counter() - start
+        raw_output = raw_output or {}
+        for action in self.eval_actions:
+            action(raw_output)
+        output: dict[str, Any] = dict(_nest.map_output(_nest.to_numpy_leaf, raw_output))
+        if steps > 0:
+            output["steps_per_second"] = steps / max(elapsed, 1e-12)
+        _log.info(
+            " eval | step: %6d | eval time: %6.1f sec | output: %s",
+            current_step,
+            elapsed,
+            _format_output(output),
+        )
+        self.eval_summary_manager.write_summaries(output)
+        self.eval_summary_manager.flush()
+        return output
+
+    def train_and_evaluate(
+        self, train_steps: int, eval_steps: int = -1, eval_interval: int | None = None
+    ) -> Output | None:
+        """Alternates training and evaluation until `train_steps` (absolute).
+
+        Training stops at every multiple of `eval_interval` steps to evaluate (inner
+        loops are cut short to land there), and evaluates once more at the end.
+
+        Returns:
+            The output of the last evaluation, or None if no training was needed.
+        """
+        self._require("trainer", for_method="train_and_evaluate")
+        self._require("evaluator", for_method="train_and_evaluate")
+        train_steps = _check_steps(train_steps, "train_steps", allow_zero=True, allow_all=False)
+        if eval_interval is not None:
+            eval_interval = _check_steps(
+                eval_interval, "eval_interval", allow_zero=False, allow_all=False
+            )
+        current_step = _read_step(self.global_step)
+        eval_interval = eval_interval or (train_steps - current_step)
+        output = None
+        try:
+            while current_step < train_steps:
+                interval = min(train_steps - current_step, eval_interval)
+                target = current_step + interval
+                self.train(steps=target, checkpoint_at_completion=False)
+                output = self.evaluate(steps=eval_steps)
+                reached = _read_step(self.global_step)
+                if reached < target:  # the training data ended
+                    break
+                current_step = reached
+            self._maybe_save_checkpoint(check_interval=False)
+        finally:
+            self._sync_on_async_checkpointing()
+        return output
+
+    def evaluate_continuously(
+        self,
+        steps: int = -1,
+        timeout: float | None = None,
+        timeout_fn: Callable[[], bool] | None = None,
+    ) -> Output | None:
+        """Evaluates every new checkpoint that appears in the checkpoint directory.
+
+        Args:
+            steps: Steps per evaluation (`-1`: until the data ends).
+            timeout: Seconds to wait for a new checkpoint before giving up (None:
+                wait forever).
+            timeout_fn: Called on timeout; stop if it returns True, else keep waiting.
+
+        Returns:
+            The output of the last evaluation, or None if there was none.
+        """
+        self._require("evaluator", for_method="evaluate_continuously")
+        self._require("checkpoint_manager", for_method="evaluate_continuously")
+        assert self.checkpoint_manager is not None
+        from looproto.checkpoint import checkpoints_iterator
+
+        output = None
+        for checkpoint_path in checkpoints_iterator(
+            self.checkpoint_manager.directory, timeout=timeout, timeout_fn=timeout_fn
+        ):
+            self.restore_checkpoint(checkpoint_path)
+            output = self.evaluate(steps)
+        return output
+
+    def restore_checkpoint(self, checkpoint_path: str | None = None) -> str | None:
+        """Restores `checkpoint_path`, or the latest checkpoint (or initialises).
+
+        Returns:
+            The path restored from, or None if there was no checkpoint.
+        """
+        self._require("checkpoint_manager", for_method="restore_checkpoint")
+        assert self.checkpoint_manager is not None
+        scope = self.strategy.scope() if hasattr(self.strategy, "scope") else _null()
+        with scope:
+            if checkpoint_path is not None:
+                _log.info("restoring model from %s...", checkpoint_path)
+                self.checkpoint_manager.restore(checkpoint_path)
+            else:
+                _log.info("restoring or initializing model...")
+                checkpoint_path = self.checkpoint_manager.restore_or_initialize()
+        if checkpoint_path is not None:
+            _log.info("restored model from %s.", checkpoint_path)
+        return checkpoint_path
+
+    def save_checkpoint(self) -> None:
+        """Saves a checkpoint at the current global step now (and waits for it)."""
+        self._require("checkpoint_manager", for_method="save_checkpoint")
+        self._maybe_save_checkpoint(check_interval=False)
+        self._sync_on_async_checkpointing()
+
+    # ----------------------------------------------------------------- private
+
+    def _train_n_steps(self, num_steps: int) -> int:
+        """Runs one inner loop; returns how far the global step advanced."""
+        assert self.trainer is not None
+        if self.step_timer is None:
+            self.step_timer = StepTimer(self.global_step)
+        # Time the inner loop alone: checkpoints and summaries are not training speed.
+        self.step_timer.start()
+        current_step = _read_step(self.global_step)
+        raw_output = self.trainer.train(num_steps)
+        _nest.check_output(raw_output, "trainer.train")
+        new_step = _read_step(self.global_step)
+        advanced = new_step - current_step
+        if advanced == 0 and num_steps != 0:
+            _log.warning(MSG_STEP_NOT_ADVANCED.format(num_steps=num_steps, step=current_step))
+        elif advanced != num_steps and num_steps != -1:
+            _log.info(
+                "`trainer.train(%d)` advanced `global_step` by %d (from %d to %d).",
+                num_steps,
+                advanced,
+                current_step,
+                new_step,
+            )
+        raw_output = raw_output or {}
+        for action in self.train_actions:
+            action(raw_output)
+        output: dict[str, Any] = dict(_nest.map_output(_nest.to_numpy_leaf, raw_output))
+        steps_per_second = self.step_timer.steps_per_second()
+        _log.info(
+            "train | step: %6d | steps/sec: %6.1f | output: %s",
+            new_step,
+            steps_per_second,
+            _format_output(output),
+        )
+        if self._summary_due(current_step, new_step):
+            output["steps_per_second"] = steps_per_second
+            self.summary_manager.write_summaries(output)
+            self.summary_manager.flush()
+        return advanced
+
+    def _summary_due(self, old_step: int, new_step: int) -> bool:
+        interval = self.summary_interval
+        if interval is None:
+            return new_step != old_step
+        return math.floor(new_step / interval) > math.floor(old_step / interval)
+
+    def _maybe_save_checkpoint(self, check_interval: bool = True) -> bool:
+        manager = self.checkpoint_manager
+        if manager is None:
+            return False
+        if check_interval and not manager.checkpoint_interval:
+            return False
+        path = manager.save(
+            checkpoint_number=_read_step(self.global_step), check_interval=check_interval
+        )
+        if path is not None:
+            _log.info("saved checkpoint to %s.", path)
+            return True
+        return False
+
+    def _sync_on_async_checkpointing(self) -> None:
+        if self.checkpoint_manager is not None:
+            self.checkpoint_manager.sync()
+
+    def _require(self, attribute: str, for_method: str) -> None:
+        if getattr(self, attribute, None) is None:
+            raise ConfigError(
+                f"`{attribute}` is not set. Pass `{attribute}` to `Controller.__init__` "
+                f"before calling `{for_method}()`."
+            )
+
+    def close(self) -> None:
+        """Waits for pending checkpoints and closes the summary writers."""
+        self._sync_on_async_checkpointing()
+        self.summary_manager.close()
+        eval_manager = getattr(self, "eval_summary_manager", None)
+        if eval_manager is not None:
+            eval_manager.close()
+
+    def __enter__(self) -> Controller:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _null() -> Any:
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _check_actions(actions: Iterable[Action] | None, argument: str) -> tuple[Action, ...]:
+    if actions is None:
+        return ()
+    if isinstance(actions, Mapping) or not isinstance(actions, Iterable):
+        raise ConfigError(
+            f"`{argument}` must be an iterable of callables; received {value_repr(actions)}."
+        )
+    result = tuple(actions)
+    for action in result:
+        if not callable(action):
+            raise ProtocolError(
+                f"Every entry of `{argument}` must be callable with the loop's output; "
+                f"received {value_repr(action)}."
+            )
+    return result
+
+
+def _check_steps(
+    steps: Any, argument: str, *, allow_zero: bool, allow_all: bool = True
+) -> int:
+    if isinstance(steps, np.integer):
+        steps = int(steps)
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise ConfigError(f"`{argument}` must be an int; received {argument}={steps!r}.")
+    if steps == -1 and allow_all:
+        return steps
+    if steps < 0 or (steps == 0 and not allow_zero):
+        expected = ">= 0" if allow_zero else "> 0"
+        also = ", or == -1 (until the data ends)" if allow_all else ""
+        raise ConfigError(f"`{argument}` ({steps}) should be {expected}{also}.")
+    return steps

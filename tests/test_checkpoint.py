@@ -1,0 +1,620 @@
+"""Tests for `looproto.checkpoint`: TF manager semantics, integrity, fallback, async."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from looproto.checkpoint import CheckpointManager, checkpoints_iterator, latest_step
+from looproto.errors import CheckpointError, ConfigError
+from looproto.module import Module, Variable
+
+# ----------------------------------------------------------------------------
+# Helpers
+
+
+class Dense(Module):
+    def __init__(self, n_in: int, n_out: int, name: str | None = None) -> None:
+        super().__init__(name=name)
+        self.w = Variable(np.zeros((n_in, n_out), np.float32), name="w")
+        self.b = Variable(np.zeros(n_out, np.float32), name="b")
+
+
+class Model(Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = [Dense(2, 3), Dense(3, 1)]
+        self.count = Variable(np.zeros(4, np.int64), trainable=False, name="count")
+        self.flag = Variable(np.array(False), trainable=False, name="flag")
+        self.scale = Variable(np.float64(1.0), name="scale")
+
+
+class CountingIterator:
+    """Follows the iterator-state protocol."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.position = 0
+
+    def __next__(self) -> int:
+        self.position += 1
+        return self.position
+
+    def get_state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": np.int64(self.position)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.epoch = state["epoch"]
+        self.position = state["position"]
+
+
+def fill(model: Model, value: float) -> None:
+    for layer in model.layers:
+        layer.w.assign(np.full(layer.w.shape, value, np.float32))
+        layer.b.assign(np.full(layer.b.shape, value, np.float32))
+    model.count.assign(np.full(4, int(value), np.int64))
+    model.flag.assign(np.array(value > 0))
+    model.scale.assign(np.float64(value))
+
+
+def snapshot(root: Any) -> dict[str, np.ndarray[Any, Any]]:
+    from looproto.module import variables_by_path
+
+    return {path: np.array(v.value) for path, v in variables_by_path(root).items()}
+
+
+def assert_same(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+        assert a[key].dtype == b[key].dtype
+
+
+class BigModel(Module):
+    """Random float32 state large enough that orbax writes separate data chunks."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        rng = np.random.default_rng(seed)
+        self.a = Variable(rng.standard_normal(100_000).astype(np.float32), name="a")
+        self.b = Variable(rng.standard_normal((300, 300)).astype(np.float32), name="b")
+
+    def set(self, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        self.a.assign(rng.standard_normal(100_000).astype(np.float32))
+        self.b.assign(rng.standard_normal((300, 300)).astype(np.float32))
+
+
+# ----------------------------------------------------------------------------
+# Round trip
+
+
+def test_round_trip_restores_float_int_bool_and_scalar_variables_by_path(tmp_path: Path) -> None:
+    model = Model()
+    fill(model, 3.0)
+    saved = snapshot({"model": model})
+    with CheckpointManager(tmp_path, {"model": model}) as manager:
+        path = manager.save(checkpoint_number=7)
+        assert path == str(tmp_path / "7")
+        fill(model, -1.0)
+        assert manager.restore(7) == path
+    assert_same(snapshot({"model": model}), saved)
+    assert model.scale.value.shape == ()
+    assert model.flag.value.dtype == np.bool_
+
+
+def test_metadata_item_is_readable_json_keyed_by_variable_path(tmp_path: Path) -> None:
+    model = Model()
+    with CheckpointManager(tmp_path, {"model": model}) as manager:
+        manager.save(checkpoint_number=1)
+    meta = json.loads((tmp_path / "1" / "meta" / "metadata").read_text())
+    assert meta["step"] == 1
+    assert meta["tree"]["model/layers/0/w"]["shape"] == [2, 3]
+    assert meta["tree"]["model/layers/0/w"]["dtype"] == "float32"
+    assert meta["tree"]["model/flag"]["dtype"] == "bool"
+    assert isinstance(meta["tree"]["model/scale"]["crc32"], int)
+    assert sorted(meta["tree"]) == sorted(snapshot({"model": model}))
+
+
+def test_restore_accepts_a_path_from_another_directory(tmp_path: Path) -> None:
+    model = Model()
+    fill(model, 2.0)
+    with CheckpointManager(tmp_path / "a", model) as manager:
+        path = manager.save(checkpoint_number=5)
+    assert path is not None
+    fill(model, 0.0)
+    with CheckpointManager(tmp_path / "b", model) as other:
+        assert other.restore(path) == path
+    assert float(model.scale.value) == 2.0
+
+
+def test_restore_of_a_missing_step_raises_checkpoint_error(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path, Model()) as manager:
+        manager.save(checkpoint_number=1)
+        with pytest.raises(CheckpointError, match=r"No checkpoint 3 .*\[1\]"):
+            manager.restore(3)
+        with pytest.raises(CheckpointError, match="step number or a path"):
+            manager.restore(str(tmp_path / "latest"))
+
+
+def test_module_with_only_an_iterator_round_trips(tmp_path: Path) -> None:
+    holder = Module(name="holder")
+    holder.it = CountingIterator()  # type: ignore[attr-defined]
+    for _ in range(5):
+        next(holder.it)  # type: ignore[attr-defined]
+    with CheckpointManager(tmp_path, holder) as manager:
+        manager.save(checkpoint_number=1)
+        next(holder.it)  # type: ignore[attr-defined]
+        manager.restore(1)
+    assert holder.it.position == 5  # type: ignore[attr-defined]
+
+
+def test_iterator_state_and_numpy_generators_round_trip(tmp_path: Path) -> None:
+    iterator = CountingIterator()
+    iterator.epoch, iterator.position = 2, 41
+    generators = {
+        "pcg": np.random.default_rng(1),
+        "mt": np.random.Generator(np.random.MT19937(2)),
+        "philox": np.random.Generator(np.random.Philox(3)),
+    }
+    for gen in generators.values():
+        gen.random(7)  # advance away from the seed
+    root = {"data": iterator, "rng": generators, "w": Variable(np.ones(2, np.float32))}
+    with CheckpointManager(tmp_path, root) as manager:
+        manager.save(checkpoint_number=1)
+        expected = {name: gen.random(5) for name, gen in generators.items()}
+        iterator.epoch, iterator.position = 9, 9
+        manager.restore(1)
+    assert (iterator.epoch, iterator.position) == (2, 41)
+    for name, gen in generators.items():
+        np.testing.assert_array_equal(gen.random(5), expected[name])
+
+
+def test_state_that_is_not_json_raises_at_save_time(tmp_path: Path) -> None:
+    class Bad:
+        def get_state(self) -> Any:
+            return {"f": object()}
+
+        def set_state(self, state: Any) -> None:
+            pass
+
+    with CheckpointManager(tmp_path, {"bad": Bad()}) as manager:
+        with pytest.raises(CheckpointError, match="'bad'.*expected JSON data"):
+            manager.save(checkpoint_number=1)
+    assert latest_step(tmp_path) is None
+
+
+def test_restore_never_calls_pickle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = Model()
+    fill(model, 4.0)
+    root = {"model": model, "it": CountingIterator(), "rng": np.random.default_rng(0)}
+    with CheckpointManager(tmp_path, root) as manager:
+        manager.save(checkpoint_number=1)
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("pickle used")
+
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    fill(model, 0.0)
+    with CheckpointManager(tmp_path, root) as manager:
+        assert manager.restore_or_initialize() == str(tmp_path / "1")
+    assert float(model.scale.value) == 4.0
+
+
+# ----------------------------------------------------------------------------
+# Save semantics (tf.train.CheckpointManager's)
+
+
+def test_checkpoint_number_defaults_to_step_counter(tmp_path: Path) -> None:
+    step = Variable(np.int64(12), trainable=False)
+    with CheckpointManager(tmp_path, {"step": step}, step_counter=step) as manager:
+        assert manager.save() == str(tmp_path / "12")
+
+
+def test_checkpoint_number_without_step_counter_counts_up_from_disk(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path, Model()) as manager:
+        assert manager.save() == str(tmp_path / "1")
+        assert manager.save() == str(tmp_path / "2")
+
+
+def test_interval_saves_first_then_every_interval_steps(tmp_path: Path) -> None:
+    step = Variable(np.int64(3), trainable=False)
+    with CheckpointManager(
+        tmp_path, {"step": step}, step_counter=step, checkpoint_interval=10, max_to_keep=None
+    ) as manager:
+        saved = []
+        for value in [3, 3, 5, 12, 13, 14, 23, 24, 40]:
+            step.assign(np.int64(value))
+            if manager.save(checkpoint_number=value) is not None:
+                saved.append(value)
+    assert saved == [3, 13, 23, 40]  # first save always; then >= last + 10
+
+
+def test_interval_check_interval_false_saves_early_but_not_twice(tmp_path: Path) -> None:
+    step = Variable(np.int64(0), trainable=False)
+    with CheckpointManager(
+        tmp_path, {"step": step}, step_counter=step, checkpoint_interval=100
+    ) as manager:
+        assert manager.save(checkpoint_number=0) is not None
+        step.assign(np.int64(1))
+        assert manager.save(checkpoint_number=1) is None
+        assert manager.save(checkpoint_number=1, check_interval=False) is not None
+        assert manager.save(checkpoint_number=1, check_interval=False) is None
+
+
+def test_restore_or_initialize_sets_last_checkpoint_step_for_the_interval(tmp_path: Path) -> None:
+    step = Variable(np.int64(50), trainable=False)
+    root = {"step": step}
+    with CheckpointManager(tmp_path, root, step_counter=step, checkpoint_interval=10) as manager:
+        manager.save(checkpoint_number=50)
+    step.assign(np.int64(0))
+    with CheckpointManager(tmp_path, root, step_counter=step, checkpoint_interval=10) as manager:
+        assert manager.restore_or_initialize() == str(tmp_path / "50")
+        assert int(step) == 50
+        step.assign(np.int64(55))
+        assert manager.save(checkpoint_number=55) is None  # 55 < 50 + 10
+        step.assign(np.int64(60))
+        assert manager.save(checkpoint_number=60) == str(tmp_path / "60")
+
+
+def test_interval_without_step_counter_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="`checkpoint_interval`.*`step_counter`"):
+        CheckpointManager(tmp_path, Model(), checkpoint_interval=5)
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_max_to_keep_must_be_positive(tmp_path: Path, bad: int) -> None:
+    with pytest.raises(ConfigError, match=f"`max_to_keep`.*received {bad}"):
+        CheckpointManager(tmp_path, Model(), max_to_keep=bad)
+
+
+def test_max_to_keep_keeps_the_newest_and_checkpoints_lists_them(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path, Model(), max_to_keep=2) as manager:
+        for step in range(1, 6):
+            manager.save(checkpoint_number=step)
+        assert manager.checkpoints == [str(tmp_path / "4"), str(tmp_path / "5")]
+        assert manager.latest_checkpoint == str(tmp_path / "5")
+
+
+def test_max_to_keep_none_keeps_all(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path, Model(), max_to_keep=None) as manager:
+        for step in range(1, 8):
+            manager.save(checkpoint_number=step)
+        assert len(manager.checkpoints) == 7
+
+
+def test_saving_an_existing_step_from_an_earlier_run_skips_with_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = Model()
+    fill(model, 1.0)
+    with CheckpointManager(tmp_path, model) as manager:
+        manager.save(checkpoint_number=10)
+    fill(model, 2.0)
+    with CheckpointManager(tmp_path, model) as manager, caplog.at_level(logging.WARNING):
+        assert manager.save(checkpoint_number=10) is None
+        assert "Not saving checkpoint 10" in caplog.text
+        assert "already exists" in caplog.text
+        caplog.clear()
+        assert manager.save(checkpoint_number=4) is None
+        assert "older than the newest checkpoint 10" in caplog.text
+        fill(model, 0.0)
+        manager.restore(10)
+    assert float(model.scale.value) == 1.0  # not overwritten
+
+
+def test_restore_or_initialize_calls_init_fn_when_there_is_no_checkpoint(tmp_path: Path) -> None:
+    calls = []
+    with CheckpointManager(tmp_path, Model(), init_fn=lambda: calls.append(1)) as manager:
+        assert manager.restore_or_initialize() is None
+        assert manager.latest_checkpoint is None
+        assert manager.checkpoints == []
+    assert calls == [1]
+
+
+def test_restore_or_initialize_restores_the_newest(tmp_path: Path) -> None:
+    model = Model()
+    calls = []
+    with CheckpointManager(tmp_path, model, init_fn=lambda: calls.append(1)) as manager:
+        for step in (1, 2):
+            fill(model, float(step))
+            manager.save(checkpoint_number=step)
+        fill(model, 0.0)
+        assert manager.restore_or_initialize() == str(tmp_path / "2")
+    assert float(model.scale.value) == 2.0
+    assert calls == []
+
+
+# ----------------------------------------------------------------------------
+# Tree mismatch: a user error, reported in full, nothing restored
+
+
+def _mismatch_cases() -> dict[str, tuple[Any, str]]:
+    return {
+        "missing": (lambda m: setattr(m, "extra", Variable(np.zeros(2))), r"'extra'.*not in the"),
+        "extra": (lambda m: delattr(m, "flag"), r"'flag'.*not a live variable"),
+        "reshaped": (
+            lambda m: setattr(m.layers[0], "w", Variable(np.zeros((3, 3), np.float32))),
+            r"'layers/0/w': checkpoint shape=\(2, 3\) dtype=float32, live shape=\(3, 3\)",
+        ),
+        "retyped": (
+            lambda m: setattr(m, "count", Variable(np.zeros(4, np.int32))),
+            r"'count': checkpoint shape=\(4,\) dtype=int64, live shape=\(4,\) dtype=int32",
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "extra", "reshaped", "retyped"])
+def test_tree_mismatch_raises_listing_the_path_and_restores_nothing(
+    tmp_path: Path, case: str
+) -> None:
+    change, pattern = _mismatch_cases()[case]
+    model = Model()
+    fill(model, 5.0)
+    with CheckpointManager(tmp_path, model) as manager:
+        manager.save(checkpoint_number=1)
+    fill(model, 7.0)
+    change(model)
+    before = snapshot(model)
+    with CheckpointManager(tmp_path, model) as manager:
+        with pytest.raises(CheckpointError, match=pattern):
+            manager.restore(1)
+        with pytest.raises(CheckpointError, match=pattern):
+            manager.restore_or_initialize()  # not treated as corruption
+    assert_same(snapshot(model), before)
+
+
+def test_mismatch_error_lists_every_differing_path(tmp_path: Path) -> None:
+    model = Model()
+    with CheckpointManager(tmp_path, model) as manager:
+        manager.save(checkpoint_number=1)
+    for change, _ in _mismatch_cases().values():
+        change(model)
+    with CheckpointManager(tmp_path, model) as manager:
+        with pytest.raises(CheckpointError, match="4 difference") as info:
+            manager.restore(1)
+    for name in ("'extra'", "'flag'", "'layers/0/w'", "'count'"):
+        assert name in str(info.value)
+
+
+# ----------------------------------------------------------------------------
+# Corruption: fall back to the previous good step, loudly
+
+
+def _data_files(step_dir: Path) -> list[Path]:
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file()]
+    return sorted(files, key=lambda p: p.stat().st_size)
+
+
+def _overwrite_bytes(step_dir: Path) -> None:
+    target = _data_files(step_dir)[-1]
+    with open(target, "r+b") as f:
+        f.seek(target.stat().st_size // 2)
+        f.write(b"\x00" * 64)
+
+
+def _truncate(step_dir: Path) -> None:
+    target = _data_files(step_dir)[-1]
+    with open(target, "r+b") as f:
+        f.truncate(100)
+
+
+def _delete_state(step_dir: Path) -> None:
+    import shutil
+
+    shutil.rmtree(step_dir / "state")
+
+
+def _delete_meta(step_dir: Path) -> None:
+    import shutil
+
+    shutil.rmtree(step_dir / "meta")
+
+
+def _garble_meta(step_dir: Path) -> None:
+    (step_dir / "meta" / "metadata").write_text("{not json")
+
+
+_DAMAGE = {
+    "overwrite_64_bytes": _overwrite_bytes,
+    "truncate_data_file": _truncate,
+    "delete_state_dir": _delete_state,
+    "delete_meta_dir": _delete_meta,
+    "garble_meta": _garble_meta,
+}
+
+
+@pytest.mark.parametrize("damage", sorted(_DAMAGE))
+def test_restore_or_initialize_falls_back_past_a_corrupted_newest_step(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    model = BigModel()
+    with CheckpointManager(tmp_path, model) as manager:
+        for step in (1, 2):
+            model.set(step)
+            manager.save(checkpoint_number=step)
+    model.set(1)
+    expected = snapshot(model)
+    _DAMAGE[damage](tmp_path / "2")
+    model.set(99)
+    with caplog.at_level(logging.WARNING), CheckpointManager(tmp_path, model) as manager:
+        assert manager.restore_or_initialize() == str(tmp_path / "1")
+        with pytest.raises(CheckpointError, match="/2"):
+            manager.restore(2)
+    assert "Skipping corrupted checkpoint 2" in caplog.text
+    assert_same(snapshot(model), expected)
+
+
+def test_overwritten_bytes_are_caught_by_the_checksum(tmp_path: Path) -> None:
+    model = BigModel()
+    with CheckpointManager(tmp_path, model) as manager:
+        manager.save(checkpoint_number=1)
+    _overwrite_bytes(tmp_path / "1")
+    model.set(5)
+    before = snapshot(model)
+    with CheckpointManager(tmp_path, model) as manager:
+        with pytest.raises(CheckpointError, match="corrupted|unreadable"):
+            manager.restore(1)
+    assert_same(snapshot(model), before)
+
+
+def test_every_step_corrupted_calls_init_fn(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = BigModel()
+    with CheckpointManager(tmp_path, model) as manager:
+        manager.save(checkpoint_number=1)
+    _delete_state(tmp_path / "1")
+    calls = []
+    with caplog.at_level(logging.WARNING), CheckpointManager(
+        tmp_path, model, init_fn=lambda: calls.append(1)
+    ) as manager:
+        assert manager.restore_or_initialize() is None
+    assert calls == [1]
+    assert "Skipping corrupted checkpoint 1" in caplog.text
+
+
+_KILL_SCRIPT = textwrap.dedent(
+    """
+    import sys, numpy as np
+    from looproto.checkpoint import CheckpointManager
+    from looproto.module import Variable
+    w = Variable(np.zeros(25_000_000, np.float32), name="w")
+    m = CheckpointManager(sys.argv[1], {"w": w}, enable_async=False)
+    m.save(checkpoint_number=1)
+    w.assign(np.ones(25_000_000, np.float32))
+    print("saving", flush=True)
+    m.save(checkpoint_number=2)
+    print("done", flush=True)
+    m.close()
+    """
+)
+
+
+def test_sigkill_mid_save_leaves_no_half_written_step(tmp_path: Path) -> None:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILL_SCRIPT, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == b"saving"
+    time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    steps = latest_step(tmp_path)
+    assert steps in (1, 2)
+    w = Variable(np.full(25_000_000, 7.0, np.float32), name="w")
+    with CheckpointManager(tmp_path, {"w": w}) as manager:
+        restored = manager.restore_or_initialize()
+        assert restored is not None
+        assert float(w.value[0]) == (0.0 if restored.endswith("1") else 1.0)
+        # The interrupted step can be written again.
+        assert manager.save(checkpoint_number=3) is not None
+
+
+# ----------------------------------------------------------------------------
+# Async
+
+
+def test_async_save_then_sync_round_trips(tmp_path: Path) -> None:
+    model = BigModel()
+    model.set(3)
+    expected = snapshot(model)
+    manager = CheckpointManager(tmp_path, model, enable_async=True)
+    try:
+        path = manager.save(checkpoint_number=1)
+        model.set(4)  # mutating right after save() must not reach the checkpoint
+        manager.sync()
+        assert path == str(tmp_path / "1")
+        assert manager.latest_checkpoint == path
+        manager.restore(1)
+    finally:
+        manager.close()
+    assert_same(snapshot(model), expected)
+    manager.close()  # idempotent
+
+
+def test_sync_reraises_a_failed_async_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    manager = CheckpointManager(tmp_path, Model(), enable_async=True)
+    manager.save(checkpoint_number=1)
+    manager._manager.wait_until_finished()
+    boom = RuntimeError("disk full")
+
+    def fail() -> None:
+        raise boom
+
+    monkeypatch.setattr(manager._manager, "wait_until_finished", fail)
+    with pytest.raises(CheckpointError, match="save of checkpoint 1.*disk full") as info:
+        manager.sync()
+    assert info.value.__cause__ is boom
+    monkeypatch.undo()
+    manager.close()
+    with pytest.raises(CheckpointError, match="closed"):
+        manager.save(checkpoint_number=2)
+
+
+# ----------------------------------------------------------------------------
+# Listing and waiting
+
+
+def test_latest_step_ignores_temporary_directories(tmp_path: Path) -> None:
+    assert latest_step(tmp_path / "missing") is None
+    (tmp_path / "3").mkdir()
+    (tmp_path / "9.orbax-checkpoint-tmp").mkdir()
+    (tmp_path / "12").write_text("not a directory")
+    assert latest_step(tmp_path) == 3
+
+
+def test_checkpoints_iterator_yields_existing_then_stops_on_timeout(tmp_path: Path) -> None:
+    with CheckpointManager(tmp_path, Model()) as manager:
+        manager.save(checkpoint_number=1)
+        manager.save(checkpoint_number=2)
+    start = time.monotonic()
+    found = list(checkpoints_iterator(tmp_path, timeout=0.3))
+    assert found == [str(tmp_path / "2")]
+    assert 0.25 < time.monotonic() - start < 3
+
+
+def test_checkpoints_iterator_calls_timeout_fn_and_sees_new_checkpoints(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, Model())
+    calls = []
+
+    def on_timeout() -> bool:
+        calls.append(1)
+        if len(calls) == 1:
+            manager.save(checkpoint_number=5)
+            return False  # keep waiting
+        return True
+
+    try:
+        found = list(checkpoints_iterator(tmp_path, timeout=0.2, timeout_fn=on_timeout))
+    finally:
+        manager.close()
+    assert found == [str(tmp_path / "5")]
+    assert calls == [1, 1]
+
+
+def test_import_does_not_import_orbax_or_jax() -> None:
+    code = (
+        "import sys, looproto.checkpoint; "
+        "print(sorted({'jax', 'orbax'} & {m.split('.')[0] for m in sys.modules}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
