@@ -111,9 +111,7 @@ class TestEvaluatorWithNestedSummary(looproto.StandardEvaluator):
 
     def __init__(self) -> None:
         data = regression_data()
-        super().__init__(
-            {"dataset": ArrayDataset(data, 10), "dataset2": ArrayDataset(data, 20)}
-        )
+        super().__init__({"dataset": ArrayDataset(data, 10), "dataset2": ArrayDataset(data, 20)})
         self.counts = {"dataset": 0, "dataset2": 0}
 
     def eval_begin(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +192,7 @@ def test_state_that_is_not_json_raises_at_save_time(tmp_path: Path) -> None:
             pass
 
     with CheckpointManager(tmp_path, {"bad": Bad()}) as manager:
-        with pytest.raises(CheckpointError, match="'bad'.*expected JSON data"):
+        with pytest.raises(CheckpointError, match=r"'bad'.*expected JSON data"):
             manager.save(checkpoint_number=1)
     assert latest_step(tmp_path) is None
 
@@ -270,7 +272,7 @@ def test_restore_or_initialize_sets_last_checkpoint_step_for_the_interval(tmp_pa
 
 
 def test_interval_without_step_counter_is_a_config_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="`checkpoint_interval`.*`step_counter`"):
+    with pytest.raises(ConfigError, match=r"`checkpoint_interval`.*`step_counter`"):
         CheckpointManager(tmp_path, Model(), checkpoint_interval=5)
 
 
@@ -436,6 +438,22 @@ _DAMAGE = {
 }
 
 
+# When one array read fails, orbax closes its event loop while tensorstore still
+# finishes the other reads; their callbacks then raise "Event loop is closed" in a
+# tensorstore thread, which Python reports as an unraisable exception. Harmless
+# noise (the failure itself is handled); let those callbacks land inside the test.
+_ignore_orbax_noise = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@pytest.fixture
+def settle() -> Iterator[None]:
+    yield
+    time.sleep(0.3)
+    gc.collect()
+
+
+@_ignore_orbax_noise
+@pytest.mark.usefixtures("settle")
 @pytest.mark.parametrize("damage", sorted(_DAMAGE))
 def test_restore_or_initialize_falls_back_past_a_corrupted_newest_step(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
@@ -457,17 +475,48 @@ def test_restore_or_initialize_falls_back_past_a_corrupted_newest_step(
     assert_same(snapshot(model), expected)
 
 
-def test_overwritten_bytes_are_caught_by_the_checksum(tmp_path: Path) -> None:
+@_ignore_orbax_noise
+@pytest.mark.usefixtures("settle")
+def test_overwritten_bytes_never_restore_silently(tmp_path: Path) -> None:
     model = BigModel()
     with CheckpointManager(tmp_path, model) as manager:
         manager.save(checkpoint_number=1)
-    _overwrite_bytes(tmp_path / "1")
+    target = _data_files(tmp_path / "1")[-1]
+    original = target.read_bytes()
     model.set(5)
     before = snapshot(model)
     with CheckpointManager(tmp_path, model) as manager:
-        with pytest.raises(CheckpointError, match="corrupted|unreadable"):
-            manager.restore(1)
-    assert_same(snapshot(model), before)
+        for fraction in (0.1, 0.3, 0.5, 0.7, 0.9):
+            damaged = bytearray(original)
+            offset = int(len(original) * fraction)
+            damaged[offset : offset + 64] = bytes(64)
+            target.write_bytes(bytes(damaged))
+            # Either tensorstore notices (zstd frame) or the CRC-32 does; never garbage.
+            with pytest.raises(CheckpointError, match=r"corrupted|unreadable"):
+                manager.restore(1)
+            assert_same(snapshot(model), before)
+
+
+def test_checksum_mismatch_is_reported_as_corruption(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = BigModel()
+    with CheckpointManager(tmp_path, model) as manager:
+        for step in (1, 2):
+            model.set(step)
+            manager.save(checkpoint_number=step)
+    meta_file = tmp_path / "2" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta["tree"]["b"]["crc32"] ^= 1
+    meta_file.write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING), CheckpointManager(tmp_path, model) as manager:
+        with pytest.raises(CheckpointError, match=r"'b': CRC-32 \d+ does not match"):
+            manager.restore(2)
+        assert manager.restore_or_initialize() == str(tmp_path / "1")
+    assert "CRC-32" in caplog.text
+    reference = BigModel()
+    reference.set(1)
+    assert_same(snapshot(model), snapshot(reference))
 
 
 def test_every_step_corrupted_calls_init_fn(
@@ -478,9 +527,10 @@ def test_every_step_corrupted_calls_init_fn(
         manager.save(checkpoint_number=1)
     _delete_state(tmp_path / "1")
     calls = []
-    with caplog.at_level(logging.WARNING), CheckpointManager(
-        tmp_path, model, init_fn=lambda: calls.append(1)
-    ) as manager:
+    with (
+        caplog.at_level(logging.WARNING),
+        CheckpointManager(tmp_path, model, init_fn=lambda: calls.append(1)) as manager,
+    ):
         assert manager.restore_or_initialize() is None
     assert calls == [1]
     assert "Skipping corrupted checkpoint 1" in caplog.text
@@ -505,17 +555,17 @@ _KILL_SCRIPT = textwrap.dedent(
 
 def test_sigkill_mid_save_leaves_no_half_written_step(tmp_path: Path) -> None:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-c", _KILL_SCRIPT, str(tmp_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         env=env,
-    )
-    assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == b"saving"
-    time.sleep(0.1)
-    proc.kill()
-    proc.wait()
+    ) as proc:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == b"saving"
+        time.sleep(0.1)
+        proc.kill()
+        proc.wait()
     steps = latest_step(tmp_path)
     assert steps in (1, 2)
     w = Variable(np.full(25_000_000, 7.0, np.float32), name="w")
@@ -559,7 +609,7 @@ def test_sync_reraises_a_failed_async_save(tmp_path: Path, monkeypatch: pytest.M
         raise boom
 
     monkeypatch.setattr(manager._manager, "wait_until_finished", fail)
-    with pytest.raises(CheckpointError, match="save of checkpoint 1.*disk full") as info:
+    with pytest.raises(CheckpointError, match=r"save of checkpoint 1.*disk full") as info:
         manager.sync()
     assert info.value.__cause__ is boom
     monkeypatch.undo()

@@ -250,9 +250,9 @@ def test_already_trained_model_still_saves_at_completion(tmp_path):
 
 def test_resume_is_bit_identical_to_uninterrupted_run(tmp_path):
     straight = TestRunner()
-    looproto.Controller(
-        trainer=straight, global_step=straight.global_step, steps_per_loop=4
-    ).train(steps=24)
+    looproto.Controller(trainer=straight, global_step=straight.global_step, steps_per_loop=4).train(
+        steps=24
+    )
 
     first = TestRunner()
     looproto.Controller(

@@ -24,11 +24,18 @@ Path = tuple[Any, ...]
 # Types that `collections.abc.Sequence` admits but that are values, not containers.
 _ATOMIC_SEQUENCES = (str, bytes, bytearray, memoryview, range)
 
-# Set by `looproto.module` to break the import cycle: (is_leaf, expand) hooks.
-is_opaque_leaf: Callable[[Any], bool] = lambda obj: False  # noqa: E731
-expand_framework_container: Callable[[Any], list[tuple[Path, Any]] | None] = (
-    lambda obj: None  # noqa: E731
-)
+
+def _never_opaque(obj: Any) -> bool:
+    return False
+
+
+def _no_expansion(obj: Any) -> list[tuple[Path, Any]] | None:
+    return None
+
+
+# Replaced by `looproto.module` (which knows Modules and backends) to break the import cycle.
+is_opaque_leaf: Callable[[Any], bool] = _never_opaque
+expand_framework_container: Callable[[Any], list[tuple[Path, Any]] | None] = _no_expansion
 
 
 def sorted_keys(mapping: Mapping[Any, Any]) -> list[Any]:
@@ -57,9 +64,7 @@ def children(value: Any) -> list[tuple[Any, Any]] | None:
         return [(f.name, getattr(value, f.name)) for f in attrs_fields]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)]
-    if isinstance(value, collections.abc.Sequence) and not isinstance(
-        value, _ATOMIC_SEQUENCES
-    ):
+    if isinstance(value, collections.abc.Sequence) and not isinstance(value, _ATOMIC_SEQUENCES):
         return list(enumerate(value))
     return None
 

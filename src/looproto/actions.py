@@ -93,7 +93,9 @@ class PeriodicAction:
         if every_n_steps is None and every_n_seconds is None:
             raise ConfigError("Pass `every_n_steps`, `every_n_seconds`, or both.")
         if every_n_steps is not None and (
-            isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1
+            isinstance(every_n_steps, bool)
+            or not isinstance(every_n_steps, int)
+            or every_n_steps < 1
         ):
             raise ConfigError(
                 f"`every_n_steps` must be a positive int; received every_n_steps={every_n_steps!r}."

@@ -260,9 +260,14 @@ class Controller:
                 f"`save`/`restore_or_initialize`/`sync` methods); received "
                 f"{value_repr(checkpoint_manager)}."
             )
-        for argument, value in (("summary_dir", summary_dir), ("eval_summary_dir", eval_summary_dir)):
-            if value is not None and not isinstance(value, (str, bytes)) and not hasattr(
-                value, "__fspath__"
+        for argument, value in (
+            ("summary_dir", summary_dir),
+            ("eval_summary_dir", eval_summary_dir),
+        ):
+            if (
+                value is not None
+                and not isinstance(value, (str, bytes))
+                and not hasattr(value, "__fspath__")
             ):
                 raise ConfigError(
                     f"`{argument}` must be a path or None; received {argument}={value!r}."
@@ -355,8 +360,10 @@ class Controller:
         self._require("evaluator", for_method="evaluate")
         assert self.evaluator is not None
         steps = _check_steps(steps, "steps", allow_zero=False)
-        steps_msg = f"running {steps} steps of evaluation..." if steps > 0 else (
-            "running complete evaluation..."
+        steps_msg = (
+            f"running {steps} steps of evaluation..."
+            if steps > 0
+            else ("running complete evaluation...")
         )
         current_step = _read_step(self.global_step)
         _log.info(" eval | step: %6d | %s", current_step, steps_msg)
@@ -583,9 +590,7 @@ def _check_actions(actions: Iterable[Action] | None, argument: str) -> tuple[Act
     return result
 
 
-def _check_steps(
-    steps: Any, argument: str, *, allow_zero: bool, allow_all: bool = True
-) -> int:
+def _check_steps(steps: Any, argument: str, *, allow_zero: bool, allow_all: bool = True) -> int:
     if isinstance(steps, np.integer):
         steps = int(steps)
     if isinstance(steps, bool) or not isinstance(steps, int):

@@ -406,7 +406,8 @@ class Variable:
     @property
     def dtype(self) -> np.dtype[Any]:
         """The NumPy dtype of the held array."""
-        return np.dtype(self._value.dtype)
+        dtype: np.dtype[Any] = np.dtype(self._value.dtype)
+        return dtype
 
     def numpy(self) -> np.ndarray[Any, Any]:
         """Returns the value as a NumPy array (a host copy for device arrays)."""
@@ -727,7 +728,7 @@ def _flatten_module(
     # A module already being walked higher up this path: list its leaves, don't recurse.
     if id(module) in recursion_stack:
         recursive = False
-    ignored = getattr(type(module), "_TF_MODULE_IGNORED_PROPERTIES", frozenset())
+    ignored: frozenset[str] = getattr(type(module), "_TF_MODULE_IGNORED_PROPERTIES", frozenset())
     children: list[tuple[_nest.Path, Module]] = []
     for key in sorted(vars(module), key=attribute_traversal_key):
         if key in ignored:
@@ -798,4 +799,3 @@ def _walk_container(root: Any, keep: Callable[[Any], bool]) -> Iterator[tuple[_n
         if isinstance(leaf, Module):
             for sub_path, sub_leaf in leaf._flatten(predicate=keep, with_path=True):
                 yield (*path, *sub_path), sub_leaf
-

@@ -56,9 +56,7 @@ _loaded: dict[str, Backend] = {}
 
 def _builtin_names() -> list[str]:
     # A builtin counts only if its adapter ships in this install.
-    return [
-        name for name, mod in _BUILTIN.items() if importlib.util.find_spec(mod) is not None
-    ]
+    return [name for name, mod in _BUILTIN.items() if importlib.util.find_spec(mod) is not None]
 
 
 def _entry_points() -> dict[str, metadata.EntryPoint]:

@@ -56,7 +56,8 @@ class Dense(looproto.Module):
             self.b = looproto.Variable(np.zeros(n_out, np.float32), name="b")
 
     def __call__(self, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-        return x @ self.w.value + self.b.value
+        y: np.ndarray[Any, Any] = x @ self.w.value + self.b.value
+        return y
 
 
 class MLP(looproto.Module):
@@ -169,7 +170,10 @@ class MLPEvaluator(looproto.StandardEvaluator):
     def eval_end(self, *args: Any) -> Mapping[str, Any]:
         (state,) = args
         count = max(state["count"], 1)
-        return {"eval_loss": state["squared"] / count, "metrics": {"mae": state["absolute"] / count}}
+        return {
+            "eval_loss": state["squared"] / count,
+            "metrics": {"mae": state["absolute"] / count},
+        }
 
 
 def make_controller(
@@ -230,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(
             f"Trained steps {start} -> {int(trainer.global_step)}; "
-            f"eval_loss {float(output['eval_loss']):.4f}. "
+            f"eval_loss {float(np.asarray(output['eval_loss'])):.4f}. "
             f"TensorBoard: tensorboard --logdir {os.path.join(args.model_dir, 'summaries')}"
         )
     return 0

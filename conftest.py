@@ -1,0 +1,17 @@
+"""Root pytest configuration: doctests of `src/looproto` skip backends whose framework is absent."""
+
+from __future__ import annotations
+
+import importlib.util
+
+_FRAMEWORKS = {"jax": "jax", "tensorflow": "tensorflow", "torch": "torch"}
+
+collect_ignore_glob = [
+    f"src/looproto/backends/{name}.py"
+    for name, module in _FRAMEWORKS.items()
+    if importlib.util.find_spec(module) is None
+] + [
+    f"src/looproto/examples/{name}_mlp.py"
+    for name, module in _FRAMEWORKS.items()
+    if importlib.util.find_spec(module) is None
+]

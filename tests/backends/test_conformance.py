@@ -1,0 +1,120 @@
+"""One conformance suite x every backend, so no backend drifts from the contract."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+import looproto
+from looproto import backends, testing
+
+
+def _numpy_variable(array: np.ndarray) -> Any:
+    return looproto.Variable(array)
+
+
+def _jax_variable(array: np.ndarray) -> Any:
+    import jax.numpy as jnp
+
+    return looproto.Variable(jnp.asarray(array))
+
+
+def _tf_variable(array: np.ndarray) -> Any:
+    import tensorflow as tf
+
+    return tf.Variable(array)
+
+
+def _torch_parameter(array: np.ndarray) -> Any:
+    import torch
+
+    return torch.nn.Parameter(torch.from_numpy(array.copy()))
+
+
+FACTORIES: dict[str, tuple[str | None, Callable[[np.ndarray], Any]]] = {
+    "numpy": (None, _numpy_variable),
+    "jax": ("jax", _jax_variable),
+    "tensorflow": ("tensorflow", _tf_variable),
+    "torch": ("torch", _torch_parameter),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_backend_follows_the_contract(name):
+    framework, factory = FACTORIES[name]
+    if framework is not None:
+        pytest.importorskip(framework)
+    if name not in backends.available():
+        pytest.skip(f"the {name} adapter is not part of this install")
+    backend = backends.get(name)
+    assert backend.name == name
+    testing.check_backend(backend, make_variable=factory)
+
+
+def test_registry_knows_the_builtin_backends_and_default():
+    assert "numpy" in backends.available()
+    assert backends.get() is backends.get("numpy")
+    assert backends.get("np") is backends.get("numpy")
+
+
+def test_unknown_backend_lists_the_available_ones():
+    with pytest.raises(looproto.ConfigError, match=r"Unknown backend 'nope'.*numpy"):
+        backends.get("nope")
+
+
+def test_environment_variable_selects_the_default(monkeypatch):
+    monkeypatch.setenv("LOOPROTO_BACKEND", "numpy")
+    assert backends.default_name() == "numpy"
+    monkeypatch.setenv("LOOPROTO_BACKEND", "nope")
+    with pytest.raises(looproto.ConfigError, match="LOOPROTO_BACKEND"):
+        backends.get()
+
+
+def test_registered_backend_is_used_by_standard_trainer(monkeypatch):
+    numpy_backend = backends.get("numpy")
+    calls: list[str] = []
+
+    class Recording:
+        name = "recording"
+
+        def __getattr__(self, attr: str) -> Any:
+            return getattr(numpy_backend, attr)
+
+        def make_loop(self, step_fn: Any, *, module: Any, options: Any) -> Any:
+            calls.append(type(module).__name__)
+            return numpy_backend.make_loop(step_fn, module=module, options=options)
+
+    monkeypatch.setattr(backends, "_registered", {"recording": Recording})
+    monkeypatch.setattr(backends, "_loaded", {})
+
+    class Trainer(looproto.StandardTrainer):
+        def __init__(self) -> None:
+            super().__init__(range(5), looproto.StandardTrainerOptions(backend="recording"))
+            self.step = looproto.create_global_step()
+
+        def train_step(self, iterator: Any) -> None:
+            next(iterator)
+            self.step.assign_add(1)
+
+    trainer = Trainer()
+    testing.check_trainer(trainer, num_steps=3, global_step=trainer.step)
+    assert calls == ["Trainer"]
+
+
+def test_missing_framework_names_the_extra(monkeypatch):
+    real_import = importlib.import_module
+
+    def fake_import(name: str, *args: Any) -> Any:
+        if name == "looproto.backends.torch":
+            raise ImportError("No module named 'torch'")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(backends.importlib, "import_module", fake_import)
+    monkeypatch.setattr(backends, "_loaded", {})
+    monkeypatch.setattr(backends, "_builtin_names", lambda: ["numpy", "torch"])
+    with pytest.raises(looproto.BackendNotAvailableError, match=r"pip install 'looproto\[torch\]'"):
+        backends.get("torch")
