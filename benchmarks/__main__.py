@@ -1,4 +1,7 @@
-"""Runs every `bench_*.py` in its own process (one per framework): `python -m benchmarks [--smoke]`."""
+"""Runs every `bench_*.py` in its own process, one per framework.
+
+python -m benchmarks [--smoke]
+"""
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ summaries every loop) and the StandardTrainer hooks.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import tempfile
@@ -19,14 +20,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import looproto  # noqa: E402
-from benchmarks import _timing  # noqa: E402
+import looproto
+from benchmarks import _timing
 
 
 def make_params(sizes: list[int], seed: int = 0) -> list[np.ndarray[Any, Any]]:
     rng = np.random.default_rng(seed)
     params = []
-    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+    for n_in, n_out in itertools.pairwise(sizes):
         params.append(rng.normal(scale=1 / np.sqrt(n_in), size=(n_in, n_out)).astype(np.float32))
         params.append(np.zeros(n_out, np.float32))
     return params

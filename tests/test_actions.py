@@ -1,4 +1,4 @@
-"""Ready-made actions: Orbit's ConditionalAction/NewBestMetric/JSONPersistedValue, and PeriodicAction."""
+"""Ready-made actions: ConditionalAction, NewBestMetric, JSONPersistedValue, PeriodicAction."""
 
 from __future__ import annotations
 

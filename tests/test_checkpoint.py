@@ -541,10 +541,14 @@ _KILL_SCRIPT = textwrap.dedent(
     import sys, numpy as np
     from looproto.checkpoint import CheckpointManager
     from looproto.module import Variable
-    w = Variable(np.zeros(25_000_000, np.float32), name="w")
+    data = np.random.default_rng(0).standard_normal(25_000_000).astype(np.float32)
+    data[0] = 1.0
+    w = Variable(data, name="w")
     m = CheckpointManager(sys.argv[1], {"w": w}, enable_async=False)
     m.save(checkpoint_number=1)
-    w.assign(np.ones(25_000_000, np.float32))
+    data = data.copy()
+    data[0] = 2.0
+    w.assign(data)
     print("saving", flush=True)
     m.save(checkpoint_number=2)
     print("done", flush=True)
@@ -563,7 +567,7 @@ def test_sigkill_mid_save_leaves_no_half_written_step(tmp_path: Path) -> None:
     ) as proc:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == b"saving"
-        time.sleep(0.1)
+        time.sleep(0.3)  # the 100 MB save takes ~0.6 s: this lands mid-save
         proc.kill()
         proc.wait()
     steps = latest_step(tmp_path)
@@ -572,9 +576,10 @@ def test_sigkill_mid_save_leaves_no_half_written_step(tmp_path: Path) -> None:
     with CheckpointManager(tmp_path, {"w": w}) as manager:
         restored = manager.restore_or_initialize()
         assert restored is not None
-        assert float(w.value[0]) == (0.0 if restored.endswith("1") else 1.0)
+        assert float(w.value[0]) == float(os.path.basename(restored))
         # The interrupted step can be written again.
         assert manager.save(checkpoint_number=3) is not None
+    assert not [name for name in os.listdir(tmp_path) if "tmp" in name]  # cleaned up
 
 
 # ----------------------------------------------------------------------------

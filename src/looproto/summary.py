@@ -74,9 +74,14 @@ class SummaryManager:
     same directory never overwrite each other's files.
 
     Example:
-        >>> with SummaryManager("/tmp/logs", global_step=step) as summaries:
+        >>> import os, tempfile
+        >>> import looproto
+        >>> logdir = tempfile.mkdtemp()
+        >>> step = looproto.create_global_step()
+        >>> with SummaryManager(logdir, global_step=step) as summaries:
         ...     summaries.write_summaries({"loss": 0.5, "eval": {"accuracy": 0.9}})
-        ...     summaries.flush()
+        >>> sorted(os.listdir(logdir))  # `loss` at the root, `accuracy` in `eval/`
+        ['eval', 'events.out.tfevents...']
 
     Args:
         summary_dir: Root directory of the event files, or None to disable the

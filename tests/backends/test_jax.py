@@ -22,7 +22,12 @@ from looproto.backends import LoopOptions  # noqa: E402
 from looproto.backends import jax as jax_backend  # noqa: E402
 from looproto.data import ArrayDataset  # noqa: E402
 from looproto.errors import ConfigError, ProtocolError, ShapeError  # noqa: E402
-from looproto.module import assign_variable, variable_to_numpy, variables_by_path  # noqa: E402
+from looproto.module import (  # noqa: E402
+    assign_variable,
+    is_trainable,
+    variable_to_numpy,
+    variables_by_path,
+)
 
 BACKEND = backends.get("jax")
 LR = 0.1
@@ -95,7 +100,7 @@ def reference(data: dict[str, np.ndarray], steps: int, batch: int = 8) -> dict[s
         return jax.tree.map(lambda a, b: a - LR * b, p, g), None
 
     params = {k: jnp.asarray(v) for k, v in init_params().items()}
-    final, _ = jax.jit(lambda p, a, b: lax.scan(body, p, (a, b))[0])(params, xs, ys)
+    final = jax.jit(lambda p, a, b: lax.scan(body, p, (a, b))[0])(params, xs, ys)
     return {k: np.asarray(v) for k, v in final.items()}
 
 
@@ -166,9 +171,9 @@ def test_matches_hand_written_scan_and_retraces_only_on_new_length() -> None:
 def test_other_loop_kinds_match(options: Any) -> None:
     data = make_data()
     trainer = Trainer(ArrayDataset(data, 8, epochs=None), options=options)
-    trainer.train(4)
-    trainer.train(6)
-    expected = reference(data, 10)
+    trainer.train(2)
+    trainer.train(3)
+    expected = reference(data, 5)
     for key, value in model_params(trainer).items():
         np.testing.assert_allclose(value, expected[key], rtol=1e-5, atol=1e-6)
     if options.use_compiled_step:
@@ -296,11 +301,11 @@ def test_value_and_grad_keys_and_values() -> None:
     ref_loss, ref_grads = jax.value_and_grad(mlp_loss)(
         {k: jnp.asarray(v) for k, v in params.items()}, data["x"], data["y"]
     )
-    assert sorted(grads) == sorted(variables_by_path(model, predicate=lambda v: v.trainable))
+    assert sorted(grads) == sorted(variables_by_path(model, predicate=is_trainable))
     assert float(loss) == pytest.approx(float(ref_loss))
     for key in params:
         np.testing.assert_allclose(grads[key], ref_grads[key], rtol=1e-6)
-    (value, aux), g = jax_backend.value_and_grad(lambda: (loss, {"a": 1}), model, has_aux=True)
+    (_, aux), _ = jax_backend.value_and_grad(lambda: (loss, {"a": 1}), model, has_aux=True)
     assert aux == {"a": 1}
     g2, aux2 = jax_backend.grad(lambda: (mlp_loss_module(model, data), 2), model, has_aux=True)
     assert aux2 == 2
@@ -423,8 +428,9 @@ def test_backend_options_are_checked() -> None:
     trainer = Trainer([])
     for bad in ({"nope": 1}, {"data": "disk"}, {"mesh": 4}, {"chunk_size": 0}):
         with pytest.raises(ConfigError):
-            BACKEND.make_loop(trainer.train_step, module=trainer, options=LoopOptions(
-                backend_options=bad))
+            BACKEND.make_loop(
+                trainer.train_step, module=trainer, options=LoopOptions(backend_options=bad)
+            )
     with pytest.raises(ConfigError, match="ArrayDataset"):
         Trainer(
             iter([make_data(8)]),
