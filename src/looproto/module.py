@@ -44,6 +44,7 @@ __all__ = [
     "backend_for_variable",
     "create_global_step",
     "current_name_scope",
+    "framework_backends",
     "name_scope",
     "register_framework",
     "register_name_scope_hook",
@@ -224,8 +225,13 @@ def _backends_for(obj: Any) -> tuple[Backend, ...]:
     except KeyError:
         pass
     found: list[Backend] = []
-    root = cls.__module__.partition(".")[0]
-    names = _FRAMEWORK_BACKENDS.get(root, ())
+    # The first framework base class decides: a user's `class MLP(torch.nn.Module)` lives
+    # in the user's package, but is understood by the torch backend.
+    names: tuple[str, ...] = ()
+    for base in cls.__mro__:
+        names = _FRAMEWORK_BACKENDS.get(getattr(base, "__module__", "").partition(".")[0], ())
+        if names:
+            break
     if names:
         from looproto import backends  # Lazy: backends/ imports this file.
         from looproto.errors import BackendNotAvailableError
@@ -242,6 +248,14 @@ def _backends_for(obj: Any) -> tuple[Backend, ...]:
     result = tuple(found)
     _backends_for_type[cls] = result
     return result
+
+
+def framework_backends(obj: Any) -> tuple[Backend, ...]:
+    """The loaded backends that understand objects of `obj`'s framework (maybe none).
+
+    Never imports a framework that `obj` does not already come from.
+    """
+    return _backends_for(obj)
 
 
 def _is_opaque_leaf(obj: Any) -> bool:
