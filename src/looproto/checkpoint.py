@@ -42,7 +42,12 @@ from typing import Any
 import numpy as np
 
 from looproto.errors import CheckpointError, ConfigError, value_repr
-from looproto.module import assign_variable, variable_to_numpy, variables_by_path
+from looproto.module import (
+    assign_variable,
+    framework_backends,
+    variable_to_numpy,
+    variables_by_path,
+)
 
 __all__ = ["CheckpointManager", "checkpoints_iterator", "latest_step"]
 
@@ -151,12 +156,26 @@ def _is_generator(obj: Any) -> bool:
     return isinstance(obj, np.random.Generator)
 
 
-def _is_stateful(obj: Any) -> bool:
+def _state_adapter(obj: Any) -> Any:
+    """`obj` itself if it follows the iterator-state protocol, else its backend's adapter.
+
+    Backends adapt their framework's iterators (a `tf.data` iterator, say) through the
+    optional `Backend.iterator_state(obj)`; None when `obj` has no position to save.
+    """
     if isinstance(obj, type):
-        return False
-    if _is_generator(obj):
-        return True
-    return callable(getattr(obj, "get_state", None)) and callable(getattr(obj, "set_state", None))
+        return None
+    if callable(getattr(obj, "get_state", None)) and callable(getattr(obj, "set_state", None)):
+        return obj
+    for backend in framework_backends(obj):
+        adapt = getattr(backend, "iterator_state", None)
+        adapter = adapt(obj) if adapt is not None else None
+        if adapter is not None:
+            return adapter
+    return None
+
+
+def _is_stateful(obj: Any) -> bool:
+    return _is_generator(obj) or _state_adapter(obj) is not None
 
 
 def _to_json(value: Any, where: str) -> Any:
@@ -447,7 +466,7 @@ class CheckpointManager:
                 state = _to_json(obj.bit_generator.state, path)
                 objects[path] = {"kind": "numpy_generator", "state": state}
             else:
-                state = _to_json(obj.get_state(), path)
+                state = _to_json(_state_adapter(obj).get_state(), path)
                 objects[path] = {"kind": "state", "state": state}
         meta = {
             "format": _FORMAT,
@@ -598,7 +617,7 @@ class CheckpointManager:
             if _is_generator(obj):
                 obj.bit_generator.state = state
             else:
-                obj.set_state(state)
+                _state_adapter(obj).set_state(state)
 
     def restore_or_initialize(self) -> str | None:
         """Restores the newest good checkpoint, or calls `init_fn` if there is none.
