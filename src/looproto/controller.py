@@ -91,12 +91,19 @@ def _check_global_step(global_step: Any) -> None:
         )
 
 
-def _format_output(output: Any, indent: int = 4) -> str:
-    text = pprint.pformat(output)
-    if "\n" in text:
-        pad = " " * indent
-        text = "\n" + "\n".join(pad + line for line in text.splitlines())
-    return text
+class _Formatted:
+    """`pprint` of an output, computed only if a log record is actually emitted."""
+
+    __slots__ = ("_output",)
+
+    def __init__(self, output: Any) -> None:
+        self._output = output
+
+    def __str__(self) -> str:
+        text = pprint.pformat(self._output)
+        if "\n" in text:
+            text = "\n" + "\n".join("    " + line for line in text.splitlines())
+        return text
 
 
 class StepTimer:
@@ -382,7 +389,7 @@ class Controller:
             " eval | step: %6d | eval time: %6.1f sec | output: %s",
             current_step,
             elapsed,
-            _format_output(output),
+            _Formatted(output),
         )
         self.eval_summary_manager.write_summaries(output)
         self.eval_summary_manager.flush()
@@ -513,7 +520,7 @@ class Controller:
             "train | step: %6d | steps/sec: %6.1f | output: %s",
             new_step,
             steps_per_second,
-            _format_output(output),
+            _Formatted(output),
         )
         if self._summary_due(current_step, new_step):
             output["steps_per_second"] = steps_per_second
