@@ -238,7 +238,7 @@ def _python_loop(
                 state = reduce_fn(state, outputs)
             step += 1
     except (StopIteration, tf.errors.OutOfRangeError):
-        _log.info("The data iterator is exhausted after %d steps.", step)
+        _log.debug("The data iterator is exhausted after %d steps.", step)
     return state, step
 
 
@@ -529,7 +529,7 @@ class TensorflowLoop:
             self._loop_fn(iterator, self._num_steps_tensor(steps))
         except tf.errors.OutOfRangeError:
             ran = int(counter.numpy())
-            _log.info("The data iterator is exhausted after %d steps.", ran)
+            _log.debug("The data iterator is exhausted after %d steps.", ran)
             return ran
         return steps
 
@@ -620,8 +620,9 @@ class TfDataIteratorState:
 
     The state is TensorFlow's own serialisation of the iterator (its position, and the
     contents of any shuffle buffer), as base64 text, so checkpoints stay JSON and
-    arrays only. Its size grows with the shuffle buffer: about 12 KB for a buffer of
-    50 scalars, and the buffer's size in bytes for a buffer of images.
+    arrays only. Its size grows with the shuffle buffer: measured here, 4 KB for an
+    unshuffled pipeline and 370 KB for a 1024-element buffer of 9-float examples
+    (about 360 bytes an element, of which 36 are data).
     """
 
     def __init__(self, iterator: Any) -> None:

@@ -16,10 +16,7 @@ fixture (`tests/examples/test_numpy_mlp.py`).
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +24,7 @@ import numpy as np
 
 import looproto
 from looproto.data import ArrayDataset
+from looproto.examples import _cli
 
 __all__ = ["MLP", "MLPEvaluator", "MLPTrainer", "make_controller", "make_data", "main"]
 
@@ -213,31 +211,7 @@ def make_controller(
 
 def main(argv: list[str] | None = None) -> int:
     """Trains and evaluates; prints the loss curve's end points."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", default=os.path.join("runs", "numpy_mlp"))
-    parser.add_argument("--steps", type=int, default=2000, help="global step to train to")
-    parser.add_argument("--steps-per-loop", type=int, default=100)
-    parser.add_argument("--eval-interval", type=int, default=500)
-    parser.add_argument("--quiet", action="store_true", help="log warnings only")
-    args = parser.parse_args(argv)
-    # looproto's progress lines at INFO; orbax/absl chatter only when it is a warning.
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
-    logging.getLogger("looproto").setLevel(logging.WARNING if args.quiet else logging.INFO)
-    controller, trainer = make_controller(args.model_dir, steps_per_loop=args.steps_per_loop)
-    start = int(trainer.global_step)
-    with controller:
-        output = controller.train_and_evaluate(
-            train_steps=args.steps, eval_steps=-1, eval_interval=args.eval_interval
-        )
-    if output is None:
-        print(f"Already trained to step {start}; pass a larger --steps to continue.")
-    else:
-        print(
-            f"Trained steps {start} -> {int(trainer.global_step)}; "
-            f"eval_loss {float(np.asarray(output['eval_loss'])):.4f}. "
-            f"TensorBoard: tensorboard --logdir {os.path.join(args.model_dir, 'summaries')}"
-        )
-    return 0
+    return _cli.run("numpy_mlp", __doc__.splitlines()[0], make_controller, argv)
 
 
 if __name__ == "__main__":
