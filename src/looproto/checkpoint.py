@@ -49,7 +49,7 @@ from looproto.module import (
     variables_by_path,
 )
 
-__all__ = ["CheckpointManager", "checkpoints_iterator", "latest_step"]
+__all__ = ["CheckpointManager", "checkpoints_iterator", "latest_step", "read_metadata"]
 
 _log = logging.getLogger("looproto")
 
@@ -92,6 +92,50 @@ def latest_step(directory: str | os.PathLike[str]) -> int | None:
     """
     steps = _committed_steps(os.fspath(directory))
     return steps[-1] if steps else None
+
+
+def read_metadata(directory: str | os.PathLike[str], step: int | None = None) -> dict[str, Any]:
+    """The JSON item of a checkpoint: what it holds, without reading any array.
+
+    Works for a checkpoint written by any backend: it is the same tree of plain
+    arrays whatever wrote it.
+
+    Args:
+        directory: A checkpoint directory (holding `<step>/` directories).
+        step: Which step; default the newest.
+
+    Returns:
+        `{"step": int, "steps": [all committed steps], "tree": {path: {"shape",
+        "dtype", "crc32"}}, "objects": {path: {"kind", "state"}}}`.
+
+    Raises:
+        CheckpointError: There is no such checkpoint, or its metadata is unreadable.
+    """
+    path = os.path.abspath(os.fspath(directory))
+    steps = _committed_steps(path)
+    if not steps:
+        raise CheckpointError(f"No checkpoints in {path}.")
+    if step is None:
+        step = steps[-1]
+    if step not in steps:
+        raise CheckpointError(f"No checkpoint {step} in {path}; committed steps there: {steps}.")
+    import orbax.checkpoint as ocp
+
+    # No cleanup options: reading must never change the directory.
+    with ocp.CheckpointManager(
+        path, item_handlers={_META_ITEM: ocp.JsonCheckpointHandler()}
+    ) as manager:
+        try:
+            meta = manager.restore(
+                step, args=ocp.args.Composite(**{_META_ITEM: ocp.args.JsonRestore()})
+            )[_META_ITEM]
+        except _READ_ERRORS as err:
+            raise CheckpointError(
+                f"Checkpoint {os.path.join(path, str(step))} is unreadable: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+    tree, objects = _parse_meta(meta, os.path.join(path, str(step)))
+    return {"step": step, "steps": steps, "tree": tree, "objects": objects}
 
 
 def checkpoints_iterator(
