@@ -106,6 +106,14 @@ class _Formatted:
         return text
 
 
+def _eta(remaining_steps: int | None, steps_per_second: float) -> str:
+    """`"0:01:05"` for the remaining steps at this rate; `"?"` when unknown."""
+    if remaining_steps is None or steps_per_second <= 0:
+        return "?"
+    seconds = round(max(remaining_steps, 0) / steps_per_second)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 class StepTimer:
     """Measures steps per second between calls."""
 
@@ -288,6 +296,7 @@ class Controller:
         self.summary_interval = summary_interval
         self._steps_per_loop = steps_per_loop
         self.step_timer: StepTimer | None = None
+        self._train_target: int | None = None
 
         self.summary_manager = summary_manager or SummaryManager(
             summary_dir if trainer is not None else None, global_step=global_step
@@ -336,6 +345,7 @@ class Controller:
         current_step = _read_step(self.global_step)
         target = "the end of the data" if steps == -1 else f"step {steps}"
         _log.info("train | step: %6d | training until %s...", current_step, target)
+        self._train_target = None if steps == -1 else steps
         try:
             while steps == -1 or current_step < steps:
                 loop_steps = self.steps_per_loop
@@ -516,10 +526,12 @@ class Controller:
             action(raw_output)
         output: dict[str, Any] = dict(_nest.map_output(_nest.to_numpy_leaf, raw_output))
         steps_per_second = self.step_timer.steps_per_second()
+        target = self._train_target
         _log.info(
-            "train | step: %6d | steps/sec: %6.1f | output: %s",
+            "train | step: %6d | steps/sec: %6.1f | ETA %s | output: %s",
             new_step,
             steps_per_second,
+            _eta(target - new_step if target is not None else None, steps_per_second),
             _Formatted(output),
         )
         if self._summary_due(current_step, new_step):
