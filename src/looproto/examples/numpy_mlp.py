@@ -26,7 +26,16 @@ import looproto
 from looproto.data import ArrayDataset
 from looproto.examples import _cli
 
-__all__ = ["MLP", "MLPEvaluator", "MLPTrainer", "make_controller", "make_data", "main"]
+__all__ = [
+    "MLP",
+    "MLPEvaluator",
+    "MLPTrainer",
+    "main",
+    "make_controller",
+    "make_data",
+    "make_evaluator",
+    "make_trainer",
+]
 
 
 def make_data(
@@ -174,6 +183,22 @@ class MLPEvaluator(looproto.StandardEvaluator):
         }
 
 
+def make_trainer(
+    seed: int = 0, batch_size: int = 64, learning_rate: float = 0.05, momentum: float = 0.9
+) -> MLPTrainer:
+    """The trainer (model, optimizer state and shuffled training data) for `seed`."""
+    train = make_data(4096, seed=seed)
+    model = MLP(n_in=train["x"].shape[1], seed=seed)
+    dataset = ArrayDataset(train, batch_size, shuffle=True, seed=seed, epochs=None)
+    return MLPTrainer(model, dataset, learning_rate=learning_rate, momentum=momentum)
+
+
+def make_evaluator(trainer: MLPTrainer, seed: int = 0) -> MLPEvaluator:
+    """An evaluator of `trainer`'s model on held-out data."""
+    test = make_data(1024, seed=seed + 1)
+    return MLPEvaluator(trainer.model, ArrayDataset(test, 256, drop_remainder=False))
+
+
 def make_controller(
     model_dir: str,
     *,
@@ -182,14 +207,9 @@ def make_controller(
     batch_size: int = 64,
     seed: int = 0,
 ) -> tuple[looproto.Controller, MLPTrainer]:
-    """Builds data, model, trainer, evaluator, checkpoint manager and controller."""
-    train = make_data(4096, seed=seed)
-    test = make_data(1024, seed=seed + 1)
-    model = MLP(n_in=train["x"].shape[1], seed=seed)
-    trainer = MLPTrainer(
-        model, ArrayDataset(train, batch_size, shuffle=True, seed=seed, epochs=None)
-    )
-    evaluator = MLPEvaluator(model, ArrayDataset(test, 256, drop_remainder=False))
+    """Builds trainer, evaluator, checkpoint manager and controller under `model_dir`."""
+    trainer = make_trainer(seed, batch_size)
+    evaluator = make_evaluator(trainer, seed)
     checkpoints = looproto.CheckpointManager(
         os.path.join(model_dir, "checkpoints"),
         trainer,

@@ -30,7 +30,15 @@ import looproto
 from looproto.examples import _cli
 from looproto.examples.numpy_mlp import make_data
 
-__all__ = ["MLP", "MLPEvaluator", "MLPTrainer", "make_controller", "main"]
+__all__ = [
+    "MLP",
+    "MLPEvaluator",
+    "MLPTrainer",
+    "main",
+    "make_controller",
+    "make_evaluator",
+    "make_trainer",
+]
 
 
 class Dense(looproto.Module):
@@ -84,9 +92,13 @@ class MLPTrainer(looproto.StandardTrainer):
         self.momentum = momentum
         self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
         with self.name_scope:
+            # `velocity/<layer>/<0: w, 1: b>`: the tree `numpy_mlp` checkpoints.
             self.velocity = [
-                tf.Variable(tf.zeros_like(v), trainable=False, name="velocity")
-                for v in model.trainable_variables
+                (
+                    tf.Variable(tf.zeros_like(layer.w), trainable=False, name="v_w"),
+                    tf.Variable(tf.zeros_like(layer.b), trainable=False, name="v_b"),
+                )
+                for layer in model.layers
             ]
             self.loss_sum = tf.Variable(0.0, trainable=False, name="loss_sum")
             self.loss_count = tf.Variable(0, dtype=tf.int64, trainable=False, name="loss_count")
@@ -97,10 +109,11 @@ class MLPTrainer(looproto.StandardTrainer):
 
     def train_step(self, iterator: Any) -> None:
         batch = next(iterator)
-        params = self.model.trainable_variables
+        params = [p for layer in self.model.layers for p in (layer.w, layer.b)]
+        velocities = [v for pair in self.velocity for v in pair]
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean((self.model(batch["x"]) - batch["y"]) ** 2)
-        for param, grad, velocity in zip(params, tape.gradient(loss, params), self.velocity):
+        for param, grad, velocity in zip(params, tape.gradient(loss, params), velocities):
             velocity.assign(self.momentum * velocity - self.learning_rate * grad)
             param.assign_add(velocity)
         self.loss_sum.assign_add(loss)
@@ -145,6 +158,27 @@ class MLPEvaluator(looproto.StandardEvaluator):
         }
 
 
+def make_trainer(
+    seed: int = 0, batch_size: int = 64, learning_rate: float = 0.05, momentum: float = 0.9
+) -> MLPTrainer:
+    """The trainer (model, optimizer state and shuffled `tf.data` pipeline) for `seed`."""
+    train = make_data(4096, seed=seed)
+    dataset = (
+        tf.data.Dataset.from_tensor_slices(train)
+        .shuffle(1024, seed=seed)
+        .batch(batch_size, drop_remainder=True)
+        .repeat()
+    )
+    model = MLP(n_in=train["x"].shape[1], seed=seed)
+    return MLPTrainer(model, dataset, learning_rate=learning_rate, momentum=momentum)
+
+
+def make_evaluator(trainer: MLPTrainer, seed: int = 0) -> MLPEvaluator:
+    """An evaluator of `trainer`'s model on held-out data."""
+    test = make_data(1024, seed=seed + 1)
+    return MLPEvaluator(trainer.model, tf.data.Dataset.from_tensor_slices(test).batch(256))
+
+
 def make_controller(
     model_dir: str,
     *,
@@ -153,19 +187,9 @@ def make_controller(
     batch_size: int = 64,
     seed: int = 0,
 ) -> tuple[looproto.Controller, MLPTrainer]:
-    """Builds data pipelines, model, trainer, evaluator, checkpoint manager and controller."""
-    train = make_data(4096, seed=seed)
-    test = make_data(1024, seed=seed + 1)
-    train_ds = (
-        tf.data.Dataset.from_tensor_slices(train)
-        .shuffle(1024, seed=seed)
-        .batch(batch_size, drop_remainder=True)
-        .repeat()
-    )
-    test_ds = tf.data.Dataset.from_tensor_slices(test).batch(256)
-    model = MLP(n_in=train["x"].shape[1], seed=seed)
-    trainer = MLPTrainer(model, train_ds)
-    evaluator = MLPEvaluator(model, test_ds)
+    """Builds trainer, evaluator, checkpoint manager and controller under `model_dir`."""
+    trainer = make_trainer(seed, batch_size)
+    evaluator = make_evaluator(trainer, seed)
     checkpoints = looproto.CheckpointManager(
         os.path.join(model_dir, "checkpoints"),
         trainer,
