@@ -71,3 +71,10 @@ def test_same_tree_and_initial_weights_as_the_numpy_example():
     assert sorted(tf_vars) == sorted(np_vars)
     for path, variable in np_vars.items():
         np.testing.assert_array_equal(variable_to_numpy(tf_vars[path]), variable.numpy())
+
+
+def test_trainer_checkpoints_the_same_tree_as_the_numpy_example():
+    def arrays(trainer):
+        return {path: variable_to_numpy(v).shape for path, v in variables_by_path(trainer).items()}
+
+    assert arrays(tensorflow_mlp.make_trainer()) == arrays(numpy_mlp.make_trainer())
