@@ -137,9 +137,12 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
         registry.update(contents)
 
 
-@pytest.mark.parametrize("path", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
-def test_page_code_runs(path: Path, isolated: Path) -> None:
-    namespace: dict[str, object] = {"__name__": "__docs__"}
+def installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+def run_page(path: Path, namespace: dict[str, object]) -> None:
+    """Runs the python blocks of `path` in order in `namespace` (see the module docstring)."""
     for block in python_blocks(path):
         # Pad with blank lines so that tracebacks give the line in the Markdown file.
         source = "\n" * (block.line - 1) + block.code
@@ -152,12 +155,51 @@ def test_page_code_runs(path: Path, isolated: Path) -> None:
                 "block run instead."
             )
             continue
-        missing = sorted(
-            name for name in packages & OPTIONAL_PACKAGES if importlib.util.find_spec(name) is None
-        )
+        missing = sorted(name for name in packages & OPTIONAL_PACKAGES if not installed(name))
         if missing:
             pytest.skip(f"{block.where} needs {', '.join(missing)}, which is not installed")
         exec(compile(tree, str(block.path), "exec"), namespace)
+
+
+@pytest.mark.parametrize("path", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
+def test_page_code_runs(path: Path, isolated: Path) -> None:
+    run_page(path, {"__name__": "__docs__"})
+
+
+def test_missing_framework_skips_the_rest_of_its_page(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(
+        "```python\nx = 1\n```\n"
+        "```python\nimport torch.nn\n```\n"
+        "```python\nraise RuntimeError('must not run')\n```\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setattr(sys.modules[__name__], "installed", lambda package: package != "torch")
+    namespace: dict[str, object] = {}
+    with pytest.raises(pytest.skip.Exception, match=r"page\.md:5 needs torch"):
+        run_page(page, namespace)
+    assert namespace["x"] == 1
+
+
+def test_failing_block_reports_the_markdown_line(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text("Text.\n\n```python\nok = True\nassert not ok\n```\n", encoding="utf-8")
+    with pytest.raises(AssertionError) as info:
+        run_page(page, {})
+    assert (info.traceback[-1].path, info.traceback[-1].lineno + 1) == (page, 5)
+
+
+def test_skip_marker_is_only_for_orbit_code(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(
+        f"{SKIP_MARKER}\n```python\nfrom orbit import Controller\n```\n"
+        f"{SKIP_MARKER}\n```python\nimport numpy\nraise RuntimeError\n```\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(AssertionError, match=r"page\.md:7: `<!-- skip-test -->` is only for"):
+        run_page(page, {})
 
 
 @pytest.mark.parametrize("path", ALL_PAGES, ids=[str(p.relative_to(ROOT)) for p in ALL_PAGES])
