@@ -137,8 +137,12 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
         registry.update(contents)
 
 
-def installed(package: str) -> bool:
-    return importlib.util.find_spec(package) is not None
+def installed(name: str) -> bool:
+    """Whether module `name` (dotted names too) can be imported, without importing it."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
 
 
 def run_page(path: Path, namespace: dict[str, object]) -> None:
@@ -249,15 +253,8 @@ def test_block_parser_finds_languages_markers_and_lines(tmp_path: Path) -> None:
     ]
 
 
-def _have(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:  # a parent package is missing
-        return False
-
-
 @pytest.mark.skipif(
-    not all(_have(m) for m in ("mkdocs", "material", "mkdocstrings_handlers.python")),
+    not all(installed(m) for m in ("mkdocs", "material", "mkdocstrings_handlers.python")),
     reason="needs mkdocs, mkdocs-material and mkdocstrings[python]: pip install -e '.[docs]'",
 )
 def test_site_builds_strict(tmp_path: Path) -> None:
