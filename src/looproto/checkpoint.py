@@ -8,11 +8,11 @@ reachable object that follows the iterator-state protocol (callable
 `numpy.random.Generator`. No pickle is used anywhere.
 
 On disk, `<directory>/<step>/` is an orbax checkpoint with two items: `state`
-(the arrays, OCDBT) and `meta` (human-readable JSON: format version, step, each
-array's shape, dtype and CRC-32, and the objects' states). A step directory
-appears only when complete (orbax renames a temporary directory on commit), and
-temporary directories left by a crash are deleted when a manager opens the
-directory.
+(the arrays, OCDBT; left out when there are none) and `meta` (human-readable
+JSON: format version, step, each array's shape, dtype and CRC-32, and the
+objects' states). A step directory appears only when complete (orbax renames a
+temporary directory on commit), and temporary directories left by a crash are
+deleted when a manager opens the directory.
 
 Restores are all-or-nothing: the stored tree is compared with the live one and
 every array is read and checked against its recorded shape, dtype and CRC-32
@@ -412,9 +412,9 @@ class CheckpointManager:
 
         `tf.train.CheckpointManager.save`'s rules: with a `checkpoint_interval`, a
         save at the step of the last save is skipped, and so (if `check_interval`)
-        is one fewer than `checkpoint_interval` steps after it; the first save always
-        happens. A step that already exists on disk, or one lower than the newest on
-        disk, is skipped with a logged warning (nothing is overwritten).
+        is a save fewer than `checkpoint_interval` steps after it; the first save
+        always happens. A step that already exists on disk, or one lower than the
+        newest on disk, is skipped with a logged warning (nothing is overwritten).
 
         Args:
             checkpoint_number: The step to number the checkpoint by; defaults to

@@ -410,8 +410,10 @@ class Controller:
     ) -> Output | None:
         """Alternates training and evaluation until `train_steps` (absolute).
 
-        Training stops at every multiple of `eval_interval` steps to evaluate (inner
-        loops are cut short to land there), and evaluates once more at the end.
+        Trains `eval_interval` steps at a time, counted from the current global step
+        (the last stretch ends at `train_steps`), and evaluates after each stretch;
+        inner loops are cut short to end where a stretch does. Without
+        `eval_interval`, trains to `train_steps` and evaluates once.
 
         Returns:
             The output of the last evaluation, or None if no training was needed.

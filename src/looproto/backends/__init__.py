@@ -7,7 +7,7 @@ three places, in this order of precedence:
 1. `register(name, factory)` at run time;
 2. the ones shipped with looproto (`numpy`, `jax`, `tensorflow`, `torch`);
 3. the `looproto.backends` entry-point group, whose entries point at a backend
-   object or a zero-argument factory (`"my_pkg.backend:make_backend"`).
+   instance or a zero-argument factory function (`"my_pkg.backend:make_backend"`).
 
 The default backend is `LOOPROTO_BACKEND` from the environment, else `numpy`.
 """
