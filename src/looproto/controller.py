@@ -559,6 +559,11 @@ class Controller:
         )
         if path is not None:
             _log.info("saved checkpoint to %s.", path)
+            # The summaries of the steps this checkpoint covers outlive a crash with it.
+            self.summary_manager.sync()
+            eval_manager = getattr(self, "eval_summary_manager", None)
+            if eval_manager is not None:
+                eval_manager.sync()
             return True
         return False
 
