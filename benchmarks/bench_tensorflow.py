@@ -7,6 +7,8 @@ Contenders, all running the very same step function on the same `tf.data` pipeli
 * `looproto train()`: `StandardTrainer.train(n)` on the TensorFlow backend;
 * `looproto Controller`: `Controller.train` with summaries every loop, so the outer
   loop's cost is counted;
+* Keras 3 `model.fit` with `steps_per_execution` 1 and 100 (steady state, timed by a
+  callback; the set-up of each `fit` call is reported apart);
 * `per-step tf.function` and `eager`, for contrast.
 
     python benchmarks/bench_tensorflow.py [--smoke] [--json PATH] [--steps N]
@@ -23,12 +25,13 @@ from collections.abc import Callable
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ["KERAS_BACKEND"] = "tensorflow"  # Keras fit runs in this process, on TensorFlow
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tensorflow as tf
 
 import looproto
-from benchmarks import _timing, _workloads
+from benchmarks import _keras, _timing, _workloads
 
 
 def make_step(workload: _workloads.Workload, params: list[tf.Variable]) -> Callable[..., Any]:
@@ -133,13 +136,18 @@ def contenders(workload: _workloads.Workload, steps: int, tmp: str) -> dict[str,
         target = int(controlled.global_step.numpy()) + steps
         controller.train(target, checkpoint_at_completion=False)
 
-    return {
+    calls = {
         "hand-written tf.range": hand_written,
         "looproto train()": looproto_train,
         "looproto Controller": looproto_controller,
-        "per-step tf.function": per_step,
-        "eager": eager,
     }
+    if _keras.available():
+        for spe in (1, 100):
+            steady, _ = _keras.contender(workload, steps, min(spe, steps))
+            calls[f"keras fit spe={spe}"] = steady
+    calls["per-step tf.function"] = per_step
+    calls["eager"] = eager
+    return calls
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
