@@ -224,8 +224,13 @@ def _backends_for(obj: Any) -> tuple[Backend, ...]:
     except KeyError:
         pass
     found: list[Backend] = []
-    root = cls.__module__.partition(".")[0]
-    names = _FRAMEWORK_BACKENDS.get(root, ())
+    # By the first class in the MRO from a known framework, so that user subclasses
+    # (`class Net(nnx.Module)` in `__main__`) are recognised as their framework's.
+    names: tuple[str, ...] = ()
+    for klass in cls.__mro__:
+        names = _FRAMEWORK_BACKENDS.get(klass.__module__.partition(".")[0], ())
+        if names:
+            break
     if names:
         from looproto import backends  # Lazy: backends/ imports this file.
         from looproto.errors import BackendNotAvailableError
