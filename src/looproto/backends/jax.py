@@ -117,6 +117,10 @@ def _bound(variables: Sequence[Variable], values: Sequence[Any]) -> Any:
 # Flax NNX (optional; never imported by this module).
 
 
+# An NNX object can only exist once `flax.nnx` is imported, so looking it up in
+# `sys.modules` is enough (and costs nothing when flax is not installed).
+
+
 def _nnx_variable_type() -> type | None:
     nnx = sys.modules.get("flax.nnx")
     return getattr(nnx, "Variable", None) if nnx is not None else None
@@ -125,6 +129,56 @@ def _nnx_variable_type() -> type | None:
 def _is_nnx_variable(obj: Any) -> bool:
     cls = _nnx_variable_type()
     return cls is not None and isinstance(obj, cls)
+
+
+def _nnx_graph_node_types(nnx: Any) -> tuple[type, ...]:
+    """NNX's graph-node base classes (`Pytree` since flax 0.11, `Object` before)."""
+    names = ("Pytree", "Object", "Module")
+    return tuple(t for t in (getattr(nnx, n, None) for n in names) if isinstance(t, type))
+
+
+def _expand_nnx(obj: Any) -> list[tuple[tuple[Any, ...], Any]] | None:
+    """`(path, nnx.Variable)` pairs of an NNX module (or `Rngs`, `Optimizer`), else None.
+
+    NNX's own graph walk is used, so paths are NNX's (`("layers", 0, "kernel")`)
+    and a Variable shared by two attributes is listed once, at its first path.
+    """
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is None:
+        return None
+    node_types = _nnx_graph_node_types(nnx)
+    if not node_types or not isinstance(obj, node_types):
+        return None
+    iter_graph = getattr(nnx, "iter_graph", None)
+    if iter_graph is None:  # pragma: no cover - every flax with NNX has it today
+        raise ProtocolError(
+            f"Cannot list the variables of the Flax NNX object {value_repr(obj)}: this "
+            "flax has no `nnx.iter_graph`. Install a flax with NNX's graph API (>= 0.8)."
+        )
+    variable_type = nnx.Variable
+    return [
+        (tuple(path), node) for path, node in iter_graph(obj) if isinstance(node, variable_type)
+    ]
+
+
+def _nnx_get(variable: Any) -> Any:
+    # flax 0.12 deprecates `.value` in favour of `get_value()`/`set_value()`.
+    get = getattr(variable, "get_value", None)
+    return get() if callable(get) else variable.value
+
+
+def _nnx_set(variable: Any, value: Any) -> None:
+    put = getattr(variable, "set_value", None)
+    if callable(put):
+        put(value)
+    else:
+        variable.value = value
+
+
+def _is_key_array(value: Any) -> bool:
+    """A typed PRNG key array (`jax.random.key`, NNX's `RngKey`): stored as its key data."""
+    dtype = getattr(value, "dtype", None)
+    return dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
 
 
 # ----------------------------------------------------------------------------
@@ -140,10 +194,15 @@ def _module_variables(module: Any) -> tuple[list[str], list[Variable]]:
             paths.append(path)
             variables.append(variable)
         elif _is_nnx_variable(variable):
+            # NNX refuses writes from inside a foreign `jax.jit` trace, and a value only
+            # read there would be baked into the compiled loop as a constant.
             raise ConfigError(
-                f"Module variable {path!r} is a Flax NNX variable; the JAX backend discovers, "
-                "checkpoints and restores those, but lifts only `looproto.Variable`s into "
-                "compiled loops and gradients. Wrap its value in a `looproto.Variable`."
+                f"Module variable {path!r} is a Flax NNX `{type(variable).__name__}`. The JAX "
+                "backend discovers, checkpoints and restores NNX variables, but lifts only "
+                "`looproto.Variable`s into its compiled loops and `value_and_grad`. Hold the "
+                "state in `looproto.Variable`s, or train the NNX module with NNX's own "
+                "transforms (`nnx.jit`, `nnx.value_and_grad`) in an eager step "
+                "(`StandardTrainerOptions(use_compiled_loop=False, use_compiled_step=False)`)."
             )
     return paths, variables
 
@@ -689,18 +748,30 @@ class JaxBackend:
         return param is not None and isinstance(obj, param)
 
     def expand(self, obj: Any) -> Iterable[tuple[tuple[Any, ...], Any]] | None:
-        """See base class. JAX has no containers of its own (NNX modules: not yet)."""
-        return None
+        """See base class: the `nnx.Variable`s of a Flax NNX module, by NNX path."""
+        return _expand_nnx(obj)
 
     def to_numpy(self, value: Any) -> np.ndarray[Any, Any]:
-        """See base class. A host copy (never a view of a buffer that may be donated)."""
-        if isinstance(value, Variable) or _is_nnx_variable(value):
+        """See base class. A host copy (never a view of a buffer that may be donated).
+
+        A PRNG key array (an NNX `RngKey`) is returned as its raw key data.
+        """
+        if isinstance(value, Variable):
             value = value.value
+        elif _is_nnx_variable(value):
+            value = _nnx_get(value)
+        if _is_key_array(value):
+            value = jax.random.key_data(value)
         return np.array(jax.device_get(value))
 
     def assign(self, variable: Any, array: np.ndarray[Any, Any]) -> None:
         """See base class. Keeps the dtype (same-kind casts only) and the sharding."""
-        current = variable.value
+        nnx_variable = not isinstance(variable, Variable)
+        current = _nnx_get(variable) if nnx_variable else variable.value
+        key_impl = None
+        if _is_key_array(current):  # Restore key data into a typed key of the same impl.
+            key_impl = jax.random.key_impl(current)
+            current = jax.random.key_data(current)
         array = np.asarray(array)
         if tuple(current.shape) != tuple(array.shape):
             raise ShapeError(
@@ -718,10 +789,12 @@ class JaxBackend:
             new: Any = jax.device_put(array, current.sharding)
         else:
             new = np.array(array, copy=True)
-        if isinstance(variable, Variable):
-            variable._value = new
+        if key_impl is not None:
+            new = jax.random.wrap_key_data(new, impl=key_impl)
+        if nnx_variable:
+            _nnx_set(variable, new)  # NumPy stays NumPy, as the Variable held it.
         else:
-            variable.value = jnp.asarray(new)
+            variable._value = new
 
     def to_host(self, tree: Any) -> Any:
         """See base class: one `jax.device_get` of the whole tree."""
