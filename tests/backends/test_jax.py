@@ -629,3 +629,29 @@ def test_nnx_variables_in_a_compiled_loop_raise_and_eager_nnx_steps_work() -> No
     eager.train(4)
     assert int(eager.global_step) == 4
     assert not np.allclose(eager.net.kernel[...], start)
+
+
+def test_numpy_and_weak_typed_values_are_lifted_without_retracing() -> None:
+    class Mixed(looproto.StandardTrainer):
+        def __init__(self) -> None:
+            super().__init__(None)
+            self.weak = looproto.Variable(jnp.asarray(1.0))  # A weak-typed float32.
+            self.wide = looproto.Variable(np.float64(0.5), trainable=False)  # Runs as float32.
+            self.count = looproto.Variable(np.int32(0), trainable=False)
+            self.traces = 0
+
+        def train_step(self, iterator: Any) -> None:
+            self.traces += 1
+            self.weak.assign(self.weak.value * 2)
+            self.wide.assign(self.wide.value + 0.25)
+            self.count.assign_add(1)
+
+    trainer = Mixed()
+    assert trainer.weak.value.weak_type
+    trainer.train(3)
+    trainer.train(3)
+    assert trainer.traces == 1  # The weak type was dropped before the first trace.
+    assert float(trainer.weak.value) == 64.0
+    assert not trainer.weak.value.weak_type
+    assert trainer.wide.dtype == np.float64 and float(trainer.wide.value) == 2.0
+    assert isinstance(trainer.count.value, jax.Array) and int(trainer.count.value) == 6
