@@ -135,6 +135,12 @@ def test_to_host_one_transfer_of_tree() -> None:
     assert isinstance(out["a"], np.ndarray)
     assert out["b"]["c"] == 2.5
     assert out["n"] == 3
+    nest = (jnp.ones(2), [jnp.int32(4)])
+    with jax.transfer_guard_device_to_host("disallow"):  # Explicit, like `jax.device_get`.
+        pair = BACKEND.to_host(nest)
+    assert isinstance(pair, tuple) and isinstance(pair[1], list)
+    np.testing.assert_array_equal(pair[0], np.ones(2))
+    assert pair[1][0] == 4 and isinstance(pair[1][0], np.ndarray)
 
 
 # -- the compiled loop ---------------------------------------------------------
@@ -508,6 +514,21 @@ _MESH_SCRIPT = textwrap.dedent(
     for name in ("mesh", "mesh_device"):
         for k, v in runs["one"].items():
             np.testing.assert_allclose(runs[name][k], v, rtol=1e-5, atol=1e-6)
+    # A checkpoint restores into replicated variables and keeps their sharding.
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        with looproto.CheckpointManager(tmp, t) as manager:
+            manager.save(checkpoint_number=12)
+        fresh = Trainer(ArrayDataset(data, 8, epochs=None),
+                        options=looproto.StandardTrainerOptions(backend_options={"mesh": "auto"}))
+        fresh.train(1)
+        sharding = fresh.model.w1.value.sharding
+        looproto.CheckpointManager(tmp, fresh).restore(12)
+        assert fresh.model.w1.value.sharding == sharding, fresh.model.w1.value.sharding
+        assert len(fresh.model.w1.value.sharding.device_set) == 4
+        assert int(fresh.global_step) == 12
+        for k, v in runs["mesh_device"].items():
+            np.testing.assert_array_equal(model_params(fresh)[k], v)
     print("MESH_OK")
     """
 )
