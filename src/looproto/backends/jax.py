@@ -584,8 +584,11 @@ class _JaxLoop:
     ) -> None:
         for variable, value in zip(variables, new):
             variable._value = value
-        for i, dtype in narrowed:  # A (small) host copy, so the dtype never changes.
-            variables[i]._value = np.asarray(jax.device_get(new[i])).astype(dtype)
+        if narrowed:  # A (small) host copy, so the dtype never changes.
+            # `jax.device_get`'s explicit transfer without its per-call overhead (~10 µs).
+            with jax.transfer_guard_device_to_host("allow"):
+                for i, dtype in narrowed:
+                    variables[i]._value = np.asarray(new[i]).astype(dtype)
 
     def _put_batch(self, xs: Any, batch_axis: int) -> Any:
         """Shards the batch dimension over the mesh (no-op without one)."""
