@@ -157,6 +157,7 @@ def test_matches_hand_written_scan_and_retraces_only_on_new_length() -> None:
     assert trainer.traces == 2  # A new num_steps is a new scan length.
     trainer.train(3)
     assert trainer.traces == 2
+    assert trainer._train_loop_fn.trace_count == 2  # type: ignore[attr-defined]
     assert int(trainer.global_step) == 21
     assert trainer.global_step.dtype == np.int64  # Dtype kept (JAX ran it in int32).
     expected = reference(data, 21)

@@ -460,6 +460,8 @@ class _JaxLoop:
         self._compiled: dict[Any, tuple[Any, Any]] = {}
         self._device_data: tuple[Any, Any] | None = None  # (source, device copy)
         self._twin: tuple[Any, Any] | None = None  # (dataset config, index dataset)
+        self.trace_count = 0
+        """How many times `step_fn` was traced (a new batch shape, dtype or `num_steps`)."""
         self._replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
 
     # -- tracing ------------------------------------------------------------
@@ -468,6 +470,7 @@ class _JaxLoop:
         self, variables: list[Variable], spec: Any, values: list[Any], batch: Any, data: Any
     ) -> tuple[list[Any], Any]:
         """Runs `step_fn` once with `variables` bound to `values`; pure in and out."""
+        self.trace_count += 1  # Runs at trace time only: once per compilation.
         if data is not None:  # "device": `batch` holds indices into `data`.
             batch = jax.tree.map(lambda d: d[batch], data)
         step_iterator = _step_iterators(spec, batch, self._step_name)
