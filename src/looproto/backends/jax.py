@@ -238,8 +238,9 @@ def value_and_grad(
         has_aux: `fn` returns `(loss, aux)`.
 
     Returns:
-        `(loss, grads)`, or `((loss, aux), grads)` with `has_aux`; `grads` maps each
-        trainable variable's path (as in `variables_by_path`) to its gradient.
+        `(loss, grads)`, or `((loss, aux), grads)` with `has_aux`; `grads` maps the
+        path (as in `variables_by_path`) of each trainable floating-point variable to
+        its gradient. Integer and non-trainable variables have no entry.
     """
     paths, variables = _module_variables(module)
     diff = [i for i, v in enumerate(variables) if _is_differentiable(v)]
