@@ -1,4 +1,4 @@
-"""Developer sessions: `nox -s tests`, `tests_minimal`, `lint`, `bench`."""
+"""Developer sessions: `nox -s tests`, `tests_minimal`, `lint`, `docs`, `bench`."""
 
 from __future__ import annotations
 
@@ -29,6 +29,14 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", "src", "tests", "benchmarks", "noxfile.py")
     session.run("ruff", "format", "--check", "src", "tests", "benchmarks", "noxfile.py")
     session.run("mypy")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site: `mkdocs build --strict` into site/ (the docs extra only)."""
+    extras = nox.project.load_toml("pyproject.toml")["project"]["optional-dependencies"]
+    session.install(*extras["docs"])
+    session.run("mkdocs", "build", "--strict", *session.posargs)
 
 
 @nox.session

@@ -111,6 +111,27 @@ def test_values_are_durable_after_flush_in_another_process(tmp_path: Path) -> No
     assert read_events(tmp_path) == {".": {"loss": [(3, 1.5)]}, "eval": {"acc": [(3, 0.5)]}}
 
 
+def test_flush_hands_data_to_the_os_and_only_sync_fsyncs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    manager = SummaryManager(tmp_path)
+    manager.write_summaries({"loss": 1.0, "eval": {"acc": 0.5}}, step=1)
+    manager.flush()
+    manager.flush()  # nothing new: no work
+    assert synced == []
+    assert read_events(tmp_path)["eval"]["acc"] == [(1, 0.5)]
+    manager.sync()
+    assert len(synced) == 2  # one per event file written since the last sync
+    manager.sync()
+    assert len(synced) == 2
+    manager.write_summaries({"loss": 2.0}, step=2)
+    manager.close()  # close fsyncs each file
+    assert len(synced) == 4
+
+
 def test_two_managers_on_one_directory_in_the_same_second_both_survive(tmp_path: Path) -> None:
     first = SummaryManager(tmp_path)
     second = SummaryManager(tmp_path)

@@ -1,9 +1,10 @@
 """Ready-made actions for `Controller(train_actions=..., eval_actions=...)`.
 
 An action is any callable taking the output of an inner loop (train actions) or
-of an evaluation (eval actions). These are the small classes Orbit ships, plus
-`PeriodicAction`, which runs an action at its own interval, decoupled from
-`steps_per_loop`.
+of an evaluation (eval actions). `ConditionalAction`, `NewBestMetric` and
+`JSONPersistedValue` are Orbit's; `PeriodicAction` runs an action at its own
+interval, decoupled from `steps_per_loop` (Orbit's `PeriodicAction` takes other
+arguments and fires only on exact multiples).
 """
 
 from __future__ import annotations

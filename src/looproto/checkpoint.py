@@ -8,11 +8,11 @@ reachable object that follows the iterator-state protocol (callable
 `numpy.random.Generator`. No pickle is used anywhere.
 
 On disk, `<directory>/<step>/` is an orbax checkpoint with two items: `state`
-(the arrays, OCDBT) and `meta` (human-readable JSON: format version, step, each
-array's shape, dtype and CRC-32, and the objects' states). A step directory
-appears only when complete (orbax renames a temporary directory on commit), and
-temporary directories left by a crash are deleted when a manager opens the
-directory.
+(the arrays, OCDBT; left out when there are none) and `meta` (human-readable
+JSON: format version, step, each array's shape, dtype and CRC-32, and the
+objects' states). A step directory appears only when complete (orbax renames a
+temporary directory on commit), and temporary directories left by a crash are
+deleted when a manager opens the directory.
 
 Restores are all-or-nothing: the stored tree is compared with the live one and
 every array is read and checked against its recorded shape, dtype and CRC-32
@@ -42,9 +42,14 @@ from typing import Any
 import numpy as np
 
 from looproto.errors import CheckpointError, ConfigError, value_repr
-from looproto.module import assign_variable, variable_to_numpy, variables_by_path
+from looproto.module import (
+    assign_variable,
+    framework_backends,
+    variable_to_numpy,
+    variables_by_path,
+)
 
-__all__ = ["CheckpointManager", "checkpoints_iterator", "latest_step"]
+__all__ = ["CheckpointManager", "checkpoints_iterator", "latest_step", "read_metadata"]
 
 _log = logging.getLogger("looproto")
 
@@ -87,6 +92,50 @@ def latest_step(directory: str | os.PathLike[str]) -> int | None:
     """
     steps = _committed_steps(os.fspath(directory))
     return steps[-1] if steps else None
+
+
+def read_metadata(directory: str | os.PathLike[str], step: int | None = None) -> dict[str, Any]:
+    """The JSON item of a checkpoint: what it holds, without reading any array.
+
+    Works for a checkpoint written by any backend: it is the same tree of plain
+    arrays whatever wrote it.
+
+    Args:
+        directory: A checkpoint directory (holding `<step>/` directories).
+        step: Which step; default the newest.
+
+    Returns:
+        `{"step": int, "steps": [all committed steps], "tree": {path: {"shape",
+        "dtype", "crc32"}}, "objects": {path: {"kind", "state"}}}`.
+
+    Raises:
+        CheckpointError: There is no such checkpoint, or its metadata is unreadable.
+    """
+    path = os.path.abspath(os.fspath(directory))
+    steps = _committed_steps(path)
+    if not steps:
+        raise CheckpointError(f"No checkpoints in {path}.")
+    if step is None:
+        step = steps[-1]
+    if step not in steps:
+        raise CheckpointError(f"No checkpoint {step} in {path}; committed steps there: {steps}.")
+    import orbax.checkpoint as ocp
+
+    # No cleanup options: reading must never change the directory.
+    with ocp.CheckpointManager(
+        path, item_handlers={_META_ITEM: ocp.JsonCheckpointHandler()}
+    ) as manager:
+        try:
+            meta = manager.restore(
+                step, args=ocp.args.Composite(**{_META_ITEM: ocp.args.JsonRestore()})
+            )[_META_ITEM]
+        except _READ_ERRORS as err:
+            raise CheckpointError(
+                f"Checkpoint {os.path.join(path, str(step))} is unreadable: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+    tree, objects = _parse_meta(meta, os.path.join(path, str(step)))
+    return {"step": step, "steps": steps, "tree": tree, "objects": objects}
 
 
 def checkpoints_iterator(
@@ -151,12 +200,26 @@ def _is_generator(obj: Any) -> bool:
     return isinstance(obj, np.random.Generator)
 
 
-def _is_stateful(obj: Any) -> bool:
+def _state_adapter(obj: Any) -> Any:
+    """`obj` itself if it follows the iterator-state protocol, else its backend's adapter.
+
+    Backends adapt their framework's iterators (a `tf.data` iterator, say) through the
+    optional `Backend.iterator_state(obj)`; None when `obj` has no position to save.
+    """
     if isinstance(obj, type):
-        return False
-    if _is_generator(obj):
-        return True
-    return callable(getattr(obj, "get_state", None)) and callable(getattr(obj, "set_state", None))
+        return None
+    if callable(getattr(obj, "get_state", None)) and callable(getattr(obj, "set_state", None)):
+        return obj
+    for backend in framework_backends(obj):
+        adapt = getattr(backend, "iterator_state", None)
+        adapter = adapt(obj) if adapt is not None else None
+        if adapter is not None:
+            return adapter
+    return None
+
+
+def _is_stateful(obj: Any) -> bool:
+    return _is_generator(obj) or _state_adapter(obj) is not None
 
 
 def _to_json(value: Any, where: str) -> Any:
@@ -349,9 +412,9 @@ class CheckpointManager:
 
         `tf.train.CheckpointManager.save`'s rules: with a `checkpoint_interval`, a
         save at the step of the last save is skipped, and so (if `check_interval`)
-        is one fewer than `checkpoint_interval` steps after it; the first save always
-        happens. A step that already exists on disk, or one lower than the newest on
-        disk, is skipped with a logged warning (nothing is overwritten).
+        is a save fewer than `checkpoint_interval` steps after it; the first save
+        always happens. A step that already exists on disk, or one lower than the
+        newest on disk, is skipped with a logged warning (nothing is overwritten).
 
         Args:
             checkpoint_number: The step to number the checkpoint by; defaults to
@@ -447,7 +510,7 @@ class CheckpointManager:
                 state = _to_json(obj.bit_generator.state, path)
                 objects[path] = {"kind": "numpy_generator", "state": state}
             else:
-                state = _to_json(obj.get_state(), path)
+                state = _to_json(_state_adapter(obj).get_state(), path)
                 objects[path] = {"kind": "state", "state": state}
         meta = {
             "format": _FORMAT,
@@ -598,7 +661,7 @@ class CheckpointManager:
             if _is_generator(obj):
                 obj.bit_generator.state = state
             else:
-                obj.set_state(state)
+                _state_adapter(obj).set_state(state)
 
     def restore_or_initialize(self) -> str | None:
         """Restores the newest good checkpoint, or calls `init_fn` if there is none.

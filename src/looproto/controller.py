@@ -91,12 +91,27 @@ def _check_global_step(global_step: Any) -> None:
         )
 
 
-def _format_output(output: Any, indent: int = 4) -> str:
-    text = pprint.pformat(output)
-    if "\n" in text:
-        pad = " " * indent
-        text = "\n" + "\n".join(pad + line for line in text.splitlines())
-    return text
+class _Formatted:
+    """`pprint` of an output, computed only if a log record is actually emitted."""
+
+    __slots__ = ("_output",)
+
+    def __init__(self, output: Any) -> None:
+        self._output = output
+
+    def __str__(self) -> str:
+        text = pprint.pformat(self._output)
+        if "\n" in text:
+            text = "\n" + "\n".join("    " + line for line in text.splitlines())
+        return text
+
+
+def _eta(remaining_steps: int | None, steps_per_second: float) -> str:
+    """`"0:01:05"` for the remaining steps at this rate; `"?"` when unknown."""
+    if remaining_steps is None or steps_per_second <= 0:
+        return "?"
+    seconds = round(max(remaining_steps, 0) / steps_per_second)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 class StepTimer:
@@ -281,6 +296,7 @@ class Controller:
         self.summary_interval = summary_interval
         self._steps_per_loop = steps_per_loop
         self.step_timer: StepTimer | None = None
+        self._train_target: int | None = None
 
         self.summary_manager = summary_manager or SummaryManager(
             summary_dir if trainer is not None else None, global_step=global_step
@@ -329,6 +345,7 @@ class Controller:
         current_step = _read_step(self.global_step)
         target = "the end of the data" if steps == -1 else f"step {steps}"
         _log.info("train | step: %6d | training until %s...", current_step, target)
+        self._train_target = None if steps == -1 else steps
         try:
             while steps == -1 or current_step < steps:
                 loop_steps = self.steps_per_loop
@@ -382,7 +399,7 @@ class Controller:
             " eval | step: %6d | eval time: %6.1f sec | output: %s",
             current_step,
             elapsed,
-            _format_output(output),
+            _Formatted(output),
         )
         self.eval_summary_manager.write_summaries(output)
         self.eval_summary_manager.flush()
@@ -393,8 +410,10 @@ class Controller:
     ) -> Output | None:
         """Alternates training and evaluation until `train_steps` (absolute).
 
-        Training stops at every multiple of `eval_interval` steps to evaluate (inner
-        loops are cut short to land there), and evaluates once more at the end.
+        Trains `eval_interval` steps at a time, counted from the current global step
+        (the last stretch ends at `train_steps`), and evaluates after each stretch;
+        inner loops are cut short to end where a stretch does. Without
+        `eval_interval`, trains to `train_steps` and evaluates once.
 
         Returns:
             The output of the last evaluation, or None if no training was needed.
@@ -509,11 +528,13 @@ class Controller:
             action(raw_output)
         output: dict[str, Any] = dict(_nest.map_output(_nest.to_numpy_leaf, raw_output))
         steps_per_second = self.step_timer.steps_per_second()
+        target = self._train_target
         _log.info(
-            "train | step: %6d | steps/sec: %6.1f | output: %s",
+            "train | step: %6d | steps/sec: %6.1f | ETA %s | output: %s",
             new_step,
             steps_per_second,
-            _format_output(output),
+            _eta(target - new_step if target is not None else None, steps_per_second),
+            _Formatted(output),
         )
         if self._summary_due(current_step, new_step):
             output["steps_per_second"] = steps_per_second
@@ -538,6 +559,11 @@ class Controller:
         )
         if path is not None:
             _log.info("saved checkpoint to %s.", path)
+            # The summaries of the steps this checkpoint covers outlive a crash with it.
+            self.summary_manager.sync()
+            eval_manager = getattr(self, "eval_summary_manager", None)
+            if eval_manager is not None:
+                eval_manager.sync()
             return True
         return False
 

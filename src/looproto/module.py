@@ -44,6 +44,7 @@ __all__ = [
     "backend_for_variable",
     "create_global_step",
     "current_name_scope",
+    "framework_backends",
     "name_scope",
     "register_framework",
     "register_name_scope_hook",
@@ -224,11 +225,11 @@ def _backends_for(obj: Any) -> tuple[Backend, ...]:
     except KeyError:
         pass
     found: list[Backend] = []
-    # By the first class in the MRO from a known framework, so that user subclasses
-    # (`class Net(nnx.Module)` in `__main__`) are recognised as their framework's.
+    # The first framework base class decides: a user's `class MLP(torch.nn.Module)` lives
+    # in the user's package, but is understood by the torch backend.
     names: tuple[str, ...] = ()
-    for klass in cls.__mro__:
-        names = _FRAMEWORK_BACKENDS.get(klass.__module__.partition(".")[0], ())
+    for base in cls.__mro__:
+        names = _FRAMEWORK_BACKENDS.get(getattr(base, "__module__", "").partition(".")[0], ())
         if names:
             break
     if names:
@@ -247,6 +248,14 @@ def _backends_for(obj: Any) -> tuple[Backend, ...]:
     result = tuple(found)
     _backends_for_type[cls] = result
     return result
+
+
+def framework_backends(obj: Any) -> tuple[Backend, ...]:
+    """The loaded backends that understand objects of `obj`'s framework (maybe none).
+
+    Never imports a framework that `obj` does not already come from.
+    """
+    return _backends_for(obj)
 
 
 def _is_opaque_leaf(obj: Any) -> bool:

@@ -118,3 +118,23 @@ def test_missing_framework_names_the_extra(monkeypatch):
     monkeypatch.setattr(backends, "_builtin_names", lambda: ["numpy", "torch"])
     with pytest.raises(looproto.BackendNotAvailableError, match=r"pip install 'looproto\[torch\]'"):
         backends.get("torch")
+
+
+@pytest.mark.parametrize("kind", ["instance", "class", "factory"])
+def test_entry_point_may_name_an_instance_a_class_or_a_factory(monkeypatch, kind):
+    from importlib import metadata
+
+    from looproto.backends.numpy import NumpyBackend
+
+    class Plugged(NumpyBackend):
+        name = "plugged"
+
+    target = {"instance": Plugged(), "class": Plugged, "factory": lambda: Plugged()}[kind]
+    entry = metadata.EntryPoint("plugged", "plugged_pkg:obj", backends.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(metadata.EntryPoint, "load", lambda self: target)
+    monkeypatch.setattr(backends, "_entry_points", lambda: {"plugged": entry})
+    monkeypatch.delitem(backends._loaded, "plugged", raising=False)
+    backend = backends.get("plugged")
+    assert isinstance(backend, Plugged)
+    assert backends.get("plugged") is backend  # loaded once
+    monkeypatch.delitem(backends._loaded, "plugged")

@@ -7,7 +7,8 @@ three places, in this order of precedence:
 1. `register(name, factory)` at run time;
 2. the ones shipped with looproto (`numpy`, `jax`, `tensorflow`, `torch`);
 3. the `looproto.backends` entry-point group, whose entries point at a backend
-   object or a zero-argument factory (`"my_pkg.backend:make_backend"`).
+   instance, a backend class or a zero-argument factory function
+   (`"my_pkg.backend:make_backend"`).
 
 The default backend is `LOOPROTO_BACKEND` from the environment, else `numpy`.
 """
@@ -126,7 +127,9 @@ def _load(name: str) -> Backend:
             raise BackendNotAvailableError(
                 f"The `{name}` backend (entry point {eps[name].value!r}) failed to import: {err}"
             ) from err
-        backend = obj() if callable(obj) and not isinstance(obj, Backend) else obj
+        # A factory function or a backend class is called; a backend instance is used.
+        is_instance = isinstance(obj, Backend) and not isinstance(obj, type)
+        backend = obj() if callable(obj) and not is_instance else obj
         if not isinstance(backend, Backend):
             raise ConfigError(
                 f"Entry point {eps[name].value!r} for backend `{name}` did not give an "

@@ -14,6 +14,12 @@ A backend is a small object. The core asks it four kinds of question:
 * **Loops** -- `make_loop`: the compiled inner loop. It runs `num_steps` calls of
   a step function in as few host round-trips as the framework allows.
 
+Optionally, a backend may also define `iterator_state(obj)`: for an iterator of its
+framework (a `tf.data` iterator, say) an object with `get_state()` / `set_state(state)`
+(JSON data) that reads and moves that iterator's position, else None. Checkpoints then
+save the position with the variables, so a resumed run sees the batches an uninterrupted
+run would have seen.
+
 Only the backend's own module imports its framework. `looproto.testing.check_backend`
 runs the whole contract against any backend, including third-party ones.
 """

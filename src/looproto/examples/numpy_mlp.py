@@ -16,10 +16,7 @@ fixture (`tests/examples/test_numpy_mlp.py`).
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,8 +24,18 @@ import numpy as np
 
 import looproto
 from looproto.data import ArrayDataset
+from looproto.examples import _cli
 
-__all__ = ["MLP", "MLPEvaluator", "MLPTrainer", "make_controller", "make_data", "main"]
+__all__ = [
+    "MLP",
+    "MLPEvaluator",
+    "MLPTrainer",
+    "main",
+    "make_controller",
+    "make_data",
+    "make_evaluator",
+    "make_trainer",
+]
 
 
 def make_data(
@@ -176,6 +183,22 @@ class MLPEvaluator(looproto.StandardEvaluator):
         }
 
 
+def make_trainer(
+    seed: int = 0, batch_size: int = 64, learning_rate: float = 0.05, momentum: float = 0.9
+) -> MLPTrainer:
+    """The trainer (model, optimizer state and shuffled training data) for `seed`."""
+    train = make_data(4096, seed=seed)
+    model = MLP(n_in=train["x"].shape[1], seed=seed)
+    dataset = ArrayDataset(train, batch_size, shuffle=True, seed=seed, epochs=None)
+    return MLPTrainer(model, dataset, learning_rate=learning_rate, momentum=momentum)
+
+
+def make_evaluator(trainer: MLPTrainer, seed: int = 0) -> MLPEvaluator:
+    """An evaluator of `trainer`'s model on held-out data."""
+    test = make_data(1024, seed=seed + 1)
+    return MLPEvaluator(trainer.model, ArrayDataset(test, 256, drop_remainder=False))
+
+
 def make_controller(
     model_dir: str,
     *,
@@ -184,14 +207,9 @@ def make_controller(
     batch_size: int = 64,
     seed: int = 0,
 ) -> tuple[looproto.Controller, MLPTrainer]:
-    """Builds data, model, trainer, evaluator, checkpoint manager and controller."""
-    train = make_data(4096, seed=seed)
-    test = make_data(1024, seed=seed + 1)
-    model = MLP(n_in=train["x"].shape[1], seed=seed)
-    trainer = MLPTrainer(
-        model, ArrayDataset(train, batch_size, shuffle=True, seed=seed, epochs=None)
-    )
-    evaluator = MLPEvaluator(model, ArrayDataset(test, 256, drop_remainder=False))
+    """Builds trainer, evaluator, checkpoint manager and controller under `model_dir`."""
+    trainer = make_trainer(seed, batch_size)
+    evaluator = make_evaluator(trainer, seed)
     checkpoints = looproto.CheckpointManager(
         os.path.join(model_dir, "checkpoints"),
         trainer,
@@ -213,31 +231,7 @@ def make_controller(
 
 def main(argv: list[str] | None = None) -> int:
     """Trains and evaluates; prints the loss curve's end points."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", default=os.path.join("runs", "numpy_mlp"))
-    parser.add_argument("--steps", type=int, default=2000, help="global step to train to")
-    parser.add_argument("--steps-per-loop", type=int, default=100)
-    parser.add_argument("--eval-interval", type=int, default=500)
-    parser.add_argument("--quiet", action="store_true", help="log warnings only")
-    args = parser.parse_args(argv)
-    # looproto's progress lines at INFO; orbax/absl chatter only when it is a warning.
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
-    logging.getLogger("looproto").setLevel(logging.WARNING if args.quiet else logging.INFO)
-    controller, trainer = make_controller(args.model_dir, steps_per_loop=args.steps_per_loop)
-    start = int(trainer.global_step)
-    with controller:
-        output = controller.train_and_evaluate(
-            train_steps=args.steps, eval_steps=-1, eval_interval=args.eval_interval
-        )
-    if output is None:
-        print(f"Already trained to step {start}; pass a larger --steps to continue.")
-    else:
-        print(
-            f"Trained steps {start} -> {int(trainer.global_step)}; "
-            f"eval_loss {float(np.asarray(output['eval_loss'])):.4f}. "
-            f"TensorBoard: tensorboard --logdir {os.path.join(args.model_dir, 'summaries')}"
-        )
-    return 0
+    return _cli.run("numpy_mlp", __doc__.splitlines()[0], make_controller, argv)
 
 
 if __name__ == "__main__":
