@@ -1,10 +1,10 @@
-"""An MLP regression trained with the JAX backend: one `jax.jit` call per inner loop.
+"""The MLP regression of `numpy_mlp`, in JAX: every inner loop is one `jax.jit` call.
 
 Run it::
 
     python -m looproto.examples.jax_mlp --model-dir runs/jax_mlp --steps 2000
 
-The same problem, model and outer loop as `looproto.examples.numpy_mlp`: a
+The same problem, model, data and outer loop as `looproto.examples.numpy_mlp`: a
 2-hidden-layer tanh MLP on a synthetic regression target, trained with SGD with
 momentum, evaluated on held-out data, with TensorBoard summaries under
 `<model-dir>/summaries/{train,eval}` and orbax checkpoints under
@@ -19,16 +19,16 @@ and writes them back before `train_loop_end`, summaries and checkpoints run.
 The evaluator's loop is compiled too (`use_compiled_loop=True`): it accumulates
 into `Variable`s instead of reducing into Python state.
 
-`--data device` keeps the training set on the device and sends only batch
-indices each loop (see `docs/backends/jax.md` for the trade-off).
+The trainer checkpoints exactly `numpy_mlp`'s tree (paths, shapes and dtypes:
+`model/layers/0/w`, `velocity/0/0`, the int64 `loss_count`, ...) with the same
+initial weights, so a NumPy run's checkpoint resumes here and vice versa.
+`make_controller(..., data="device")` keeps the training set on the device and
+sends only batch indices each loop (see `docs/backends/jax.md` for the trade-off).
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,10 +39,18 @@ import numpy as np
 import looproto
 from looproto.backends import jax as jax_backend
 from looproto.data import ArrayDataset
+from looproto.examples import _cli
 from looproto.examples.numpy_mlp import make_data
-from looproto.module import is_trainable, variables_by_path
 
-__all__ = ["MLP", "MLPEvaluator", "MLPTrainer", "make_controller", "make_data", "main"]
+__all__ = [
+    "MLP",
+    "MLPEvaluator",
+    "MLPTrainer",
+    "main",
+    "make_controller",
+    "make_evaluator",
+    "make_trainer",
+]
 
 
 class Dense(looproto.Module):
@@ -53,7 +61,7 @@ class Dense(looproto.Module):
         limit = np.sqrt(6.0 / (n_in + n_out))
         with self.name_scope:
             self.w = looproto.Variable(
-                jnp.asarray(rng.uniform(-limit, limit, (n_in, n_out)), jnp.float32), name="w"
+                jnp.asarray(rng.uniform(-limit, limit, (n_in, n_out)).astype(np.float32)), name="w"
             )
             self.b = looproto.Variable(jnp.zeros(n_out, jnp.float32), name="b")
 
@@ -99,17 +107,22 @@ class MLPTrainer(looproto.StandardTrainer):
         self.learning_rate = learning_rate
         self.momentum = momentum
         with self.name_scope:
-            # Keyed like the gradients `value_and_grad` returns: by variable path.
-            self.velocity = {
-                path: looproto.Variable(jnp.zeros_like(param.value), trainable=False, name="v")
-                for path, param in variables_by_path(model, predicate=is_trainable).items()
-            }
+            # `velocity/<layer>/<0: w, 1: b>`: the tree `numpy_mlp` checkpoints.
+            self.velocity = [
+                (
+                    looproto.Variable(jnp.zeros_like(layer.w.value), trainable=False, name="v_w"),
+                    looproto.Variable(jnp.zeros_like(layer.b.value), trainable=False, name="v_b"),
+                )
+                for layer in model.layers
+            ]
             self.loss_sum = looproto.Variable(jnp.float32(0), trainable=False, name="loss_sum")
-            self.loss_count = looproto.Variable(jnp.int32(0), trainable=False, name="loss_count")
+            # int64 as in `numpy_mlp`; JAX runs it in int32 and the backend writes it
+            # back as NumPy int64 after each loop, like the global step.
+            self.loss_count = looproto.Variable(np.int64(0), trainable=False, name="loss_count")
 
     def train_loop_begin(self) -> None:
         self.loss_sum.assign(jnp.zeros_like(self.loss_sum.value))
-        self.loss_count.assign(jnp.zeros_like(self.loss_count.value))
+        self.loss_count.assign(0)
 
     def train_step(self, iterator: Any) -> None:
         batch = next(iterator)
@@ -118,17 +131,18 @@ class MLPTrainer(looproto.StandardTrainer):
             return jnp.mean((self.model(batch["x"]) - batch["y"]) ** 2)
 
         loss, grads = jax_backend.value_and_grad(loss_fn, self.model)
-        for path, param in variables_by_path(self.model, predicate=is_trainable).items():
-            velocity = self.velocity[path]
-            velocity.assign(self.momentum * velocity.value - self.learning_rate * grads[path])
-            param.assign(param.value + velocity.value)
+        for i, (layer, velocities) in enumerate(zip(self.model.layers, self.velocity)):
+            for param, name, velocity in zip((layer.w, layer.b), "wb", velocities):
+                grad = grads[f"layers/{i}/{name}"]
+                velocity.assign(self.momentum * velocity.value - self.learning_rate * grad)
+                param.assign(param.value + velocity.value)
         self.loss_sum.assign_add(loss)
         self.loss_count.assign_add(1)
         self.global_step.assign_add(1)
 
     def train_loop_end(self) -> Mapping[str, Any]:
         # The Variables hold this loop's final values here; one transfer to the host.
-        loss = self.loss_sum.value / jnp.maximum(self.loss_count.value, 1)
+        loss = self.loss_sum.value / max(int(self.loss_count), 1)
         out: Mapping[str, Any] = jax_backend.BACKEND.to_host({"loss": loss})
         return out
 
@@ -168,6 +182,35 @@ class MLPEvaluator(looproto.StandardEvaluator):
         return out
 
 
+def make_trainer(
+    seed: int = 0,
+    batch_size: int = 64,
+    learning_rate: float = 0.05,
+    momentum: float = 0.9,
+    data: str = "stack",
+) -> MLPTrainer:
+    """The trainer (model, optimizer state and shuffled training data) for `seed`.
+
+    Args:
+        seed: Seeds the data, the initialisation and the shuffling.
+        batch_size: Training batch size.
+        learning_rate: SGD step size.
+        momentum: SGD momentum.
+        data: The JAX backend's `data` option: `"stack"` or `"device"`.
+    """
+    train = make_data(4096, seed=seed)
+    model = MLP(n_in=train["x"].shape[1], seed=seed)
+    dataset = ArrayDataset(train, batch_size, shuffle=True, seed=seed, epochs=None)
+    options = looproto.StandardTrainerOptions(backend="jax", backend_options={"data": data})
+    return MLPTrainer(model, dataset, learning_rate, momentum, options=options)
+
+
+def make_evaluator(trainer: MLPTrainer, seed: int = 0) -> MLPEvaluator:
+    """An evaluator of `trainer`'s model on held-out data."""
+    test = make_data(1024, seed=seed + 1)
+    return MLPEvaluator(trainer.model, ArrayDataset(test, 256, drop_remainder=False))
+
+
 def make_controller(
     model_dir: str,
     *,
@@ -177,25 +220,9 @@ def make_controller(
     seed: int = 0,
     data: str = "stack",
 ) -> tuple[looproto.Controller, MLPTrainer]:
-    """Builds data, model, trainer, evaluator, checkpoint manager and controller.
-
-    Args:
-        model_dir: Where summaries and checkpoints go.
-        steps_per_loop: Steps per compiled call (the Controller's inner loop).
-        checkpoint_interval: Steps between checkpoints.
-        batch_size: Training batch size.
-        seed: Seeds the data, the initialisation and the shuffling.
-        data: The JAX backend's `data` option for training: `"stack"` or `"device"`.
-    """
-    train = make_data(4096, seed=seed)
-    test = make_data(1024, seed=seed + 1)
-    model = MLP(n_in=train["x"].shape[1], seed=seed)
-    trainer = MLPTrainer(
-        model,
-        ArrayDataset(train, batch_size, shuffle=True, seed=seed, epochs=None),
-        options=looproto.StandardTrainerOptions(backend="jax", backend_options={"data": data}),
-    )
-    evaluator = MLPEvaluator(model, ArrayDataset(test, 256, drop_remainder=False))
+    """Builds trainer, evaluator, checkpoint manager and controller under `model_dir`."""
+    trainer = make_trainer(seed, batch_size, data=data)
+    evaluator = make_evaluator(trainer, seed)
     checkpoints = looproto.CheckpointManager(
         os.path.join(model_dir, "checkpoints"),
         trainer,
@@ -217,39 +244,7 @@ def make_controller(
 
 def main(argv: list[str] | None = None) -> int:
     """Trains and evaluates; prints the loss curve's end points."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", default=os.path.join("runs", "jax_mlp"))
-    parser.add_argument("--steps", type=int, default=2000, help="global step to train to")
-    parser.add_argument("--steps-per-loop", type=int, default=100)
-    parser.add_argument("--eval-interval", type=int, default=500)
-    parser.add_argument(
-        "--data",
-        choices=("stack", "device"),
-        default="stack",
-        help="stack batches on the host each loop, or keep the training set on device",
-    )
-    parser.add_argument("--quiet", action="store_true", help="log warnings only")
-    args = parser.parse_args(argv)
-    # looproto's progress lines at INFO; orbax/absl chatter only when it is a warning.
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
-    logging.getLogger("looproto").setLevel(logging.WARNING if args.quiet else logging.INFO)
-    controller, trainer = make_controller(
-        args.model_dir, steps_per_loop=args.steps_per_loop, data=args.data
-    )
-    start = int(trainer.global_step)
-    with controller:
-        output = controller.train_and_evaluate(
-            train_steps=args.steps, eval_steps=-1, eval_interval=args.eval_interval
-        )
-    if output is None:
-        print(f"Already trained to step {start}; pass a larger --steps to continue.")
-    else:
-        print(
-            f"Trained steps {start} -> {int(trainer.global_step)} on {jax.default_backend()}; "
-            f"eval_loss {float(np.asarray(output['eval_loss'])):.4f}. "
-            f"TensorBoard: tensorboard --logdir {os.path.join(args.model_dir, 'summaries')}"
-        )
-    return 0
+    return _cli.run("jax_mlp", __doc__.splitlines()[0], make_controller, argv)
 
 
 if __name__ == "__main__":
