@@ -28,7 +28,6 @@ memory of the two data options.
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import statistics
 import sys
@@ -46,43 +45,21 @@ import jax.numpy as jnp
 from jax import lax
 
 import looproto
-from benchmarks import _timing
+from benchmarks import _timing, _workloads
 from looproto.backends import jax as jax_backend
 from looproto.data import ArrayDataset
 
-LR = 0.01
-NUM_BATCHES = 16  # The dataset: this many distinct batches, cycled.
-WORKLOADS: dict[str, dict[str, Any]] = {
-    "A": {"title": "A 32-64-64-1 mse b64", "sizes": [32, 64, 64, 1], "batch": 64, "loss": "mse"},
-    "B": {
-        "title": "B 512-1024-1024-10 xent b256",
-        "sizes": [512, 1024, 1024, 10],
-        "batch": 256,
-        "loss": "xent",
-    },
-}
+NUM_BATCHES = 16  # The dataset: this many distinct batches (`_workloads`), cycled.
 BASELINE = "hand-written scan"
 
 
 # -- the shared math ----------------------------------------------------------------
 
 
-def init_params(sizes: list[int], seed: int = 0) -> list[np.ndarray[Any, Any]]:
-    rng = np.random.default_rng(seed)
-    params = []
-    for n_in, n_out in itertools.pairwise(sizes):
-        params.append(rng.normal(scale=1 / np.sqrt(n_in), size=(n_in, n_out)).astype(np.float32))
-        params.append(np.zeros(n_out, np.float32))
-    return params
-
-
-def make_data(workload: dict[str, Any], seed: int = 0) -> dict[str, np.ndarray[Any, Any]]:
-    rng = np.random.default_rng(seed)
-    n = NUM_BATCHES * workload["batch"]
-    x = rng.normal(size=(n, workload["sizes"][0])).astype(np.float32)
-    if workload["loss"] == "mse":
-        return {"x": x, "y": rng.normal(size=(n, 1)).astype(np.float32)}
-    return {"x": x, "y": rng.integers(0, workload["sizes"][-1], size=n).astype(np.int32)}
+def make_data(workload: _workloads.Workload) -> dict[str, np.ndarray[Any, Any]]:
+    """`workload.batches()` as one dataset that an unshuffled `ArrayDataset` replays."""
+    xs, ys = zip(*workload.batches(NUM_BATCHES))
+    return {"x": np.concatenate(xs), "y": np.concatenate(ys)}
 
 
 def forward(params: list[Any], x: Any) -> Any:
@@ -95,6 +72,8 @@ def forward(params: list[Any], x: Any) -> Any:
 
 
 def loss_fn(kind: str) -> Callable[[list[Any], Any, Any], Any]:
+    """The workload's loss of `forward`: `"mse"` or `"softmax_xent"`."""
+
     def mse(params: list[Any], x: Any, y: Any) -> Any:
         return jnp.mean((forward(params, x) - y) ** 2)
 
@@ -102,13 +81,19 @@ def loss_fn(kind: str) -> Callable[[list[Any], Any, Any], Any]:
         logp = jax.nn.log_softmax(forward(params, x))
         return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
 
-    return mse if kind == "mse" else xent
+    losses = {"mse": mse, "softmax_xent": xent}
+    if kind not in losses:
+        raise ValueError(f"unknown loss {kind!r}; expected one of {sorted(losses)}")
+    return losses[kind]
 
 
-def sgd_step(loss: Callable[..., Any]) -> Callable[[list[Any], Any], tuple[list[Any], Any]]:
+def sgd_step(workload: _workloads.Workload) -> Callable[[list[Any], Any], tuple[list[Any], Any]]:
+    """The pure step of the hand-written loops."""
+    loss, lr = loss_fn(workload.loss), workload.learning_rate
+
     def step(params: list[Any], batch: Any) -> tuple[list[Any], Any]:
         value, grads = jax.value_and_grad(loss)(params, batch["x"], batch["y"])
-        return [p - LR * g for p, g in zip(params, grads)], value
+        return [p - lr * g for p, g in zip(params, grads)], value
 
     return step
 
@@ -123,15 +108,15 @@ def stack(batches: list[dict[str, Any]]) -> dict[str, Any]:
 class HandWrittenScan:
     """What a JAX user writes by hand: pull, stack, one jitted scan, one fetch."""
 
-    def __init__(self, workload: dict[str, Any], data: Any) -> None:
-        step = sgd_step(loss_fn(workload["loss"]))
+    def __init__(self, workload: _workloads.Workload, data: Any) -> None:
+        step = sgd_step(workload)
 
         def loop(params: list[Any], xs: Any) -> tuple[list[Any], Any]:
             return lax.scan(step, params, xs)
 
         self.run = jax.jit(loop, donate_argnums=0)
-        self.params = [jnp.asarray(p) for p in init_params(workload["sizes"])]
-        self.iterator = iter(ArrayDataset(data, workload["batch"], epochs=None))
+        self.params = [jnp.asarray(p) for p in workload.params()]
+        self.iterator = iter(ArrayDataset(data, workload.batch, epochs=None))
 
     def __call__(self, steps: int) -> None:
         xs = stack([next(self.iterator) for _ in range(steps)])
@@ -142,10 +127,10 @@ class HandWrittenScan:
 class PerStepJit:
     """A Python loop over a jitted, donated step."""
 
-    def __init__(self, workload: dict[str, Any], data: Any) -> None:
-        self.run = jax.jit(sgd_step(loss_fn(workload["loss"])), donate_argnums=0)
-        self.params = [jnp.asarray(p) for p in init_params(workload["sizes"])]
-        self.iterator = iter(ArrayDataset(data, workload["batch"], epochs=None))
+    def __init__(self, workload: _workloads.Workload, data: Any) -> None:
+        self.run = jax.jit(sgd_step(workload), donate_argnums=0)
+        self.params = [jnp.asarray(p) for p in workload.params()]
+        self.iterator = iter(ArrayDataset(data, workload.batch, epochs=None))
 
     def __call__(self, steps: int) -> None:
         loss = None
@@ -155,26 +140,29 @@ class PerStepJit:
 
 
 class Model(looproto.Module):
-    def __init__(self, sizes: list[int]) -> None:
+    def __init__(self, workload: _workloads.Workload) -> None:
         super().__init__()
         with self.name_scope:
-            self.params = [looproto.Variable(jnp.asarray(p)) for p in init_params(sizes)]
+            self.params = [looproto.Variable(jnp.asarray(p)) for p in workload.params()]
 
 
 class Trainer(looproto.StandardTrainer):
     """The same step, written statefully against looproto Variables."""
 
-    def __init__(self, workload: dict[str, Any], data: Any, data_option: str = "stack") -> None:
+    def __init__(
+        self, workload: _workloads.Workload, data: Any, data_option: str = "stack"
+    ) -> None:
         super().__init__(
-            ArrayDataset(data, workload["batch"], epochs=None),
+            ArrayDataset(data, workload.batch, epochs=None),
             options=looproto.StandardTrainerOptions(
                 backend="jax", backend_options={"data": data_option}
             ),
         )
-        self.model = Model(workload["sizes"])
+        self.model = Model(workload)
         self.global_step = looproto.create_global_step()
         self.loss = looproto.Variable(jnp.float32(0), trainable=False)
-        self._loss_fn = loss_fn(workload["loss"])
+        self._loss_fn = loss_fn(workload.loss)
+        self._lr = workload.learning_rate
 
     def train_step(self, iterator: Any) -> None:
         batch = next(iterator)
@@ -185,7 +173,7 @@ class Trainer(looproto.StandardTrainer):
 
         loss, grads = jax_backend.value_and_grad(compute, self.model)
         for i, param in enumerate(params):
-            param.assign(param.value - LR * grads[f"params/{i}"])
+            param.assign(param.value - self._lr * grads[f"params/{i}"])
         self.loss.assign(loss)
         self.global_step.assign_add(1)
 
@@ -200,7 +188,7 @@ class Trainer(looproto.StandardTrainer):
 
 
 def throughput(
-    workload: dict[str, Any], steps: int, rounds: int, tmp: str
+    workload: _workloads.Workload, steps: int, rounds: int, tmp: str
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Interleaved rounds of every contender; returns table rows and parameter agreement."""
     data = make_data(workload)
@@ -212,7 +200,7 @@ def throughput(
         trainer=ctl_trainer,
         global_step=ctl_trainer.global_step,
         steps_per_loop=steps,
-        summary_dir=os.path.join(tmp, workload["title"].split()[0], "summaries"),
+        summary_dir=os.path.join(tmp, workload.title.split()[0], "summaries"),
     )
 
     def with_controller() -> None:
@@ -245,8 +233,8 @@ def throughput(
     scale = max(float(np.max(np.abs(p))) for p in reference)
     for name, diff in agreement.items():
         if diff > 1e-4 * scale:
-            raise SystemExit(f"{workload['title']}: {name} diverged from {BASELINE} by {diff}")
-    return _timing.summarize(workload["title"], times, baseline=BASELINE), agreement
+            raise SystemExit(f"{workload.title}: {name} diverged from {BASELINE} by {diff}")
+    return _timing.summarize(workload.title, times, baseline=BASELINE), agreement
 
 
 _COMPILE_EVENTS = {
@@ -257,7 +245,7 @@ _COMPILE_EVENTS = {
 
 
 def first_calls(
-    workload: dict[str, Any], step_counts: list[int], reps: int
+    workload: _workloads.Workload, step_counts: list[int], reps: int
 ) -> list[dict[str, Any]]:
     """First-call time (trace + compile + run) per `num_steps`, looproto and hand-written.
 
@@ -299,7 +287,7 @@ def first_calls(
     for system in systems:
         for n in step_counts:
             got = samples[(system, n)]
-            row: dict[str, Any] = {"workload": workload["title"], "system": system, "num_steps": n}
+            row: dict[str, Any] = {"workload": workload.title, "system": system, "num_steps": n}
             for key in ("first_call_s", *_COMPILE_EVENTS.values()):
                 row[key] = statistics.median(sample[key] for sample in got)
             row["reps"] = len(got)
@@ -307,10 +295,10 @@ def first_calls(
     return rows
 
 
-def data_options(workload: dict[str, Any], steps: int) -> dict[str, Any]:
+def data_options(workload: _workloads.Workload, steps: int) -> dict[str, Any]:
     """What `data="stack"` costs on the host per call, and what `"device"` keeps resident."""
     data = make_data(workload)
-    iterator = iter(ArrayDataset(data, workload["batch"], epochs=None))
+    iterator = iter(ArrayDataset(data, workload.batch, epochs=None))
     samples = []
     for _ in range(5):
         start = time.perf_counter()
@@ -318,12 +306,12 @@ def data_options(workload: dict[str, Any], steps: int) -> dict[str, Any]:
         jax.device_put(stacked["x"]).block_until_ready()
         samples.append(time.perf_counter() - start)
     return {
-        "workload": workload["title"],
+        "workload": workload.title,
         "steps_per_call": steps,
         "stack_host_ms_per_call": 1e3 * statistics.median(samples),
         "stack_bytes_per_call": int(sum(a.nbytes for a in stacked.values())),
         "device_resident_bytes": int(sum(a.nbytes for a in data.values())),
-        "device_index_bytes_per_call": steps * workload["batch"] * 4,
+        "device_index_bytes_per_call": steps * workload.batch * 4,
     }
 
 
@@ -380,7 +368,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     agreement: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            workload = WORKLOADS[name]
+            workload = {"A": _workloads.A, "B": _workloads.B}[name]
             # First calls before anything else is compiled in this process.
             compile_rows += first_calls(workload, counts[name], reps[name])
             table, agreement[name] = throughput(workload, steps, rounds[name], tmp)
