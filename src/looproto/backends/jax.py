@@ -18,6 +18,9 @@ backend: read `self.w.value`, assign new values. For each inner loop the adapter
 `value_and_grad(fn, module)` differentiates `fn()` with respect to the module's
 trainable variables, the role `nnx.value_and_grad` plays for Flax NNX.
 
+Flax NNX modules held in a `Module` are walked (`JaxBackend.expand`): their
+`nnx.Variable`s are discovered and checkpointed, but not lifted into compiled loops.
+
 See `docs/backends/jax.md` for what runs where and the traps.
 """
 
