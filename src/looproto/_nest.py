@@ -46,8 +46,25 @@ def sorted_keys(mapping: Mapping[Any, Any]) -> list[Any]:
         raise TypeError("nest only supports dicts with sortable keys.") from err
 
 
+# Types seen to be leaves. Whether a value is a container depends on its type alone, so
+# the checks below (several of them slow ABC `isinstance`s) run once per type: the
+# compiled loops walk their module on every call. (A type registered with an ABC such
+# as `Mapping` after it was first walked stays a leaf.)
+_leaf_types: set[type] = set()
+
+
 def children(value: Any) -> list[tuple[Any, Any]] | None:
     """Returns `(path element, child)` pairs if `value` is a container, else None."""
+    cls = type(value)
+    if cls in _leaf_types:
+        return None
+    kids = _children(value)
+    if kids is None:
+        _leaf_types.add(cls)
+    return kids
+
+
+def _children(value: Any) -> list[tuple[Any, Any]] | None:
     if is_opaque_leaf(value):
         return None
     if isinstance(value, list):

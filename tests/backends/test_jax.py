@@ -135,6 +135,12 @@ def test_to_host_one_transfer_of_tree() -> None:
     assert isinstance(out["a"], np.ndarray)
     assert out["b"]["c"] == 2.5
     assert out["n"] == 3
+    nest = (jnp.ones(2), [jnp.int32(4)])
+    with jax.transfer_guard_device_to_host("disallow"):  # Explicit, like `jax.device_get`.
+        pair = BACKEND.to_host(nest)
+    assert isinstance(pair, tuple) and isinstance(pair[1], list)
+    np.testing.assert_array_equal(pair[0], np.ones(2))
+    assert pair[1][0] == 4 and isinstance(pair[1][0], np.ndarray)
 
 
 # -- the compiled loop ---------------------------------------------------------
@@ -151,6 +157,7 @@ def test_matches_hand_written_scan_and_retraces_only_on_new_length() -> None:
     assert trainer.traces == 2  # A new num_steps is a new scan length.
     trainer.train(3)
     assert trainer.traces == 2
+    assert trainer._train_loop_fn.trace_count == 2  # type: ignore[attr-defined]
     assert int(trainer.global_step) == 21
     assert trainer.global_step.dtype == np.int64  # Dtype kept (JAX ran it in int32).
     expected = reference(data, 21)
@@ -508,6 +515,21 @@ _MESH_SCRIPT = textwrap.dedent(
     for name in ("mesh", "mesh_device"):
         for k, v in runs["one"].items():
             np.testing.assert_allclose(runs[name][k], v, rtol=1e-5, atol=1e-6)
+    # A checkpoint restores into replicated variables and keeps their sharding.
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        with looproto.CheckpointManager(tmp, t) as manager:
+            manager.save(checkpoint_number=12)
+        fresh = Trainer(ArrayDataset(data, 8, epochs=None),
+                        options=looproto.StandardTrainerOptions(backend_options={"mesh": "auto"}))
+        fresh.train(1)
+        sharding = fresh.model.w1.value.sharding
+        looproto.CheckpointManager(tmp, fresh).restore(12)
+        assert fresh.model.w1.value.sharding == sharding, fresh.model.w1.value.sharding
+        assert len(fresh.model.w1.value.sharding.device_set) == 4
+        assert int(fresh.global_step) == 12
+        for k, v in runs["mesh_device"].items():
+            np.testing.assert_array_equal(model_params(fresh)[k], v)
     print("MESH_OK")
     """
 )
@@ -527,3 +549,131 @@ def test_four_device_mesh_matches_one_device() -> None:
         check=False,
     )
     assert "MESH_OK" in result.stdout, result.stderr[-3000:]
+
+
+# -- Flax NNX ------------------------------------------------------------------------
+
+
+def _nnx_holder(seed: int) -> Any:
+    nnx = pytest.importorskip("flax.nnx")
+
+    class Net(nnx.Module):  # A user subclass: recognised through its MRO.
+        def __init__(self, rngs: Any) -> None:
+            self.dense = nnx.Linear(3, 4, rngs=rngs)
+            self.norm = nnx.BatchNorm(4, rngs=rngs)
+            self.drop = nnx.Dropout(0.1, rngs=rngs)
+            self.heads = nnx.List([nnx.Linear(4, 2, rngs=rngs)])
+            self.tied = self.dense.kernel  # Shared: listed once, at its first path.
+
+    class Holder(looproto.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = Net(nnx.Rngs(seed))
+            self.step = looproto.create_global_step()
+
+    return Holder()
+
+
+def test_nnx_variables_are_discovered_with_paths_and_flags() -> None:
+    holder = _nnx_holder(0)
+    found = variables_by_path(holder)
+    kinds = {path: type(variable).__name__ for path, variable in found.items()}
+    assert kinds == {
+        "net/dense/bias": "Param",
+        "net/dense/kernel": "Param",
+        "net/drop/rngs/count": "RngCount",
+        "net/drop/rngs/key": "RngKey",
+        "net/heads/0/bias": "Param",
+        "net/heads/0/kernel": "Param",
+        "net/norm/bias": "Param",
+        "net/norm/mean": "BatchStat",
+        "net/norm/scale": "Param",
+        "net/norm/var": "BatchStat",
+        "step": "Variable",
+    }
+    trainable = {path for path, v in found.items() if is_trainable(v)}
+    assert trainable == {p for p, kind in kinds.items() if kind == "Param"}
+    assert len(holder.trainable_variables) == 6
+    assert len(holder.non_trainable_variables) == 5
+    assert found["net/dense/kernel"] is holder.net.dense.kernel
+    assert BACKEND.to_numpy(found["net/drop/rngs/key"]).dtype == np.uint32  # key data
+
+
+def test_nnx_checkpoint_round_trips(tmp_path: Any) -> None:
+    source, target = _nnx_holder(0), _nnx_holder(1)
+    source.net.norm.mean[...] = jnp.arange(4.0)  # Non-trainable state too.
+    source.net.drop.rngs.count[...] = jnp.uint32(5)
+    source.step.assign(3)
+    before = {p: variable_to_numpy(v) for p, v in variables_by_path(source).items()}
+    assert not np.array_equal(before["net/dense/kernel"], target.net.dense.kernel[...])
+    with looproto.CheckpointManager(str(tmp_path), source) as manager:
+        manager.save(checkpoint_number=3)
+    looproto.CheckpointManager(str(tmp_path), target).restore(3)
+    for path, variable in variables_by_path(target).items():
+        np.testing.assert_array_equal(variable_to_numpy(variable), before[path], err_msg=path)
+    key = target.net.drop.rngs.key[...]
+    assert jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)  # Still a typed key.
+    assert isinstance(target.net.dense.kernel[...], jax.Array)
+    assert target.net.heads[0].kernel[...].dtype == jnp.float32
+    # The restored key draws the same numbers as the saved one.
+    np.testing.assert_array_equal(
+        jax.random.uniform(key, (3,)), jax.random.uniform(source.net.drop.rngs.key[...], (3,))
+    )
+
+
+def test_nnx_variables_in_a_compiled_loop_raise_and_eager_nnx_steps_work() -> None:
+    nnx = pytest.importorskip("flax.nnx")
+
+    class NnxTrainer(looproto.StandardTrainer):
+        def __init__(self, options: Any = None) -> None:
+            super().__init__(ArrayDataset(make_data(), 8, epochs=None), options=options)
+            self.net = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+            self.global_step = looproto.create_global_step()
+
+        def train_step(self, iterator: Any) -> Any:
+            batch = next(iterator)
+
+            def loss_fn(net: Any) -> Any:
+                return jnp.mean((net(batch["x"]) - batch["y"]) ** 2)
+
+            loss, grads = nnx.value_and_grad(loss_fn)(self.net)
+            params = nnx.state(self.net, nnx.Param)
+            nnx.update(self.net, jax.tree.map(lambda p, g: p - LR * g, params, grads))
+            self.global_step.assign_add(1)
+            return {"loss": loss}
+
+    with pytest.raises(ConfigError, match=r"'net/bias'.*NNX.*use_compiled_step=False"):
+        NnxTrainer().train(2)
+    eager = NnxTrainer(
+        looproto.StandardTrainerOptions(use_compiled_loop=False, use_compiled_step=False)
+    )
+    start = eager.net.kernel[...]
+    eager.train(4)
+    assert int(eager.global_step) == 4
+    assert not np.allclose(eager.net.kernel[...], start)
+
+
+def test_numpy_and_weak_typed_values_are_lifted_without_retracing() -> None:
+    class Mixed(looproto.StandardTrainer):
+        def __init__(self) -> None:
+            super().__init__(None)
+            self.weak = looproto.Variable(jnp.asarray(1.0))  # A weak-typed float32.
+            self.wide = looproto.Variable(np.float64(0.5), trainable=False)  # Runs as float32.
+            self.count = looproto.Variable(np.int32(0), trainable=False)
+            self.traces = 0
+
+        def train_step(self, iterator: Any) -> None:
+            self.traces += 1
+            self.weak.assign(self.weak.value * 2)
+            self.wide.assign(self.wide.value + 0.25)
+            self.count.assign_add(1)
+
+    trainer = Mixed()
+    assert trainer.weak.value.weak_type
+    trainer.train(3)
+    trainer.train(3)
+    assert trainer.traces == 1  # The weak type was dropped before the first trace.
+    assert float(trainer.weak.value) == 64.0
+    assert not trainer.weak.value.weak_type
+    assert trainer.wide.dtype == np.float64 and float(trainer.wide.value) == 2.0
+    assert isinstance(trainer.count.value, jax.Array) and int(trainer.count.value) == 6

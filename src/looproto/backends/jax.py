@@ -18,6 +18,9 @@ backend: read `self.w.value`, assign new values. For each inner loop the adapter
 `value_and_grad(fn, module)` differentiates `fn()` with respect to the module's
 trainable variables, the role `nnx.value_and_grad` plays for Flax NNX.
 
+Flax NNX modules held in a `Module` are walked (`JaxBackend.expand`): their
+`nnx.Variable`s are discovered and checkpointed, but not lifted into compiled loops.
+
 See `docs/backends/jax.md` for what runs where and the traps.
 """
 
@@ -29,7 +32,7 @@ import logging
 import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,10 +44,7 @@ from looproto import _nest
 from looproto.backends.base import Loop, LoopOptions, ReduceFn, StepFn
 from looproto.backends.numpy import python_loop
 from looproto.errors import ConfigError, LooprotoError, ProtocolError, ShapeError, value_repr
-from looproto.module import Variable, register_name_scope_hook, variables_by_path
-
-if TYPE_CHECKING:
-    from looproto.module import Module
+from looproto.module import Module, Variable, register_name_scope_hook, variables_by_path
 
 _trace_state_clean: Callable[[], bool] | None
 try:  # 0.26 µs; entering jax.named_scope costs ~2 µs, so skip it outside tracing.
@@ -117,6 +117,10 @@ def _bound(variables: Sequence[Variable], values: Sequence[Any]) -> Any:
 # Flax NNX (optional; never imported by this module).
 
 
+# An NNX object can only exist once `flax.nnx` is imported, so looking it up in
+# `sys.modules` is enough (and costs nothing when flax is not installed).
+
+
 def _nnx_variable_type() -> type | None:
     nnx = sys.modules.get("flax.nnx")
     return getattr(nnx, "Variable", None) if nnx is not None else None
@@ -125,6 +129,56 @@ def _nnx_variable_type() -> type | None:
 def _is_nnx_variable(obj: Any) -> bool:
     cls = _nnx_variable_type()
     return cls is not None and isinstance(obj, cls)
+
+
+def _nnx_graph_node_types(nnx: Any) -> tuple[type, ...]:
+    """NNX's graph-node base classes (`Pytree` since flax 0.11, `Object` before)."""
+    names = ("Pytree", "Object", "Module")
+    return tuple(t for t in (getattr(nnx, n, None) for n in names) if isinstance(t, type))
+
+
+def _expand_nnx(obj: Any) -> list[tuple[tuple[Any, ...], Any]] | None:
+    """`(path, nnx.Variable)` pairs of an NNX module (or `Rngs`, `Optimizer`), else None.
+
+    NNX's own graph walk is used, so paths are NNX's (`("layers", 0, "kernel")`)
+    and a Variable shared by two attributes is listed once, at its first path.
+    """
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is None:
+        return None
+    node_types = _nnx_graph_node_types(nnx)
+    if not node_types or not isinstance(obj, node_types):
+        return None
+    iter_graph = getattr(nnx, "iter_graph", None)
+    if iter_graph is None:  # pragma: no cover - every flax with NNX has it today
+        raise ProtocolError(
+            f"Cannot list the variables of the Flax NNX object {value_repr(obj)}: this "
+            "flax has no `nnx.iter_graph`. Install a flax with NNX's graph API (>= 0.8)."
+        )
+    variable_type = nnx.Variable
+    return [
+        (tuple(path), node) for path, node in iter_graph(obj) if isinstance(node, variable_type)
+    ]
+
+
+def _nnx_get(variable: Any) -> Any:
+    # flax 0.12 deprecates `.value` in favour of `get_value()`/`set_value()`.
+    get = getattr(variable, "get_value", None)
+    return get() if callable(get) else variable.value
+
+
+def _nnx_set(variable: Any, value: Any) -> None:
+    put = getattr(variable, "set_value", None)
+    if callable(put):
+        put(value)
+    else:
+        variable.value = value
+
+
+def _is_key_array(value: Any) -> bool:
+    """A typed PRNG key array (`jax.random.key`, NNX's `RngKey`): stored as its key data."""
+    dtype = getattr(value, "dtype", None)
+    return dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
 
 
 # ----------------------------------------------------------------------------
@@ -140,12 +194,31 @@ def _module_variables(module: Any) -> tuple[list[str], list[Variable]]:
             paths.append(path)
             variables.append(variable)
         elif _is_nnx_variable(variable):
+            # NNX refuses writes from inside a foreign `jax.jit` trace, and a value only
+            # read there would be baked into the compiled loop as a constant.
             raise ConfigError(
-                f"Module variable {path!r} is a Flax NNX variable; the JAX backend discovers, "
-                "checkpoints and restores those, but lifts only `looproto.Variable`s into "
-                "compiled loops and gradients. Wrap its value in a `looproto.Variable`."
+                f"Module variable {path!r} is a Flax NNX `{type(variable).__name__}`. The JAX "
+                "backend discovers, checkpoints and restores NNX variables, but lifts only "
+                "`looproto.Variable`s into its compiled loops and `value_and_grad`. Hold the "
+                "state in `looproto.Variable`s, or train the NNX module with NNX's own "
+                "transforms (`nnx.jit`, `nnx.value_and_grad`) in an eager step "
+                "(`StandardTrainerOptions(use_compiled_loop=False, use_compiled_step=False)`)."
             )
     return paths, variables
+
+
+def _is_any_variable(obj: Any) -> bool:
+    return isinstance(obj, Variable) or _is_nnx_variable(obj)
+
+
+def _loop_variables(module: Any) -> list[Variable]:
+    """`_module_variables(module)[1]`, without building paths (run on every loop call)."""
+    if not isinstance(module, Module):
+        return _module_variables(module)[1]
+    found = list(module._flatten(predicate=_is_any_variable))
+    if not all(isinstance(v, Variable) for v in found):
+        return _module_variables(module)[1]  # Raises, naming the NNX variable's path.
+    return found
 
 
 def _is_differentiable(variable: Variable) -> bool:
@@ -168,8 +241,9 @@ def value_and_grad(
         has_aux: `fn` returns `(loss, aux)`.
 
     Returns:
-        `(loss, grads)`, or `((loss, aux), grads)` with `has_aux`; `grads` maps each
-        trainable variable's path (as in `variables_by_path`) to its gradient.
+        `(loss, grads)`, or `((loss, aux), grads)` with `has_aux`; `grads` maps the
+        path (as in `variables_by_path`) of each trainable floating-point variable to
+        its gradient. Integer and non-trainable variables have no entry.
     """
     paths, variables = _module_variables(module)
     diff = [i for i, v in enumerate(variables) if _is_differentiable(v)]
@@ -298,9 +372,13 @@ def _pull(iterator: Any, n: int) -> list[Any]:
 
 
 def _stack_leaves(column: Sequence[Any]) -> Any:
-    if isinstance(column[0], jax.Array):
-        return jnp.stack(column)
-    return np.stack(column)
+    """Raises ValueError (also for a mix of array and non-array) if shapes differ."""
+    try:
+        if isinstance(column[0], jax.Array):
+            return jnp.stack(column)
+        return np.stack(column)
+    except TypeError as err:
+        raise ValueError(str(err)) from err
 
 
 def _signature(batch: Any) -> Any:
@@ -309,6 +387,15 @@ def _signature(batch: Any) -> Any:
 
 
 def _stack(batches: list[Any]) -> Any:
+    first = batches[0]
+    # Fast paths for the common batches (an array; a flat dict of arrays, as
+    # `ArrayDataset` yields): flattening 100 pytrees costs about as much as stacking.
+    if isinstance(first, (np.ndarray, jax.Array)):
+        return _stack_leaves(batches)
+    if type(first) is dict and all(isinstance(v, (np.ndarray, jax.Array)) for v in first.values()):
+        keys = first.keys()
+        if all(type(b) is dict and b.keys() == keys for b in batches):
+            return {key: _stack_leaves([b[key] for b in batches]) for key in keys}
     flat = [jax.tree.flatten(b) for b in batches]
     treedef = flat[0][1]
     if any(f[1] != treedef for f in flat):  # type: ignore[operator]
@@ -376,6 +463,9 @@ class _JaxLoop:
         self._step_name = getattr(step_fn, "__qualname__", None) or value_repr(step_fn)
         self._compiled: dict[Any, tuple[Any, Any]] = {}
         self._device_data: tuple[Any, Any] | None = None  # (source, device copy)
+        self._twin: tuple[Any, Any] | None = None  # (dataset config, index dataset)
+        self.trace_count = 0
+        """How many times `step_fn` was traced (a new batch shape, dtype or `num_steps`)."""
         self._replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
 
     # -- tracing ------------------------------------------------------------
@@ -384,6 +474,7 @@ class _JaxLoop:
         self, variables: list[Variable], spec: Any, values: list[Any], batch: Any, data: Any
     ) -> tuple[list[Any], Any]:
         """Runs `step_fn` once with `variables` bound to `values`; pure in and out."""
+        self.trace_count += 1  # Runs at trace time only: once per compilation.
         if data is not None:  # "device": `batch` holds indices into `data`.
             batch = jax.tree.map(lambda d: d[batch], data)
         step_iterator = _step_iterators(spec, batch, self._step_name)
@@ -457,7 +548,7 @@ class _JaxLoop:
     # -- host side ----------------------------------------------------------
 
     def _lift(self, variables: list[Variable]) -> tuple[list[Any], list[tuple[int, Any]]]:
-        """The Variables' arrays as jax.Arrays; also `(index, dtype)` of those JAX narrows.
+        """The Variables' arrays for the jitted call; also `(index, dtype)` of those JAX narrows.
 
         Without `jax_enable_x64`, an int64/float64 NumPy value (the global step) runs
         in 32 bits; `_write_back` returns it to NumPy in its own dtype.
@@ -470,11 +561,15 @@ class _JaxLoop:
                     f"Variable {variables[i].name!r} holds a JAX tracer before the loop starts; "
                     "it leaked from an earlier trace. Re-assign it a concrete array."
                 )
-            if not isinstance(value, jax.Array) or value.weak_type:
+            if not isinstance(value, jax.Array):
                 dtype = jax.dtypes.canonicalize_dtype(value.dtype)
                 if dtype != value.dtype:
                     narrowed.append((i, value.dtype))
-                values[i] = jnp.asarray(value, dtype=dtype)
+                # Cast on the host and let the jitted call transfer it: ~1 µs, against
+                # ~15 µs for `device_put` and a device op (~50 µs) for `jnp.asarray(x, dtype)`.
+                values[i] = np.asarray(value, dtype=dtype)
+            elif value.weak_type:
+                values[i] = lax.convert_element_type(value, value.dtype)
         if self._donate and len({id(x) for x in values}) != len(values):
             seen: set[int] = set()
             for i, value in enumerate(values):  # Two Variables, one buffer: donate a copy.
@@ -483,7 +578,9 @@ class _JaxLoop:
                 seen.add(id(value))
         if self._replicated is not None:
             values = [
-                x if x.sharding == self._replicated else jax.device_put(x, self._replicated)
+                x
+                if getattr(x, "sharding", None) == self._replicated
+                else jax.device_put(x, self._replicated)
                 for x in values
             ]
         return values, narrowed
@@ -494,8 +591,11 @@ class _JaxLoop:
     ) -> None:
         for variable, value in zip(variables, new):
             variable._value = value
-        for i, dtype in narrowed:  # A (small) host copy, so the dtype never changes.
-            variables[i]._value = np.asarray(jax.device_get(new[i])).astype(dtype)
+        if narrowed:  # A (small) host copy, so the dtype never changes.
+            # `jax.device_get`'s explicit transfer without its per-call overhead (~10 µs).
+            with jax.transfer_guard_device_to_host("allow"):
+                for i, dtype in narrowed:
+                    variables[i]._value = np.asarray(new[i]).astype(dtype)
 
     def _put_batch(self, xs: Any, batch_axis: int) -> Any:
         """Shards the batch dimension over the mesh (no-op without one)."""
@@ -532,15 +632,26 @@ class _JaxLoop:
             put = self._replicated if self._replicated is not None else None
             self._device_data = (dataset.data, jax.device_put(dataset.data, put))
         # A twin dataset over example indices follows the same order as the real one.
-        twin = ArrayDataset(
-            np.arange(dataset.num_examples, dtype=np.int32),
+        # It is kept between calls: building it allocates an index per example.
+        config = (
+            dataset.num_examples,
             dataset.batch_size,
-            shuffle=dataset.shuffle,
-            seed=dataset.seed,
-            epochs=dataset.epochs,
-            drop_remainder=dataset.drop_remainder,
+            dataset.shuffle,
+            dataset.seed,
+            dataset.epochs,
+            dataset.drop_remainder,
         )
-        indices = iter(twin)
+        if self._twin is None or self._twin[0] != config:
+            twin = ArrayDataset(
+                np.arange(dataset.num_examples, dtype=np.int32),
+                dataset.batch_size,
+                shuffle=dataset.shuffle,
+                seed=dataset.seed,
+                epochs=dataset.epochs,
+                drop_remainder=dataset.drop_remainder,
+            )
+            self._twin = (config, twin)
+        indices = iter(self._twin[1])
         indices.set_state(iterator.get_state())
         return indices, self._device_data[1]
 
@@ -551,7 +662,7 @@ class _JaxLoop:
         state: Any = None,
         reduce_fn: ReduceFn | None = None,
     ) -> tuple[Any, int]:
-        _, variables = _module_variables(self._module)
+        variables = _loop_variables(self._module)
         source, data = iterator, None
         if self._data == "device":
             source, data = self._device_dataset(iterator)
@@ -689,18 +800,30 @@ class JaxBackend:
         return param is not None and isinstance(obj, param)
 
     def expand(self, obj: Any) -> Iterable[tuple[tuple[Any, ...], Any]] | None:
-        """See base class. JAX has no containers of its own (NNX modules: not yet)."""
-        return None
+        """See base class: the `nnx.Variable`s of a Flax NNX module, by NNX path."""
+        return _expand_nnx(obj)
 
     def to_numpy(self, value: Any) -> np.ndarray[Any, Any]:
-        """See base class. A host copy (never a view of a buffer that may be donated)."""
-        if isinstance(value, Variable) or _is_nnx_variable(value):
+        """See base class. A host copy (never a view of a buffer that may be donated).
+
+        A PRNG key array (an NNX `RngKey`) is returned as its raw key data.
+        """
+        if isinstance(value, Variable):
             value = value.value
+        elif _is_nnx_variable(value):
+            value = _nnx_get(value)
+        if _is_key_array(value):
+            value = jax.random.key_data(value)
         return np.array(jax.device_get(value))
 
     def assign(self, variable: Any, array: np.ndarray[Any, Any]) -> None:
         """See base class. Keeps the dtype (same-kind casts only) and the sharding."""
-        current = variable.value
+        nnx_variable = not isinstance(variable, Variable)
+        current = _nnx_get(variable) if nnx_variable else variable.value
+        key_impl = None
+        if _is_key_array(current):  # Restore key data into a typed key of the same impl.
+            key_impl = jax.random.key_impl(current)
+            current = jax.random.key_data(current)
         array = np.asarray(array)
         if tuple(current.shape) != tuple(array.shape):
             raise ShapeError(
@@ -718,14 +841,24 @@ class JaxBackend:
             new: Any = jax.device_put(array, current.sharding)
         else:
             new = np.array(array, copy=True)
-        if isinstance(variable, Variable):
-            variable._value = new
+        if key_impl is not None:
+            new = jax.random.wrap_key_data(new, impl=key_impl)
+        if nnx_variable:
+            _nnx_set(variable, new)  # NumPy stays NumPy, as the Variable held it.
         else:
-            variable.value = jnp.asarray(new)
+            variable._value = new
 
     def to_host(self, tree: Any) -> Any:
-        """See base class: one `jax.device_get` of the whole tree."""
-        return _nest.map_output(_nest.to_numpy_leaf, jax.device_get(tree))
+        """See base class: every leaf's transfer starts before the first is waited for.
+
+        This is `jax.device_get` (an explicit transfer, allowed under a transfer
+        guard) at about half its fixed cost, which is paid once per loop.
+        """
+        for leaf in jax.tree.leaves(tree):
+            if isinstance(leaf, jax.Array):
+                leaf.copy_to_host_async()
+        with jax.transfer_guard_device_to_host("allow"):
+            return _nest.map_output(_nest.to_numpy_leaf, tree)
 
     def name_scope(self, scope: str) -> contextlib.AbstractContextManager[Any]:
         """See base class: `jax.named_scope`, entered only while tracing (else ~2 µs)."""

@@ -4,6 +4,7 @@
 
     looproto train src/looproto/examples/configs/mlp_numpy.toml
     looproto train src/looproto/examples/configs/mlp_tensorflow.toml
+    looproto train src/looproto/examples/configs/mlp_jax.toml
 
 Each backend has its own implementation of the same model (`numpy_mlp`,
 `tensorflow_mlp`, ...): the same tree of variables, the same initial weights, the same
@@ -21,6 +22,7 @@ from looproto.errors import ConfigError
 __all__ = ["IMPLEMENTATIONS", "evaluator", "trainer"]
 
 IMPLEMENTATIONS = {
+    "jax": "looproto.examples.jax_mlp",
     "numpy": "looproto.examples.numpy_mlp",
     "tensorflow": "looproto.examples.tensorflow_mlp",
 }
