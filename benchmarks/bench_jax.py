@@ -39,13 +39,14 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ["KERAS_BACKEND"] = "jax"  # Keras fit runs in this process, on JAX
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 import looproto
-from benchmarks import _timing, _workloads
+from benchmarks import _keras, _timing, _workloads
 from looproto.backends import jax as jax_backend
 from looproto.data import ArrayDataset
 
@@ -213,6 +214,11 @@ def throughput(
         "looproto data=device": lambda: device_trainer.train(steps),
         "per-step jit loop": lambda: per_step(steps),
     }
+    if _keras.available():
+        for spe in (1, 100):
+            contenders[f"keras fit spe={spe}"] = _keras.contender(workload, steps, min(spe, steps))[
+                0
+            ]
     for run in contenders.values():  # Warm-up: compile, open the event file.
         run()
     times = _timing.interleaved(contenders, rounds=rounds, steps_per_call=steps)
