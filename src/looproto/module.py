@@ -24,7 +24,7 @@ import re
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, ExitStack
+from contextlib import AbstractContextManager, nullcontext
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -101,10 +101,13 @@ def register_name_scope_hook(hook: Callable[[str], AbstractContextManager[Any]])
         _name_scope_hooks.append(hook)
 
 
-def _entries(scope: NameScope) -> list[tuple[str, ExitStack | None]]:
-    """This thread's stack of `(previous scope, framework scopes)` for `scope`."""
+_Entered = list[AbstractContextManager[Any]]
+
+
+def _entries(scope: NameScope) -> list[tuple[str, _Entered | None]]:
+    """This thread's stack of `(previous scope, entered framework scopes)` for `scope`."""
     try:
-        by_scope: dict[int, list[tuple[str, ExitStack | None]]] = _local.entries
+        by_scope: dict[int, list[tuple[str, _Entered | None]]] = _local.entries
     except AttributeError:
         by_scope = _local.entries = {}
     return by_scope.setdefault(id(scope), [])
@@ -145,14 +148,21 @@ class NameScope:
             scope = name
         else:
             scope = previous + name + "/"
-        frameworks = None
+        frameworks: _Entered | None = None
         if _name_scope_hooks and scope:
-            frameworks = ExitStack()
+            # A plain list rather than an ExitStack, and no-op scopes skipped: torch.compile
+            # (Dynamo) traces user-defined `__enter__`/`__exit__`, but neither ExitStack's
+            # bookkeeping nor `nullcontext`'s methods called directly.
+            frameworks = []
             try:
                 for hook in _name_scope_hooks:
-                    frameworks.enter_context(hook(scope))
+                    context = hook(scope)
+                    if isinstance(context, nullcontext):
+                        continue
+                    context.__enter__()
+                    frameworks.append(context)
             except BaseException:
-                frameworks.close()
+                _exit_all(frameworks, None, None, None)
                 raise
         # What to restore on exit is kept per thread (and per scope object): a module's
         # scope may be entered by several threads at once, which exit in any order.
@@ -172,10 +182,28 @@ class NameScope:
             del _local.entries[id(self)]
         _local.scope = previous
         if frameworks is not None:
-            frameworks.__exit__(exc_type, exc, tb)
+            _exit_all(frameworks, exc_type, exc, tb)
 
     def __repr__(self) -> str:
         return f"NameScope({self._name!r})"
+
+
+def _exit_all(
+    contexts: _Entered,
+    exc_type: type[BaseException] | None,
+    exc: BaseException | None,
+    tb: TracebackType | None,
+) -> None:
+    """Exits `contexts` innermost first, all of them even if one raises.
+
+    Their return values are ignored: a framework scope never swallows `exc`.
+    """
+    if contexts:
+        context = contexts.pop()
+        try:
+            context.__exit__(exc_type, exc, tb)
+        finally:
+            _exit_all(contexts, exc_type, exc, tb)
 
 
 def name_scope(name: str) -> NameScope:
@@ -224,8 +252,13 @@ def _backends_for(obj: Any) -> tuple[Backend, ...]:
     except KeyError:
         pass
     found: list[Backend] = []
-    root = cls.__module__.partition(".")[0]
-    names = _FRAMEWORK_BACKENDS.get(root, ())
+    # The first class in the MRO from a known framework decides, so that user
+    # subclasses (`class Net(torch.nn.Module)` in `__main__`) are recognised too.
+    names: tuple[str, ...] = ()
+    for base in cls.__mro__:
+        names = _FRAMEWORK_BACKENDS.get(getattr(base, "__module__", "").partition(".")[0], ())
+        if names:
+            break
     if names:
         from looproto import backends  # Lazy: backends/ imports this file.
         from looproto.errors import BackendNotAvailableError
@@ -405,13 +438,14 @@ class Variable:
 
     @property
     def dtype(self) -> np.dtype[Any]:
-        """The NumPy dtype of the held array."""
-        dtype: np.dtype[Any] = np.dtype(self._value.dtype)
-        return dtype
+        """The NumPy dtype of the held array (`torch.float32` reads as `float32`)."""
+        return _numpy_dtype(self._value.dtype)
 
     def numpy(self) -> np.ndarray[Any, Any]:
         """Returns the value as a NumPy array (a host copy for device arrays)."""
-        return np.array(self._value)
+        if isinstance(self._value, (np.ndarray, np.generic)):
+            return np.array(self._value)
+        return variable_to_numpy(self)  # The framework's backend copies it to the host.
 
     def assign(self, value: Any) -> Variable:
         """Replaces the value, keeping shape and dtype. Returns the variable.
@@ -429,12 +463,17 @@ class Variable:
             value = value.copy()  # Never alias the caller's (or another variable's) buffer.
         elif not hasattr(value, "dtype") or isinstance(value, np.generic):
             array = np.asarray(value)
-            if not np.can_cast(array.dtype, current.dtype, casting="same_kind"):
+            if not np.can_cast(array.dtype, self.dtype, casting="same_kind"):
                 raise ShapeError(
                     f"Cannot assign {value_repr(value)} (dtype {array.dtype}) to variable "
                     f"{self._name!r} of dtype {self.dtype}: expected a value of that dtype."
                 )
-            value = np.asarray(array, dtype=current.dtype)
+            value = np.asarray(array, dtype=self.dtype)
+            if not isinstance(current.dtype, np.dtype) and value.shape == tuple(current.shape):
+                # A framework array whose dtypes are not NumPy's (a torch tensor): its
+                # backend writes the number in place, on the array's device.
+                backend_for_variable(self).assign(self, value)
+                return self
         if tuple(value.shape) != tuple(current.shape):
             raise ShapeError(
                 f"Cannot assign a value of shape {tuple(value.shape)} to variable "
@@ -490,6 +529,15 @@ class Variable:
             f"<looproto.Variable {self._name!r} shape={self.shape} dtype={self.dtype} "
             f"trainable={self._trainable} value={value_repr(self._value, 60)}>"
         )
+
+
+def _numpy_dtype(dtype: Any) -> np.dtype[Any]:
+    """NumPy's dtype for a framework's dtype; torch's (`torch.float32`) go by name."""
+    try:
+        result: np.dtype[Any] = np.dtype(dtype)
+    except TypeError:
+        result = np.dtype(str(dtype).rpartition(".")[2])
+    return result
 
 
 def create_global_step() -> Variable:
