@@ -740,7 +740,9 @@ class Module:
                     f"but was called on {value_repr(self)} of type {type(self).__name__}, "
                     "which is not a `looproto.Module` (or has not run `Module.__init__`)."
                 )
-            with scope:
+            # A new (equivalent) scope object per call: torch.compile can enter a context
+            # manager made inside the compiled code, not one made before it.
+            with NameScope(scope.name):
                 return method(self, *args, **kwargs)
 
         return method_with_name_scope  # type: ignore[return-value]
