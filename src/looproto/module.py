@@ -46,6 +46,7 @@ __all__ = [
     "current_name_scope",
     "name_scope",
     "register_framework",
+    "register_name_scope_gate",
     "register_name_scope_hook",
     "variable_to_numpy",
     "variables_by_path",
@@ -101,6 +102,22 @@ def register_name_scope_hook(hook: Callable[[str], AbstractContextManager[Any]])
         _name_scope_hooks.append(hook)
 
 
+# While any of these returns True, no framework scope is entered. torch.compile
+# registers `torch.compiler.is_compiling`: Dynamo cannot trace other frameworks' scope
+# code (JAX's, say), and its graphs keep no scopes anyway.
+_name_scope_gates: list[Callable[[], bool]] = []
+
+
+def register_name_scope_gate(gate: Callable[[], bool]) -> None:
+    """Makes `NameScope` skip every framework scope while `gate()` returns True."""
+    if gate not in _name_scope_gates:
+        _name_scope_gates.append(gate)
+
+
+def _gated() -> bool:
+    return any(gate() for gate in _name_scope_gates)
+
+
 _Entered = list[AbstractContextManager[Any]]
 
 
@@ -149,7 +166,7 @@ class NameScope:
         else:
             scope = previous + name + "/"
         frameworks: _Entered | None = None
-        if _name_scope_hooks and scope:
+        if _name_scope_hooks and scope and not _gated():
             # A plain list rather than an ExitStack, and no-op scopes skipped: torch.compile
             # (Dynamo) traces user-defined `__enter__`/`__exit__`, but neither ExitStack's
             # bookkeeping nor `nullcontext`'s methods called directly.
@@ -462,18 +479,19 @@ class Variable:
         if isinstance(value, np.ndarray):
             value = value.copy()  # Never alias the caller's (or another variable's) buffer.
         elif not hasattr(value, "dtype") or isinstance(value, np.generic):
+            if not isinstance(current.dtype, np.dtype):
+                # A framework array whose dtypes are not NumPy's (a torch tensor): its
+                # backend checks the number and writes it in place, on the array's
+                # device, without NumPy (so torch.compile can trace it).
+                backend_for_variable(self).assign(self, value)
+                return self
             array = np.asarray(value)
             if not np.can_cast(array.dtype, self.dtype, casting="same_kind"):
                 raise ShapeError(
                     f"Cannot assign {value_repr(value)} (dtype {array.dtype}) to variable "
                     f"{self._name!r} of dtype {self.dtype}: expected a value of that dtype."
                 )
-            value = np.asarray(array, dtype=self.dtype)
-            if not isinstance(current.dtype, np.dtype) and value.shape == tuple(current.shape):
-                # A framework array whose dtypes are not NumPy's (a torch tensor): its
-                # backend writes the number in place, on the array's device.
-                backend_for_variable(self).assign(self, value)
-                return self
+            value = np.asarray(array, dtype=current.dtype)
         if tuple(value.shape) != tuple(current.shape):
             raise ShapeError(
                 f"Cannot assign a value of shape {tuple(value.shape)} to variable "
@@ -533,10 +551,10 @@ class Variable:
 
 def _numpy_dtype(dtype: Any) -> np.dtype[Any]:
     """NumPy's dtype for a framework's dtype; torch's (`torch.float32`) go by name."""
-    try:
-        result: np.dtype[Any] = np.dtype(dtype)
-    except TypeError:
-        result = np.dtype(str(dtype).rpartition(".")[2])
+    if type(dtype).__module__.partition(".")[0] == "torch":
+        # No try/except around `np.dtype(dtype)`: torch.compile cannot trace that.
+        return np.dtype(str(dtype).rpartition(".")[2])
+    result: np.dtype[Any] = np.dtype(dtype)
     return result
 
 
