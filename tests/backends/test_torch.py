@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import importlib.util
 import itertools
 import sys
 import types
@@ -349,6 +351,29 @@ def test_numpy_variables_are_tensors_inside_the_loop_and_numpy_outside() -> None
     assert isinstance(trainer.global_step.value, (np.ndarray, np.generic))
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_in_place_updates_of_lifted_variables_are_kept(compiled: bool) -> None:
+    class InPlace(looproto.StandardTrainer):
+        def __init__(self) -> None:
+            # Compiled as one graph: both kinds of update trace without a break.
+            extra = {"backend": "aot_eager", "fullgraph": True} if compiled else {}
+            opts = options(compiled, **extra)
+            super().__init__(range(100), options=dataclasses.replace(opts, backend="torch"))
+            self.total = looproto.Variable(np.float32(0), trainable=False)
+            self.last = looproto.Variable(np.int64(0), trainable=False)
+
+        def train_step(self, iterator: Any) -> None:
+            value = next(iterator)
+            self.total.value.add_(value)  # In place on the lifted tensor.
+            self.last.assign(7)  # A Python number: written in place too.
+
+    trainer = InPlace()
+    trainer.train(4)
+    trainer.train(2)
+    assert float(trainer.total) == sum(range(6)) and int(trainer.last) == 7
+    assert trainer.train(1) is None and isinstance(trainer.total.value, np.ndarray)
+
+
 def test_numpy_global_step_compiles_to_one_graph_without_recompiles() -> None:
     class Counter(looproto.StandardTrainer):
         def __init__(self) -> None:
@@ -637,6 +662,8 @@ class Scaled(looproto.Module):
 
 
 def test_functional_step_is_one_graph_under_fullgraph() -> None:
+    if importlib.util.find_spec("jax") is not None:
+        backends.get("jax")  # Its name-scope hook too (orbax imports JAX in real runs).
     data = make_data()
     compiled = Functional(
         ArrayDataset(data, 8, epochs=None),

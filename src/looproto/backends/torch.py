@@ -68,7 +68,9 @@ from looproto.module import Module as ModuleBase
 from looproto.module import (
     NameScope,
     Variable,
+    backend_for_variable,
     is_variable,
+    register_name_scope_gate,
     register_name_scope_hook,
     variables_by_path,
 )
@@ -200,6 +202,27 @@ def _write_tensor(tensor: torch.Tensor, array: np.ndarray[Any, Any], name: str) 
     source = torch.from_numpy(np.array(array, copy=True))
     with torch.no_grad():
         tensor.copy_(source)
+
+
+def _fill_tensor(tensor: torch.Tensor, number: Any, name: str) -> None:
+    """`tensor.fill_(number)`, refusing what NumPy would refuse (no NumPy: traceable)."""
+    if isinstance(number, np.generic):
+        number = number.item()
+    if tensor.dim() != 0:
+        raise ShapeError(
+            f"Cannot assign the number {number!r} to {name!r} of shape {tuple(tensor.shape)}: "
+            "the shape of a variable is fixed when it is created."
+        )
+    lossy = (isinstance(number, complex) and not tensor.is_complex()) or (
+        isinstance(number, float) and not (tensor.is_floating_point() or tensor.is_complex())
+    )
+    if lossy or (tensor.dtype == torch.bool and not isinstance(number, bool)):
+        raise ShapeError(
+            f"Cannot assign {number!r} to {name!r} of dtype {tensor.dtype}: expected a value "
+            "of that dtype."
+        )
+    with torch.no_grad():
+        tensor.fill_(number)
 
 
 # ----------------------------------------------------------------------------
@@ -842,26 +865,22 @@ class _Lifted:
     def __init__(self, variables: list[Variable], device: torch.device) -> None:
         self.variables = variables
         self.originals = [v._value for v in variables]
-        self.tensors: list[torch.Tensor] = []
         for variable, value in zip(variables, self.originals):
             tensor = torch.from_numpy(np.array(value, copy=True))
-            tensor = tensor if device.type == "cpu" else tensor.to(device, non_blocking=True)
-            variable._value = tensor
-            self.tensors.append(tensor)
+            variable._value = (
+                tensor if device.type == "cpu" else tensor.to(device, non_blocking=True)
+            )
 
-    def changed(self) -> list[int]:
-        """Indices of the Variables the steps assigned (the rest need no transfer)."""
-        return [
-            i for i, (v, t) in enumerate(zip(self.variables, self.tensors)) if v._value is not t
-        ]
+    def restore(self) -> None:
+        """Puts the NumPy values from before the loop back (nothing ran)."""
+        for variable, original in zip(self.variables, self.originals):
+            variable._value = original
 
-    def write_back(self, indices: list[int], arrays: list[np.ndarray[Any, Any]]) -> None:
-        for i, variable in enumerate(self.variables):
-            variable._value = self.originals[i]  # Unchanged: the very same NumPy object.
-        for i, array in zip(indices, arrays):
-            original = self.originals[i]
+    def write_back(self, arrays: list[np.ndarray[Any, Any]]) -> None:
+        """Stores the fetched values, in each Variable's NumPy dtype and kind."""
+        for variable, original, array in zip(self.variables, self.originals, arrays):
             value = array.astype(original.dtype, copy=False)
-            self.variables[i]._value = value[()] if isinstance(original, np.generic) else value
+            variable._value = value[()] if isinstance(original, np.generic) else value
 
 
 class _TorchLoop:
@@ -933,6 +952,9 @@ class _TorchLoop:
     def _build(self, device: torch.device) -> None:
         """Device ops, the NaN watch and the (compiled) step for `device`; once per device."""
         opts = self._opts
+        # Warm looproto's type -> backend cache for tensors here: filling it inside a
+        # compiled step (`Variable.assign(0)` asks it) would be a graph break.
+        backend_for_variable(torch.zeros(()))
         self._device = device
         self._ops = _device_ops(device, opts["mode"])
         step_fn = self._step_fn
@@ -1017,7 +1039,7 @@ class _TorchLoop:
         finally:
             for _, leaf in sources:
                 leaf._batch = _NO_DATA  # Do not keep the last batch alive on device.
-            record = self._finish(ops, lifted, watch if steps else None, ok)
+            record = self._finish(ops, lifted, watch, ok, steps)
         if record is not None:
             self._raise_non_finite(record, steps, start_step)
         return state, steps
@@ -1033,34 +1055,36 @@ class _TorchLoop:
             )
 
     def _finish(
-        self, ops: _DeviceOps, lifted: _Lifted, watch: _Watch | None, ok: bool
+        self, ops: _DeviceOps, lifted: _Lifted, watch: _Watch | None, ok: bool, steps: int
     ) -> tuple[int, int] | None:
-        """The loop's one host sync: lifted Variables and the NaN record, fetched together."""
-        changed = lifted.changed()
-        tensors = [lifted.variables[i]._value for i in changed]
-        if not all(isinstance(t, torch.Tensor) for t in tensors):
-            bad = [
-                lifted.variables[i].name
-                for i, t in zip(changed, tensors)
-                if not isinstance(t, torch.Tensor)
-            ]
-            lifted.write_back([], [])
+        """The loop's one host sync: lifted Variables and the NaN record, fetched together.
+
+        Every lifted Variable is fetched: steps may have changed a tensor in place
+        (`var.value.add_(x)`, or assigning a Python number), not only replaced it.
+        """
+        if not steps:
+            lifted.restore()
+            return None
+        tensors = [variable._value for variable in lifted.variables]
+        bad = [v.name for v, t in zip(lifted.variables, tensors) if not isinstance(t, torch.Tensor)]
+        if bad:
+            lifted.restore()
             if not ok:
                 return None
             raise ProtocolError(
-                f"`{self._step_name}` assigned non-tensor values to {bad}; inside the torch "
-                "loop these Variables hold tensors."
+                f"`{self._step_name}` stored non-tensor values in {bad}; inside the torch "
+                "loop these Variables hold tensors (assign tensors or numbers to them)."
             )
         if watch is not None and ok:
             tensors += [watch.first_bad, watch.mask]
         try:
-            arrays = ops.fetch(tensors) if tensors else []
+            arrays = ops.fetch(tensors)
         except Exception:
-            lifted.write_back([], [])
+            lifted.restore()
             if ok:
                 raise
             return None  # Keep the step's own error; the updates are lost.
-        lifted.write_back(changed, arrays[: len(changed)])
+        lifted.write_back(arrays)
         if watch is None or not ok:
             return None
         first_bad, mask = int(arrays[-2]), int(arrays[-1])
@@ -1106,7 +1130,7 @@ def _graph_break_message(step_name: str, err: BaseException) -> str:
             "`backward()` and `torch.autograd.grad` are traced only with "
             '`backend_options={"trace_autograd": True}`.'
         )
-    if "graph_break()" in text or "marked as skipped" in text:
+    if "optim" in text and ("graph_break()" in text or "marked as skipped" in text):
         hints.append(
             "`torch.optim` optimizers always break the graph around `step()` and "
             "`zero_grad()` (by design); update the parameters with tensor ops instead."
@@ -1226,17 +1250,25 @@ class TorchBackend:
         return np.array(value)
 
     def assign(self, variable: Any, array: np.ndarray[Any, Any]) -> None:
-        """See base class. In place: the tensor keeps its identity, device and dtype."""
+        """See base class. In place: the tensor keeps its identity, device and dtype.
+
+        `array` may also be a Python or NumPy number (`Variable.assign(0.0)` of a
+        Variable holding a tensor comes here): written with `fill_`, traceable by
+        `torch.compile`.
+        """
         if isinstance(variable, _View):
             variable._write(np.asarray(array))
             return
         tensor = _tensor_of(variable)
+        name = str(getattr(variable, "name", "tensor"))
         if not isinstance(tensor, torch.Tensor):
             raise ProtocolError(
-                f"The torch backend assigns tensors; {getattr(variable, 'name', variable)!r} "
-                f"holds {type(tensor).__name__}."
+                f"The torch backend assigns tensors; {name!r} holds {type(tensor).__name__}."
             )
-        _write_tensor(tensor, array, str(getattr(variable, "name", "tensor")))
+        if isinstance(array, (bool, int, float, complex, np.generic)):
+            _fill_tensor(tensor, array, name)
+        else:
+            _write_tensor(tensor, array, name)
 
     def to_host(self, tree: Any) -> Any:
         """See base class: all tensors of the tree in one device-to-host transfer."""
@@ -1297,3 +1329,4 @@ class TorchBackend:
 
 BACKEND = TorchBackend()
 register_name_scope_hook(BACKEND.name_scope)
+register_name_scope_gate(torch.compiler.is_compiling)
