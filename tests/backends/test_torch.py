@@ -747,6 +747,20 @@ def test_checkpoint_that_does_not_match_lists_paths_and_restores_nothing(tmp_pat
         np.testing.assert_array_equal(value, before[path])
 
 
+def test_torch_generators_are_checkpointed(tmp_path: Any) -> None:
+    holder = looproto.Module(name="holder")
+    holder.rng = torch.Generator().manual_seed(5)
+    torch.rand(3, generator=holder.rng)
+    with looproto.CheckpointManager(str(tmp_path), holder) as manager:
+        manager.save(checkpoint_number=1)
+    expected = torch.rand(4, generator=holder.rng)
+    other = looproto.Module(name="holder")
+    other.rng = torch.Generator().manual_seed(123)
+    looproto.CheckpointManager(str(tmp_path), other).restore(1)
+    assert list(variables_by_path(other)) == ["rng"]
+    torch.testing.assert_close(torch.rand(4, generator=other.rng), expected, rtol=0, atol=0)
+
+
 def test_checkpoints_cross_numpy_and_torch(tmp_path: Any) -> None:
     class NumpyModel(looproto.Module):
         def __init__(self) -> None:

@@ -31,7 +31,8 @@ unwrapped so paths do not change. A `torch.optim.Optimizer` contributes the
 numeric entries of its param groups (`lr`, `betas`, ...) and its per-parameter
 state keyed by the parameter's name (when built from `named_parameters()`) or
 its position, plus a `has_state` flag per parameter. A learning-rate scheduler
-contributes the numeric entries of its `state_dict()`. Optimizer state is
+contributes the numeric entries of its `state_dict()`, a `torch.Generator` its
+state. Plain tensor attributes are not state (as on an `nn.Module`). Optimizer state is
 created lazily by the first `step()`; so that a fresh optimizer can be restored
 into, its not-yet-existing state is shown as *pending* entries (shapes found by
 one step of a throwaway copy) that a checkpoint restore creates, and that stay
@@ -69,7 +70,6 @@ from looproto.module import (
     NameScope,
     Variable,
     backend_for_variable,
-    is_variable,
     register_name_scope_gate,
     register_name_scope_hook,
     variables_by_path,
@@ -112,14 +112,23 @@ _NULL_SCOPE = contextlib.nullcontext()
 
 
 @contextlib.contextmanager
-def _shallow_walk() -> Iterator[None]:
-    """Walks inside skip the (costly) pending optimizer state: only the loop's own walks."""
-    previous = getattr(_tls, "shallow", False)
-    _tls.shallow = True
+def _shallow_walk(tensors_only: bool = False) -> Iterator[None]:
+    """Walks inside skip the (costly) pending optimizer state: only the backend's own walks.
+
+    With `tensors_only`, `nn.Module`s yield their raw tensors without paths (the
+    loop's walk, once per loop, only needs their devices).
+    """
+    previous = getattr(_tls, "shallow", False), getattr(_tls, "tensors_only", False)
+    _tls.shallow, _tls.tensors_only = True, tensors_only
     try:
         yield
     finally:
-        _tls.shallow = previous
+        _tls.shallow, _tls.tensors_only = previous
+
+
+def _own_tensors(module: torch.nn.Module) -> Iterator[Any]:
+    yield from module._parameters.values()
+    yield from module._buffers.values()
 
 
 def _np_dtype(dtype: torch.dtype) -> np.dtype[Any]:
@@ -404,6 +413,23 @@ class _EntryView(_View):
             self._target[self._key] = new
         else:
             setattr(self._target, self._key, new)
+
+
+class _GeneratorView(_View):
+    """A `torch.Generator`'s state (a uint8 tensor), so random streams resume exactly."""
+
+    __slots__ = ("_generator",)
+
+    def __init__(self, generator: torch.Generator, name: str) -> None:
+        super().__init__(name)
+        self._generator = generator
+
+    def _get(self) -> Any:
+        return self._generator.get_state()
+
+    def _write(self, value: Any) -> None:
+        array = np.asarray(value.numpy() if isinstance(value, torch.Tensor) else value)
+        self._generator.set_state(torch.from_numpy(np.array(array, dtype=np.uint8, copy=True)))
 
 
 # ----------------------------------------------------------------------------
@@ -883,6 +909,10 @@ class _Lifted:
             variable._value = value[()] if isinstance(original, np.generic) else value
 
 
+def _is_state(obj: Any) -> bool:
+    return isinstance(obj, (Variable, torch.Tensor))
+
+
 class _TorchLoop:
     """See the module docstring. Built once per trainer; compiles on the first call."""
 
@@ -906,12 +936,12 @@ class _TorchLoop:
         """The loop's device and the NumPy Variables to lift (one walk per loop)."""
         devices: set[torch.device] = set()
         lift: list[Variable] = []
-        with _shallow_walk():
+        with _shallow_walk(tensors_only=True):
             # Leaves only (no path strings): paths are worked out only for an error.
             found = (
-                self._module._flatten(predicate=is_variable)
+                self._module._flatten(predicate=_is_state)
                 if isinstance(self._module, ModuleBase)
-                else variables_by_path(self._module).values()
+                else variables_by_path(self._module, predicate=_is_state).values()
             )
             for variable in found:
                 value = _tensor_of(variable)
@@ -1231,8 +1261,11 @@ class TorchBackend:
         return bool(getattr(_tensor_of(obj), "requires_grad", False))
 
     def expand(self, obj: Any) -> Iterable[tuple[tuple[Any, ...], Any]] | None:
-        """See base class: `nn.Module`s, optimizers and learning-rate schedulers."""
+        """See base class: `nn.Module`s, optimizers, LR schedulers, `torch.Generator`s."""
         if isinstance(obj, torch.nn.Module):
+            if getattr(_tls, "tensors_only", False):  # The loop's walk: devices only.
+                modules = _unwrap(obj).modules()
+                return [((), t) for m in modules for t in _own_tensors(m) if t is not None]
             return _module_pairs(obj)
         if isinstance(obj, torch.optim.Optimizer):
             if getattr(_tls, "shallow", False):
@@ -1240,6 +1273,8 @@ class TorchBackend:
             return _optimizer_pairs(obj, type(obj).__name__.lower())
         if isinstance(obj, torch.optim.lr_scheduler.LRScheduler):
             return [] if getattr(_tls, "shallow", False) else _scheduler_pairs(obj, "scheduler")
+        if isinstance(obj, torch.Generator):
+            return [] if getattr(_tls, "shallow", False) else [((), _GeneratorView(obj, "rng"))]
         return None
 
     def to_numpy(self, value: Any) -> np.ndarray[Any, Any]:
