@@ -776,12 +776,34 @@ def test_checkpoints_cross_numpy_and_torch(tmp_path: Any) -> None:
 
     source = NumpyModel()
     source.step.assign(9)
-    with looproto.CheckpointManager(str(tmp_path), source) as manager:
+    with looproto.CheckpointManager(str(tmp_path / "np"), source) as manager:
         manager.save(checkpoint_number=9)
     target = TorchModel()
-    looproto.CheckpointManager(str(tmp_path), target).restore(9)
+    looproto.CheckpointManager(str(tmp_path / "np"), target).restore(9)
     np.testing.assert_array_equal(target.w.detach().numpy(), source.w.numpy())
     assert int(target.step.numpy()) == 9 and isinstance(target.step.value, torch.Tensor)
+
+    with torch.no_grad():
+        target.w.mul_(-1)
+    target.step.assign(11)
+    with looproto.CheckpointManager(str(tmp_path / "torch"), target) as manager:
+        manager.save(checkpoint_number=11)
+    back = NumpyModel()
+    looproto.CheckpointManager(str(tmp_path / "torch"), back).restore(11)
+    np.testing.assert_array_equal(back.w.numpy(), -source.w.numpy())
+    assert int(back.step) == 11 and isinstance(back.step.value, (np.ndarray, np.generic))
+
+
+def test_bfloat16_parameters_round_trip_through_float32(tmp_path: Any) -> None:
+    holder = looproto.Module(name="holder")
+    holder.w = torch.nn.Parameter(torch.tensor([0.5, -1.25, 3.0], dtype=torch.bfloat16))
+    with looproto.CheckpointManager(str(tmp_path), holder) as manager:
+        manager.save(checkpoint_number=1)
+    other = looproto.Module(name="holder")
+    other.w = torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
+    looproto.CheckpointManager(str(tmp_path), other).restore(1)
+    assert other.w.dtype == torch.bfloat16
+    torch.testing.assert_close(other.w.detach(), holder.w.detach(), rtol=0, atol=0)
 
 
 # -- devices we do not have here ------------------------------------------------------------
