@@ -38,7 +38,11 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import torch
+
+try:
+    import torch
+except ImportError:
+    sys.exit("bench_torch.py needs PyTorch: pip install 'looproto[torch]'")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
