@@ -24,7 +24,7 @@ import re
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, ExitStack
+from contextlib import AbstractContextManager, nullcontext
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -47,6 +47,7 @@ __all__ = [
     "framework_backends",
     "name_scope",
     "register_framework",
+    "register_name_scope_gate",
     "register_name_scope_hook",
     "variable_to_numpy",
     "variables_by_path",
@@ -102,10 +103,29 @@ def register_name_scope_hook(hook: Callable[[str], AbstractContextManager[Any]])
         _name_scope_hooks.append(hook)
 
 
-def _entries(scope: NameScope) -> list[tuple[str, ExitStack | None]]:
-    """This thread's stack of `(previous scope, framework scopes)` for `scope`."""
+# While any of these returns True, no framework scope is entered. torch.compile
+# registers `torch.compiler.is_compiling`: Dynamo cannot trace other frameworks' scope
+# code (JAX's, say), and its graphs keep no scopes anyway.
+_name_scope_gates: list[Callable[[], bool]] = []
+
+
+def register_name_scope_gate(gate: Callable[[], bool]) -> None:
+    """Makes `NameScope` skip every framework scope while `gate()` returns True."""
+    if gate not in _name_scope_gates:
+        _name_scope_gates.append(gate)
+
+
+def _gated() -> bool:
+    return any(gate() for gate in _name_scope_gates)
+
+
+_Entered = list[AbstractContextManager[Any]]
+
+
+def _entries(scope: NameScope) -> list[tuple[str, _Entered | None]]:
+    """This thread's stack of `(previous scope, entered framework scopes)` for `scope`."""
     try:
-        by_scope: dict[int, list[tuple[str, ExitStack | None]]] = _local.entries
+        by_scope: dict[int, list[tuple[str, _Entered | None]]] = _local.entries
     except AttributeError:
         by_scope = _local.entries = {}
     return by_scope.setdefault(id(scope), [])
@@ -146,14 +166,21 @@ class NameScope:
             scope = name
         else:
             scope = previous + name + "/"
-        frameworks = None
-        if _name_scope_hooks and scope:
-            frameworks = ExitStack()
+        frameworks: _Entered | None = None
+        if _name_scope_hooks and scope and not _gated():
+            # A plain list rather than an ExitStack, and no-op scopes skipped: torch.compile
+            # (Dynamo) traces user-defined `__enter__`/`__exit__`, but neither ExitStack's
+            # bookkeeping nor `nullcontext`'s methods called directly.
+            frameworks = []
             try:
                 for hook in _name_scope_hooks:
-                    frameworks.enter_context(hook(scope))
+                    context = hook(scope)
+                    if isinstance(context, nullcontext):
+                        continue
+                    context.__enter__()
+                    frameworks.append(context)
             except BaseException:
-                frameworks.close()
+                _exit_all(frameworks, None, None, None)
                 raise
         # What to restore on exit is kept per thread (and per scope object): a module's
         # scope may be entered by several threads at once, which exit in any order.
@@ -173,10 +200,28 @@ class NameScope:
             del _local.entries[id(self)]
         _local.scope = previous
         if frameworks is not None:
-            frameworks.__exit__(exc_type, exc, tb)
+            _exit_all(frameworks, exc_type, exc, tb)
 
     def __repr__(self) -> str:
         return f"NameScope({self._name!r})"
+
+
+def _exit_all(
+    contexts: _Entered,
+    exc_type: type[BaseException] | None,
+    exc: BaseException | None,
+    tb: TracebackType | None,
+) -> None:
+    """Exits `contexts` innermost first, all of them even if one raises.
+
+    Their return values are ignored: a framework scope never swallows `exc`.
+    """
+    if contexts:
+        context = contexts.pop()
+        try:
+            context.__exit__(exc_type, exc, tb)
+        finally:
+            _exit_all(contexts, exc_type, exc, tb)
 
 
 def name_scope(name: str) -> NameScope:
@@ -419,13 +464,14 @@ class Variable:
 
     @property
     def dtype(self) -> np.dtype[Any]:
-        """The NumPy dtype of the held array."""
-        dtype: np.dtype[Any] = np.dtype(self._value.dtype)
-        return dtype
+        """The NumPy dtype of the held array (`torch.float32` reads as `float32`)."""
+        return _numpy_dtype(self._value.dtype)
 
     def numpy(self) -> np.ndarray[Any, Any]:
         """Returns the value as a NumPy array (a host copy for device arrays)."""
-        return np.array(self._value)
+        if isinstance(self._value, (np.ndarray, np.generic)):
+            return np.array(self._value)
+        return variable_to_numpy(self)  # The framework's backend copies it to the host.
 
     def assign(self, value: Any) -> Variable:
         """Replaces the value, keeping shape and dtype. Returns the variable.
@@ -442,8 +488,14 @@ class Variable:
         if isinstance(value, np.ndarray):
             value = value.copy()  # Never alias the caller's (or another variable's) buffer.
         elif not hasattr(value, "dtype") or isinstance(value, np.generic):
+            if not isinstance(current.dtype, np.dtype):
+                # A framework array whose dtypes are not NumPy's (a torch tensor): its
+                # backend checks the number and writes it in place, on the array's
+                # device, without NumPy (so torch.compile can trace it).
+                backend_for_variable(self).assign(self, value)
+                return self
             array = np.asarray(value)
-            if not np.can_cast(array.dtype, current.dtype, casting="same_kind"):
+            if not np.can_cast(array.dtype, self.dtype, casting="same_kind"):
                 raise ShapeError(
                     f"Cannot assign {value_repr(value)} (dtype {array.dtype}) to variable "
                     f"{self._name!r} of dtype {self.dtype}: expected a value of that dtype."
@@ -504,6 +556,15 @@ class Variable:
             f"<looproto.Variable {self._name!r} shape={self.shape} dtype={self.dtype} "
             f"trainable={self._trainable} value={value_repr(self._value, 60)}>"
         )
+
+
+def _numpy_dtype(dtype: Any) -> np.dtype[Any]:
+    """NumPy's dtype for a framework's dtype; torch's (`torch.float32`) go by name."""
+    if type(dtype).__module__.partition(".")[0] == "torch":
+        # No try/except around `np.dtype(dtype)`: torch.compile cannot trace that.
+        return np.dtype(str(dtype).rpartition(".")[2])
+    result: np.dtype[Any] = np.dtype(dtype)
+    return result
 
 
 def create_global_step() -> Variable:
@@ -706,7 +767,9 @@ class Module:
                     f"but was called on {value_repr(self)} of type {type(self).__name__}, "
                     "which is not a `looproto.Module` (or has not run `Module.__init__`)."
                 )
-            with scope:
+            # A new (equivalent) scope object per call: torch.compile can enter a context
+            # manager made inside the compiled code, not one made before it.
+            with NameScope(scope.name):
                 return method(self, *args, **kwargs)
 
         return method_with_name_scope  # type: ignore[return-value]

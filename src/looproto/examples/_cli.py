@@ -20,17 +20,23 @@ def run(
     description: str,
     make_controller: Callable[..., tuple[looproto.Controller, Any]],
     argv: list[str] | None = None,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    controller_kwargs: Callable[[argparse.Namespace], dict[str, Any]] | None = None,
 ) -> int:
     """Parses `argv`, trains and evaluates, and prints where the loss curve ended.
 
     Args:
         name: The example's name; the default model directory is `runs/<name>`.
         description: The first line of `--help`.
-        make_controller: `make_controller(model_dir, steps_per_loop=...)` returning
-            `(controller, trainer)`; the trainer has a `global_step`.
+        make_controller: `make_controller(model_dir, steps_per_loop=..., **kwargs)`
+            returning `(controller, trainer)`; the trainer has a `global_step`.
         argv: Arguments (default: `sys.argv[1:]`).
+        add_arguments: Adds the example's own flags to the parser.
+        controller_kwargs: Maps the parsed flags to more `make_controller` arguments.
     """
     parser = argparse.ArgumentParser(description=description)
+    if add_arguments is not None:
+        add_arguments(parser)
     parser.add_argument("--model-dir", default=os.path.join("runs", name))
     parser.add_argument("--steps", type=int, default=2000, help="global step to train to")
     parser.add_argument("--steps-per-loop", type=int, default=100)
@@ -40,7 +46,10 @@ def run(
     # looproto's progress lines at INFO; orbax/absl chatter only when it is a warning.
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
     logging.getLogger("looproto").setLevel(logging.WARNING if args.quiet else logging.INFO)
-    controller, trainer = make_controller(args.model_dir, steps_per_loop=args.steps_per_loop)
+    extra = controller_kwargs(args) if controller_kwargs is not None else {}
+    controller, trainer = make_controller(
+        args.model_dir, steps_per_loop=args.steps_per_loop, **extra
+    )
     start = int(variable_to_numpy(trainer.global_step))
     with controller:
         output = controller.train_and_evaluate(

@@ -188,6 +188,7 @@ def make_trainer(
     learning_rate: float = 0.05,
     momentum: float = 0.9,
     data: str = "stack",
+    backend_options: Mapping[str, Any] | None = None,
 ) -> MLPTrainer:
     """The trainer (model, optimizer state and shuffled training data) for `seed`.
 
@@ -197,11 +198,15 @@ def make_trainer(
         learning_rate: SGD step size.
         momentum: SGD momentum.
         data: The JAX backend's `data` option: `"stack"` or `"device"`.
+        backend_options: More JAX backend options (`mesh`, `donate`, ...; a `data`
+            entry here wins over `data`).
     """
     train = make_data(4096, seed=seed)
     model = MLP(n_in=train["x"].shape[1], seed=seed)
     dataset = ArrayDataset(train, batch_size, shuffle=True, seed=seed, epochs=None)
-    options = looproto.StandardTrainerOptions(backend="jax", backend_options={"data": data})
+    options = looproto.StandardTrainerOptions(
+        backend="jax", backend_options={"data": data, **(backend_options or {})}
+    )
     return MLPTrainer(model, dataset, learning_rate, momentum, options=options)
 
 

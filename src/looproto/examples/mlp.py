@@ -15,6 +15,7 @@ checkpoints around it are the same for all.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from typing import Any
 
 from looproto.errors import ConfigError
@@ -25,6 +26,7 @@ IMPLEMENTATIONS = {
     "jax": "looproto.examples.jax_mlp",
     "numpy": "looproto.examples.numpy_mlp",
     "tensorflow": "looproto.examples.tensorflow_mlp",
+    "torch": "looproto.examples.torch_mlp",
 }
 
 
@@ -41,14 +43,22 @@ def _implementation(backend: str) -> Any:
 
 def trainer(
     backend: str,
+    backend_options: Mapping[str, Any] | None = None,
     seed: int = 0,
     batch_size: int = 64,
     learning_rate: float = 0.05,
     momentum: float = 0.9,
 ) -> Any:
-    """The MLP trainer of `backend` (SGD with momentum, shuffled training data)."""
+    """The MLP trainer of `backend` (SGD with momentum, shuffled training data).
+
+    `backend_options` is the config's `[backend_options.<backend>]` table.
+    """
     return _implementation(backend).make_trainer(
-        seed=seed, batch_size=batch_size, learning_rate=learning_rate, momentum=momentum
+        seed=seed,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        momentum=momentum,
+        backend_options=backend_options,
     )
 
 

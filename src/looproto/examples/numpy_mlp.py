@@ -116,8 +116,9 @@ class MLPTrainer(looproto.StandardTrainer):
         dataset: ArrayDataset,
         learning_rate: float = 0.05,
         momentum: float = 0.9,
+        options: looproto.StandardTrainerOptions | None = None,
     ):
-        super().__init__(train_dataset=dataset)
+        super().__init__(train_dataset=dataset, options=options)
         self.model = model
         self.global_step = looproto.create_global_step()
         self.learning_rate = learning_rate
@@ -184,13 +185,18 @@ class MLPEvaluator(looproto.StandardEvaluator):
 
 
 def make_trainer(
-    seed: int = 0, batch_size: int = 64, learning_rate: float = 0.05, momentum: float = 0.9
+    seed: int = 0,
+    batch_size: int = 64,
+    learning_rate: float = 0.05,
+    momentum: float = 0.9,
+    backend_options: Mapping[str, Any] | None = None,
 ) -> MLPTrainer:
     """The trainer (model, optimizer state and shuffled training data) for `seed`."""
     train = make_data(4096, seed=seed)
     model = MLP(n_in=train["x"].shape[1], seed=seed)
     dataset = ArrayDataset(train, batch_size, shuffle=True, seed=seed, epochs=None)
-    return MLPTrainer(model, dataset, learning_rate=learning_rate, momentum=momentum)
+    options = looproto.StandardTrainerOptions(backend_options=dict(backend_options or {}))
+    return MLPTrainer(model, dataset, learning_rate, momentum, options=options)
 
 
 def make_evaluator(trainer: MLPTrainer, seed: int = 0) -> MLPEvaluator:

@@ -85,8 +85,9 @@ class MLPTrainer(looproto.StandardTrainer):
         dataset: tf.data.Dataset,
         learning_rate: float = 0.05,
         momentum: float = 0.9,
+        options: looproto.StandardTrainerOptions | None = None,
     ):
-        super().__init__(train_dataset=dataset)
+        super().__init__(train_dataset=dataset, options=options)
         self.model = model
         self.learning_rate = learning_rate
         self.momentum = momentum
@@ -159,7 +160,11 @@ class MLPEvaluator(looproto.StandardEvaluator):
 
 
 def make_trainer(
-    seed: int = 0, batch_size: int = 64, learning_rate: float = 0.05, momentum: float = 0.9
+    seed: int = 0,
+    batch_size: int = 64,
+    learning_rate: float = 0.05,
+    momentum: float = 0.9,
+    backend_options: Mapping[str, Any] | None = None,
 ) -> MLPTrainer:
     """The trainer (model, optimizer state and shuffled `tf.data` pipeline) for `seed`."""
     train = make_data(4096, seed=seed)
@@ -170,7 +175,8 @@ def make_trainer(
         .repeat()
     )
     model = MLP(n_in=train["x"].shape[1], seed=seed)
-    return MLPTrainer(model, dataset, learning_rate=learning_rate, momentum=momentum)
+    options = looproto.StandardTrainerOptions(backend_options=dict(backend_options or {}))
+    return MLPTrainer(model, dataset, learning_rate, momentum, options=options)
 
 
 def make_evaluator(trainer: MLPTrainer, seed: int = 0) -> MLPEvaluator:
