@@ -47,7 +47,7 @@ __all__ = [
     "framework_backends",
     "name_scope",
     "register_framework",
-    "register_name_scope_gate",
+    "register_hook_gate",
     "register_name_scope_hook",
     "variable_to_numpy",
     "variables_by_path",
@@ -103,20 +103,21 @@ def register_name_scope_hook(hook: Callable[[str], AbstractContextManager[Any]])
         _name_scope_hooks.append(hook)
 
 
-# While any of these returns True, no framework scope is entered. torch.compile
-# registers `torch.compiler.is_compiling`: Dynamo cannot trace other frameworks' scope
-# code (JAX's, say), and its graphs keep no scopes anyway.
-_name_scope_gates: list[Callable[[], bool]] = []
+# While any of these returns True, looproto runs no framework hook: no framework scope
+# is entered and no `Variable` assign hook runs. torch.compile registers
+# `torch.compiler.is_compiling`: Dynamo cannot trace other frameworks' hook code
+# (`tf.inside_function`, JAX's scopes), and what those hooks guard cannot happen there.
+_hook_gates: list[Callable[[], bool]] = []
 
 
-def register_name_scope_gate(gate: Callable[[], bool]) -> None:
-    """Makes `NameScope` skip every framework scope while `gate()` returns True."""
-    if gate not in _name_scope_gates:
-        _name_scope_gates.append(gate)
+def register_hook_gate(gate: Callable[[], bool]) -> None:
+    """Makes looproto skip every framework hook (name scopes, assign hooks) while `gate()`."""
+    if gate not in _hook_gates:
+        _hook_gates.append(gate)
 
 
 def _gated() -> bool:
-    return any(gate() for gate in _name_scope_gates)
+    return any(gate() for gate in _hook_gates)
 
 
 _Entered = list[AbstractContextManager[Any]]
@@ -479,7 +480,7 @@ class Variable:
         Raises:
             ShapeError: `value` has another shape, or a dtype that is not the variable's.
         """
-        if self._assign_hooks:
+        if self._assign_hooks and not _gated():
             for hook in self._assign_hooks:
                 hook(self, value)
         current = self._value

@@ -70,7 +70,7 @@ from looproto.module import (
     NameScope,
     Variable,
     backend_for_variable,
-    register_name_scope_gate,
+    register_hook_gate,
     register_name_scope_hook,
     variables_by_path,
 )
@@ -1364,4 +1364,4 @@ class TorchBackend:
 
 BACKEND = TorchBackend()
 register_name_scope_hook(BACKEND.name_scope)
-register_name_scope_gate(torch.compiler.is_compiling)
+register_hook_gate(torch.compiler.is_compiling)
