@@ -315,6 +315,111 @@ def test_a_second_signal_exits_at_once_and_leaves_the_last_good_checkpoint(
 
 
 # ----------------------------------------------------------------------------
+# `looproto train`, on every backend the MLP example has
+
+_SLOW_FACTORY = """
+import time
+from looproto.examples import mlp
+
+def trainer(backend, seed=0, delay=0.0):
+    # Slows every inner loop down on the host, whatever compiles the loop itself.
+    trainer = mlp.trainer(backend, seed=seed)
+    end = trainer.train_loop_end
+    def slow_end():
+        time.sleep(delay)
+        return end()
+    trainer.train_loop_end = slow_end
+    return trainer
+"""
+
+_CONFIG = """
+backend = "{backend}"
+model_dir = "runs/preempted"
+[trainer]
+factory = "slow_mlp:trainer"
+delay = 0.05
+[train]
+steps = 400
+steps_per_loop = 20
+[checkpoint]
+interval = 100
+max_to_keep = 2
+"""
+
+
+def looproto_train(cwd: Path, *overrides: str) -> subprocess.Popen[str]:
+    args = [arg for item in overrides for arg in ("--set", item)]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
+    env.pop("LOOPROTO_BACKEND", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "looproto", "train", "run.toml", "--no-progress", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def checkpoint_contents(checkpoint_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    import orbax.checkpoint as ocp
+
+    meta = looproto.checkpoint.read_metadata(checkpoint_dir)
+    with ocp.StandardCheckpointer() as checkpointer:
+        arrays = checkpointer.restore(checkpoint_dir / str(meta["step"]) / "state")
+    return arrays, meta["objects"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["numpy", "tensorflow"])
+def test_looproto_train_exits_75_on_sigterm_and_the_rerun_matches_an_uninterrupted_run(
+    tmp_path: Path, backend: str
+) -> None:
+    from looproto.examples import mlp
+
+    if backend not in mlp.IMPLEMENTATIONS:
+        pytest.skip(f"the MLP example has no {backend} implementation")
+    pytest.importorskip(backend)
+    (tmp_path / "slow_mlp.py").write_text(_SLOW_FACTORY)
+    (tmp_path / "run.toml").write_text(_CONFIG.format(backend=backend))
+    reference = looproto_train(tmp_path, "trainer.delay=0.0", "model_dir=runs/reference")
+    _, err = reference.communicate(timeout=600)
+    assert reference.returncode == 0, err[-3000:]
+
+    proc = looproto_train(tmp_path)
+    assert proc.stderr is not None
+    for line in proc.stderr:  # the log: wait for the first inner loop to end
+        if line.startswith("train | step:") and "steps/sec" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+    run = tmp_path / "runs" / "preempted"
+    stopped = latest_step(run / "checkpoints")
+    assert stopped is not None and stopped < 400
+    assert (
+        f"looproto: training stopped by SIGTERM at step {stopped}: saved checkpoint "
+        f"{run.resolve() / 'checkpoints' / str(stopped)}; run again to resume." in err
+    )
+
+    again = looproto_train(tmp_path)
+    out, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err[-3000:]
+    assert "trained to step 400" in out
+    arrays, objects = checkpoint_contents(run / "checkpoints")
+    expected_arrays, expected_objects = checkpoint_contents(
+        tmp_path / "runs" / "reference" / "checkpoints"
+    )
+    assert arrays.keys() == expected_arrays.keys()
+    for path, array in expected_arrays.items():
+        np.testing.assert_array_equal(arrays[path], array, err_msg=path)
+    assert objects == expected_objects
+    shown = tensorboard_scalars(run / "summaries" / "train")["loss"]
+    assert shown == tensorboard_scalars(tmp_path / "runs/reference/summaries/train")["loss"]
+    assert [step for step, _ in shown] == list(range(20, 401, 20))
+
+
+# ----------------------------------------------------------------------------
 # The worker (run as `python -m tests.test_preemption MODEL_DIR STEPS [options]`)
 
 
