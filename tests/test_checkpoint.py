@@ -18,7 +18,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from looproto.checkpoint import CheckpointManager, checkpoints_iterator, latest_step
+from looproto.checkpoint import (
+    CheckpointManager,
+    _json_crc32,
+    checkpoints_iterator,
+    latest_step,
+)
 from looproto.data import ArrayDataset
 from looproto.errors import CheckpointError, ConfigError
 from looproto.module import Module, Variable
@@ -538,6 +543,7 @@ def test_checksum_mismatch_is_reported_as_corruption(
     meta_file = tmp_path / "2" / "meta" / "metadata"
     meta = json.loads(meta_file.read_text())
     meta["tree"]["b"]["crc32"] ^= 1
+    meta["crc32"] = _json_crc32(meta)  # a consistent JSON item: the array data differs
     meta_file.write_text(json.dumps(meta))
     with caplog.at_level(logging.WARNING), CheckpointManager(tmp_path, model) as manager:
         with pytest.raises(CheckpointError, match=r"'b': CRC-32 \d+ does not match"):
@@ -547,6 +553,58 @@ def test_checksum_mismatch_is_reported_as_corruption(
     reference = BigModel()
     reference.set(1)
     assert_same(snapshot(model), snapshot(reference))
+
+
+@pytest.mark.parametrize(
+    "flip",
+    [
+        lambda meta: meta["objects"]["it"]["state"].update(batch=17),  # a position digit
+        lambda meta: meta["tree"]["w"].update(shape=[3, 3]),  # a shape
+        lambda meta: meta.update(step=1),
+    ],
+)
+def test_a_flipped_value_in_the_json_item_is_corruption_not_a_silent_restore(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, flip: Any
+) -> None:
+    def make() -> dict[str, Any]:
+        return {"w": Variable(np.zeros((3, 2), np.float32)), "it": CountingIterator()}
+
+    root = make()
+    with CheckpointManager(tmp_path, root) as manager:
+        for step in (1, 2):
+            root["it"].position = 10 * step
+            manager.save(checkpoint_number=step)
+    meta_file = tmp_path / "2" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    flip(meta)
+    meta_file.write_text(json.dumps(meta))
+    fresh = make()
+    with caplog.at_level(logging.WARNING), CheckpointManager(tmp_path, fresh) as manager:
+        assert manager.restore_or_initialize() == str(tmp_path / "1")
+    assert "damaged metadata item" in caplog.text
+    assert fresh["it"].position == 10
+
+
+def test_a_state_the_live_object_rejects_restores_nothing(tmp_path: Path) -> None:
+    root = {
+        "w": Variable(np.ones(2, np.float32)),
+        "a_rng": np.random.default_rng(1),
+        "z_rng": np.random.default_rng(2),
+    }
+    with CheckpointManager(tmp_path, root) as manager:
+        manager.save(checkpoint_number=1)
+    # The same paths, but one Generator changed its bit generator: a code change.
+    live = {
+        "w": Variable(np.zeros(2, np.float32)),
+        "a_rng": np.random.default_rng(5),
+        "z_rng": np.random.Generator(np.random.MT19937(5)),
+    }
+    before = live["a_rng"].bit_generator.state
+    with CheckpointManager(tmp_path, live) as manager:
+        with pytest.raises(CheckpointError, match=r"'z_rng' \(Generator\) rejected its saved"):
+            manager.restore(1)
+    assert live["a_rng"].bit_generator.state == before  # put back
+    np.testing.assert_array_equal(live["w"].value, np.zeros(2, np.float32))
 
 
 def test_every_step_corrupted_calls_init_fn(

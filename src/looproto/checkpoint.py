@@ -739,7 +739,7 @@ class CheckpointManager:
             else:
                 state = _to_json(_state_adapter(obj).get_state(), path)
                 objects[path] = {"kind": "state", "state": state}
-        meta = {
+        meta: dict[str, Any] = {
             "format": _FORMAT,
             "version": _FORMAT_VERSION,
             "step": step,
@@ -747,7 +747,9 @@ class CheckpointManager:
             "objects": objects,
         }
         try:
-            json.dumps(meta)
+            # The JSON item's own checksum: a flipped digit in a shape or an iterator
+            # position would otherwise restore silently.
+            meta["crc32"] = _json_crc32(meta)
         except (TypeError, ValueError) as err:
             raise CheckpointError(f"Checkpoint {step}: state is not JSON data: {err}") from err
         return arrays, meta
@@ -946,14 +948,11 @@ class CheckpointManager:
             )
         _check_arrays(arrays, tree, where)
 
+        # Object states first: a live object may reject its state, and then every
+        # object already set is put back and no variable has changed.
+        _set_object_states(live_objects, objects, where)
         for path, variable in variables.items():
             assign_variable(variable, arrays[path])
-        for path, obj in live_objects.items():
-            state = objects[path]["state"]
-            if _is_generator(obj):
-                obj.bit_generator.state = state
-            else:
-                _state_adapter(obj).set_state(_from_json(state, path))
 
     def restore_or_initialize(self) -> str | None:
         """Restores the newest good checkpoint, or calls `init_fn` if there is none.
@@ -1004,11 +1003,24 @@ class CheckpointManager:
 # Restore checks
 
 
+def _json_crc32(meta: dict[str, Any]) -> int:
+    """CRC-32 of the canonical JSON of everything in `meta` but its own checksum."""
+    body = {key: value for key, value in meta.items() if key != "crc32"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return zlib.crc32(text.encode("utf-8"))
+
+
 def _parse_meta(meta: Any, where: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The array tree and object states of a JSON item, validated."""
     if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
         raise _CorruptCheckpointError(
             f"Checkpoint {where} has no valid looproto metadata item; received {value_repr(meta)}."
+        )
+    # Checkpoints of looproto before this checksum have none; they are checked as before.
+    if "crc32" in meta and meta["crc32"] != _json_crc32(meta):
+        raise _CorruptCheckpointError(
+            f"Checkpoint {where} has a damaged metadata item: its CRC-32 does not match "
+            f"the recorded {value_repr(meta['crc32'])}."
         )
     version = meta.get("version")
     if version != _FORMAT_VERSION:
@@ -1080,6 +1092,38 @@ def _check_matches(
             f"Checkpoint {where} does not match the variables of `checkpoint` "
             f"({len(problems)} difference(s)); nothing was restored:\n" + "\n".join(problems)
         )
+
+
+def _set_object_states(live: dict[str, Any], objects: dict[str, Any], where: str) -> None:
+    """Sets every live object's state; on a rejection, puts the earlier ones back.
+
+    Raises:
+        CheckpointError: A live object rejected its state (the path is named).
+    """
+    done: list[tuple[Any, Any]] = []  # (object, its previous state)
+    for path, obj in live.items():
+        state = objects[path]["state"]
+        try:
+            if _is_generator(obj):
+                previous = obj.bit_generator.state
+                obj.bit_generator.state = state
+                done.append((obj, previous))
+            else:
+                adapter = _state_adapter(obj)
+                previous = adapter.get_state()
+                adapter.set_state(_from_json(state, path))
+                done.append((adapter, previous))
+        except Exception as err:
+            for target, old in reversed(done):
+                if _is_generator(target):
+                    target.bit_generator.state = old
+                else:
+                    target.set_state(old)
+            raise CheckpointError(
+                f"Checkpoint {where}: the live object at {path!r} "
+                f"({type(obj).__name__}) rejected its saved state ({type(err).__name__}: "
+                f"{err}); nothing was restored. Was the object's type changed?"
+            ) from err
 
 
 def _check_arrays(arrays: dict[str, Any], tree: dict[str, Any], where: str) -> None:
