@@ -467,6 +467,9 @@ class Controller:
         self._require("trainer", for_method="train_and_evaluate")
         self._require("evaluator", for_method="train_and_evaluate")
         train_steps = _check_steps(train_steps, "train_steps", allow_zero=True, allow_all=False)
+        # Checked now, not at the first evaluation: after a whole stretch of training,
+        # or never when there is nothing to train.
+        eval_steps = _check_steps(eval_steps, "eval_steps", allow_zero=False)
         if eval_interval is not None:
             eval_interval = _check_steps(
                 eval_interval, "eval_interval", allow_zero=False, allow_all=False
