@@ -355,8 +355,14 @@ def run_chain(
         run = Run(model_dir, index, *extra)
         if not run.wait_ready():
             code, _, err = run.finish()
-            raise AssertionError(f"run {index} ended before training ({code}): {err[-2000:]}")
-        time.sleep(kill[1])
+            # Only possible if the last kill came after training had ended.
+            assert code == 0 and run.restored == STEPS, f"run {index} ({code}): {err[-2000:]}"
+            landed.append("nothing left to train")
+            continue
+        assert run.restored is not None
+        # The delay is a fraction of a whole run's time: scale it to what is left (and
+        # a little under: asynchronous saves make a run quicker than the reference).
+        time.sleep(0.8 * kill[1] * (STEPS - run.restored) / STEPS)
         if kill[0] == "random":
             run.proc.send_signal(signal.SIGKILL)
             code, _, err = run.finish()
@@ -379,12 +385,14 @@ def run_chain(
     code, _, err = run.finish()
     assert code == 0, err[-3000:]
     check_against_reference(model_dir, reference)
-    print(f"\n{model_dir.name}: {len(kills)} kills survived, landed at {landed}")
+    missed = ("nothing left to train", "after the end")
+    survived = [where for where in landed if not where.startswith(missed)]
+    print(f"\n{model_dir.name}: {len(survived)} of {len(kills)} kill points hit: {landed}")
     return landed
 
 
 # ----------------------------------------------------------------------------
-# The chains: 27 kill points
+# The chains: 29 kill points (20 deterministic)
 
 
 def test_sigkill_at_named_phases_across_train_summary_and_save(
@@ -401,6 +409,7 @@ def test_sigkill_at_named_phases_across_train_summary_and_save(
             "save_collect:1",  # host copies and CRC-32s made, nothing written
             "orbax_commit:1",  # all files written, not yet renamed into place
             "orbax_committed:2",  # committed, before retention ran
+            "summary_write:1",
         ],
         reference,
     )
