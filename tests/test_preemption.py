@@ -6,6 +6,7 @@ see `_worker` at the bottom.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ import pytest
 import looproto
 from looproto import preemption
 from looproto.checkpoint import CheckpointManager, latest_step
+from looproto.examples import mlp
 from looproto.preemption import EXIT_PREEMPTED, Preempted
 from tests.helpers import TestRunner, scalars, tensorboard_scalars
 
@@ -194,6 +196,27 @@ def test_no_handlers_are_installed_outside_the_main_thread(tmp_path: Path) -> No
     assert runner.handler_seen is not preemption._handle
 
 
+def test_a_signal_after_the_stop_began_counts_as_the_second(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    exits: list[int] = []
+    monkeypatch.setattr(preemption, "_exit_now", exits.append)
+    with preemption.watch((signal.SIGUSR1,)):
+        preemption._handle(signal.SIGUSR1, None)  # what the first signal does
+        assert preemption.requested()
+        assert preemption.signal_received() == signal.SIGUSR1
+        assert exits == []
+        preemption.acknowledge()  # the Controller stops: saving, closing
+        assert not preemption.requested()
+        preemption._handle(signal.SIGUSR1, None)
+        assert exits == [signal.SIGUSR1]  # at once
+    exits.clear()
+    with preemption.watch((signal.SIGUSR1,)):  # a new watch starts counting afresh
+        preemption.clear()
+        preemption._handle(signal.SIGUSR1, None)
+        assert exits == []
+
+
 @pytest.mark.parametrize(
     ("bad", "match"),
     [
@@ -252,7 +275,7 @@ def wait_for_line(proc: subprocess.Popen[str], prefix: str, timeout: float = 60)
     raise AssertionError(f"the worker never printed {prefix!r}; stderr:\n{err[-3000:]}")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_a_signal_finishes_the_loop_saves_closes_and_exits_75_then_resume_is_exact(
     tmp_path: Path, signum: signal.Signals
 ) -> None:
@@ -371,15 +394,12 @@ def checkpoint_contents(checkpoint_dir: Path) -> tuple[dict[str, Any], dict[str,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["numpy", "tensorflow"])
+@pytest.mark.parametrize("backend", sorted(mlp.IMPLEMENTATIONS))  # each backend as it lands
 def test_looproto_train_exits_75_on_sigterm_and_the_rerun_matches_an_uninterrupted_run(
     tmp_path: Path, backend: str
 ) -> None:
-    from looproto.examples import mlp
-
-    if backend not in mlp.IMPLEMENTATIONS:
-        pytest.skip(f"the MLP example has no {backend} implementation")
-    pytest.importorskip(backend)
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed")
     (tmp_path / "slow_mlp.py").write_text(_SLOW_FACTORY)
     (tmp_path / "run.toml").write_text(_CONFIG.format(backend=backend))
     reference = looproto_train(tmp_path, "trainer.delay=0.0", "model_dir=runs/reference")

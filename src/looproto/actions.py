@@ -293,10 +293,10 @@ class SaveCheckpointIfPreempted:
         if path is None:
             # Already saved at this step (an interval save): that checkpoint holds it.
             path = getattr(manager, "latest_checkpoint", None)
-        # Acted on: a later signal is a first signal again.
-        preemption.clear()
         if self.keep_running_after_save:
+            preemption.clear()  # training goes on: a later signal is a first one again
             return
+        preemption.acknowledge()
         step = number
         if step is None:  # numbered by the manager's step counter: read it off the path
             name = os.path.basename(os.fspath(path)) if path is not None else ""

@@ -571,7 +571,7 @@ class Controller:
             latest = manager.latest_checkpoint
             if checkpoint is None and latest is not None and os.path.basename(latest) == str(step):
                 checkpoint = latest  # saved at this step already (interval or completion)
-        preemption.clear()
+        preemption.acknowledge()  # a signal while closing down still exits at once
         raise preemption.Preempted(step, signal_number, checkpoint)
 
     @contextlib.contextmanager

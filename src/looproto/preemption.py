@@ -51,6 +51,7 @@ __all__ = [
     "DEFAULT_SIGNALS",
     "EXIT_PREEMPTED",
     "Preempted",
+    "acknowledge",
     "clear",
     "check_signals",
     "request",
@@ -151,8 +152,18 @@ def request() -> None:
     _State.signal_number = None
 
 
+def acknowledge() -> None:
+    """Marks the pending request as acted on (the `Controller` calls it as it stops).
+
+    Unlike `clear()`, a further signal while the handlers are installed still counts
+    as a second one and ends the process at once: the run is already stopping.
+    """
+    _State.pending = False
+    _State.signal_number = None
+
+
 def clear() -> None:
-    """Forgets a pending request. The `Controller` calls it when it stops for one."""
+    """Forgets a pending request and the signals received, as if none had come."""
     _State.pending = False
     _State.signal_number = None
     _State.received = 0
@@ -258,6 +269,7 @@ def watch(signals: Iterable[int] | None = DEFAULT_SIGNALS) -> Iterator[None]:
         yield
     finally:
         _State.depth = 0
+        _State.received = 0
         for number, handler in previous.items():
             # getsignal() gives None for a handler installed from C; the closest
             # Python can restore is the default.
