@@ -134,3 +134,20 @@ def scalars(logdir: Any, run: str = ".") -> dict[str, list[tuple[int, float]]]:
     from looproto._events import read_events
 
     return read_events(logdir).get(run, {})
+
+
+def tensorboard_scalars(run_dir: Any) -> dict[str, list[tuple[int, float]]]:
+    """`{tag: [(step, value), ...]}` of one run as TensorBoard's own reader shows it.
+
+    Unlike `scalars`, this applies TensorBoard's purging: events at steps >= a
+    `SessionLog.START`'s step in earlier files of the run are dropped
+    (`SummaryManager(purge_step=...)`).
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {
+        tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
+        for tag in accumulator.Tags()["scalars"]
+    }

@@ -1,4 +1,5 @@
-"""Ready-made actions: ConditionalAction, NewBestMetric, JSONPersistedValue, PeriodicAction."""
+"""Ready-made actions: ConditionalAction, NewBestMetric, JSONPersistedValue, PeriodicAction,
+SaveCheckpointIfPreempted."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ from typing import Any
 import pytest
 
 import looproto
-from looproto.actions import ConditionalAction, JSONPersistedValue, NewBestMetric, PeriodicAction
+from looproto.actions import (
+    ConditionalAction,
+    JSONPersistedValue,
+    NewBestMetric,
+    PeriodicAction,
+    SaveCheckpointIfPreempted,
+)
 from tests.helpers import TestRunner
 
 
@@ -90,3 +97,82 @@ def test_periodic_action_fires_on_boundary_crossings_with_any_steps_per_loop():
 def test_periodic_action_rejects_bad_intervals(kwargs, match):
     with pytest.raises(looproto.ConfigError, match=match):
         PeriodicAction(print, looproto.create_global_step(), **kwargs)
+
+
+class _RequestAt(TestRunner):
+    __test__ = False
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.request_step = step
+
+    def train_step(self, iterator: Any) -> None:
+        super().train_step(iterator)
+        if int(self.global_step) == self.request_step:
+            looproto.preemption.request()
+
+
+def _manager(tmp_path: Any, runner: TestRunner) -> looproto.CheckpointManager:
+    return looproto.CheckpointManager(tmp_path, runner, step_counter=runner.global_step)
+
+
+def test_save_checkpoint_if_preempted_saves_then_stops(tmp_path):
+    runner = _RequestAt(5)
+    manager = _manager(tmp_path, runner)
+    action = SaveCheckpointIfPreempted(manager)
+    # No handlers of the Controller's own: the action alone acts on the request.
+    controller = looproto.Controller(
+        trainer=runner,
+        global_step=runner.global_step,
+        steps_per_loop=3,
+        train_actions=[action],
+        preemption_signals=None,
+    )
+    with pytest.raises(looproto.preemption.Preempted) as info:
+        controller.train(steps=30)
+    assert (info.value.step, info.value.checkpoint) == (6, str(tmp_path / "6"))
+    assert info.value.code == 75
+    assert manager.checkpoints == [str(tmp_path / "6")]
+    assert not looproto.preemption.requested()
+
+
+def test_save_checkpoint_if_preempted_can_keep_running(tmp_path):
+    runner = _RequestAt(5)
+    manager = _manager(tmp_path, runner)
+    action = SaveCheckpointIfPreempted(
+        manager, checkpoint_number=runner.global_step, keep_running_after_save=True
+    )
+    looproto.Controller(
+        trainer=runner,
+        global_step=runner.global_step,
+        steps_per_loop=3,
+        train_actions=[action],
+        preemption_signals=None,
+    ).train(steps=12)
+    assert int(runner.global_step) == 12
+    assert manager.checkpoints == [str(tmp_path / "6")]  # once, at the request
+
+
+def test_save_checkpoint_if_preempted_does_nothing_without_a_request(tmp_path):
+    runner = TestRunner()
+    manager = _manager(tmp_path, runner)
+    SaveCheckpointIfPreempted(manager)({})
+    assert manager.checkpoints == []
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((object(),), "`checkpoint_manager` must have"),
+        ((None,), "`checkpoint_manager` must have"),
+    ],
+)
+def test_save_checkpoint_if_preempted_rejects_bad_arguments(args, match):
+    with pytest.raises(looproto.LooprotoError, match=match):
+        SaveCheckpointIfPreempted(*args)
+
+
+def test_save_checkpoint_if_preempted_keep_running_must_be_bool(tmp_path):
+    manager = _manager(tmp_path, TestRunner())
+    with pytest.raises(looproto.ConfigError, match="`keep_running_after_save`"):
+        SaveCheckpointIfPreempted(manager, keep_running_after_save="yes")

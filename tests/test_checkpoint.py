@@ -18,7 +18,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from looproto.checkpoint import CheckpointManager, checkpoints_iterator, latest_step
+from looproto.checkpoint import (
+    CheckpointManager,
+    _json_crc32,
+    checkpoints_iterator,
+    latest_step,
+)
+from looproto.data import ArrayDataset
 from looproto.errors import CheckpointError, ConfigError
 from looproto.module import Module, Variable
 
@@ -276,10 +282,34 @@ def test_interval_without_step_counter_is_a_config_error(tmp_path: Path) -> None
         CheckpointManager(tmp_path, Model(), checkpoint_interval=5)
 
 
-@pytest.mark.parametrize("bad", [0, -1])
-def test_max_to_keep_must_be_positive(tmp_path: Path, bad: int) -> None:
-    with pytest.raises(ConfigError, match=f"`max_to_keep`.*received {bad}"):
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "3", True])
+def test_max_to_keep_must_be_a_positive_int(tmp_path: Path, bad: Any) -> None:
+    with pytest.raises(ConfigError, match=f"`max_to_keep`.*received max_to_keep={bad!r}"):
         CheckpointManager(tmp_path, Model(), max_to_keep=bad)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"checkpoint_interval": "5", "step_counter": 0}, "checkpoint_interval"),
+        ({"checkpoint_interval": 2.5, "step_counter": 0}, "checkpoint_interval"),
+        ({"step_counter": "12"}, "step_counter"),
+        ({"step_counter": object()}, "step_counter"),
+        ({"init_fn": 3}, "init_fn"),
+        ({"enable_async": "yes"}, "enable_async"),
+    ],
+)
+def test_bad_arguments_raise_config_errors_naming_them(
+    tmp_path: Path, kwargs: dict[str, Any], argument: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"`{argument}`"):
+        CheckpointManager(tmp_path, Model(), **kwargs)
+
+
+@pytest.mark.parametrize("bad", [None, "", 3, b"/tmp/x"])
+def test_directory_must_be_a_path(bad: Any) -> None:
+    with pytest.raises(ConfigError, match="`directory`"):
+        CheckpointManager(bad, Model())
 
 
 def test_max_to_keep_keeps_the_newest_and_checkpoints_lists_them(tmp_path: Path) -> None:
@@ -469,9 +499,14 @@ def test_restore_or_initialize_falls_back_past_a_corrupted_newest_step(
     model.set(99)
     with caplog.at_level(logging.WARNING), CheckpointManager(tmp_path, model) as manager:
         assert manager.restore_or_initialize() == str(tmp_path / "1")
-        with pytest.raises(CheckpointError, match="/2"):
+        # Set aside, not deleted: no longer listed, so step 2 can be saved again.
+        with pytest.raises(CheckpointError, match=r"No checkpoint 2 .*\[1\]"):
             manager.restore(2)
+        assert manager.checkpoints == [str(tmp_path / "1")]
+        assert manager.save(checkpoint_number=2) == str(tmp_path / "2")
     assert "Skipping corrupted checkpoint 2" in caplog.text
+    (moved,) = [name for name in os.listdir(tmp_path) if name.startswith("2.corrupted-")]
+    assert moved in caplog.text
     assert_same(snapshot(model), expected)
 
 
@@ -508,6 +543,7 @@ def test_checksum_mismatch_is_reported_as_corruption(
     meta_file = tmp_path / "2" / "meta" / "metadata"
     meta = json.loads(meta_file.read_text())
     meta["tree"]["b"]["crc32"] ^= 1
+    meta["crc32"] = _json_crc32(meta)  # a consistent JSON item: the array data differs
     meta_file.write_text(json.dumps(meta))
     with caplog.at_level(logging.WARNING), CheckpointManager(tmp_path, model) as manager:
         with pytest.raises(CheckpointError, match=r"'b': CRC-32 \d+ does not match"):
@@ -517,6 +553,58 @@ def test_checksum_mismatch_is_reported_as_corruption(
     reference = BigModel()
     reference.set(1)
     assert_same(snapshot(model), snapshot(reference))
+
+
+@pytest.mark.parametrize(
+    "flip",
+    [
+        lambda meta: meta["objects"]["it"]["state"].update(batch=17),  # a position digit
+        lambda meta: meta["tree"]["w"].update(shape=[3, 3]),  # a shape
+        lambda meta: meta.update(step=1),
+    ],
+)
+def test_a_flipped_value_in_the_json_item_is_corruption_not_a_silent_restore(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, flip: Any
+) -> None:
+    def make() -> dict[str, Any]:
+        return {"w": Variable(np.zeros((3, 2), np.float32)), "it": CountingIterator()}
+
+    root = make()
+    with CheckpointManager(tmp_path, root) as manager:
+        for step in (1, 2):
+            root["it"].position = 10 * step
+            manager.save(checkpoint_number=step)
+    meta_file = tmp_path / "2" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    flip(meta)
+    meta_file.write_text(json.dumps(meta))
+    fresh = make()
+    with caplog.at_level(logging.WARNING), CheckpointManager(tmp_path, fresh) as manager:
+        assert manager.restore_or_initialize() == str(tmp_path / "1")
+    assert "damaged metadata item" in caplog.text
+    assert fresh["it"].position == 10
+
+
+def test_a_state_the_live_object_rejects_restores_nothing(tmp_path: Path) -> None:
+    root = {
+        "w": Variable(np.ones(2, np.float32)),
+        "a_rng": np.random.default_rng(1),
+        "z_rng": np.random.default_rng(2),
+    }
+    with CheckpointManager(tmp_path, root) as manager:
+        manager.save(checkpoint_number=1)
+    # The same paths, but one Generator changed its bit generator: a code change.
+    live = {
+        "w": Variable(np.zeros(2, np.float32)),
+        "a_rng": np.random.default_rng(5),
+        "z_rng": np.random.Generator(np.random.MT19937(5)),
+    }
+    before = live["a_rng"].bit_generator.state
+    with CheckpointManager(tmp_path, live) as manager:
+        with pytest.raises(CheckpointError, match=r"'z_rng' \(Generator\) rejected its saved"):
+            manager.restore(1)
+    assert live["a_rng"].bit_generator.state == before  # put back
+    np.testing.assert_array_equal(live["w"].value, np.zeros(2, np.float32))
 
 
 def test_every_step_corrupted_calls_init_fn(
@@ -673,3 +761,313 @@ def test_import_does_not_import_orbax_or_jax() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------
+# Retention never costs the last good checkpoint
+
+
+def test_max_to_keep_keeps_older_checkpoints_while_the_newest_is_incomplete(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = Model()
+    with CheckpointManager(tmp_path, model, max_to_keep=1) as manager:
+        fill(model, 1.0)
+        manager.save(checkpoint_number=1)
+        original = manager._manager.save
+
+        def lossy_save(step: int, **kwargs: Any) -> Any:
+            # Storage that "commits" a step but loses its array index.
+            result = original(step, **kwargs)
+            (tmp_path / str(step) / "state" / "_METADATA").unlink()
+            return result
+
+        monkeypatch.setattr(manager._manager, "save", lossy_save)
+        fill(model, 2.0)
+        with caplog.at_level(logging.WARNING):
+            manager.save(checkpoint_number=2)
+        assert "Checkpoint " + str(tmp_path / "2") + " is incomplete" in caplog.text
+        assert sorted(os.listdir(tmp_path)) == ["1", "2"]  # 1 survives max_to_keep=1
+        monkeypatch.undo()
+        fill(model, 3.0)
+        manager.save(checkpoint_number=3)  # good again: now 1 (and the bad 2) may go
+        assert manager.checkpoints == [str(tmp_path / "3")]
+    fill(model, 0.0)
+    with CheckpointManager(tmp_path, model) as manager:
+        assert manager.restore_or_initialize() == str(tmp_path / "3")
+    assert float(model.scale.value) == 3.0
+
+
+def test_a_failed_async_save_keeps_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = Model()
+    fill(model, 1.0)
+    manager = CheckpointManager(tmp_path, model, max_to_keep=1, enable_async=True)
+    try:
+        manager.save(checkpoint_number=1)
+        manager.sync()
+        original = manager._collect
+
+        def unserialisable(step: int) -> Any:
+            arrays, meta = original(step)
+            meta["step"] = np.int64(step)  # fails in orbax's background thread
+            return arrays, meta
+
+        monkeypatch.setattr(manager, "_collect", unserialisable)
+        assert manager.save(checkpoint_number=2) == str(tmp_path / "2")
+        with pytest.raises(CheckpointError, match="save of checkpoint 2"):
+            manager.sync()
+    finally:
+        manager.close()
+    assert latest_step(tmp_path) == 1
+    fill(model, 0.0)
+    with CheckpointManager(tmp_path, model) as again:
+        assert again.restore_or_initialize() == str(tmp_path / "1")
+    assert float(model.scale.value) == 1.0
+
+
+def test_deleting_renames_the_step_away_and_leftovers_are_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    renames: list[tuple[str, str]] = []
+    rename = os.rename
+
+    def recording_rename(src: Any, dst: Any) -> None:
+        renames.append((os.path.basename(src), os.path.basename(dst)))
+        rename(src, dst)
+
+    with CheckpointManager(tmp_path, Model(), max_to_keep=1) as manager:
+        manager.save(checkpoint_number=1)
+        monkeypatch.setattr(os, "rename", recording_rename)
+        manager.save(checkpoint_number=2)
+        monkeypatch.undo()
+    assert ("1", ".1.looproto-deleting") in renames
+    # A crash between the rename and the end of the deletion leaves this behind:
+    leftover = tmp_path / ".7.looproto-deleting"
+    (leftover / "state").mkdir(parents=True)
+    with CheckpointManager(tmp_path, Model()) as manager:
+        assert manager.checkpoints == [str(tmp_path / "2")]
+    assert not leftover.exists()
+
+
+# ----------------------------------------------------------------------------
+# Asynchronous saves and the end of the process
+
+_ASYNC_EXIT_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.modules["torch"] = None  # tensorboardX is not used; keep the start fast
+    import numpy as np
+    from looproto.checkpoint import CheckpointManager
+    from looproto.module import Variable
+    data = np.random.default_rng(0).standard_normal(5_000_000).astype(np.float32)
+    manager = CheckpointManager(sys.argv[1], {"w": Variable(data)}, enable_async=True)
+    manager.save(checkpoint_number=1)  # returns while orbax still writes
+    how = sys.argv[2]
+    if how == "sys.exit":
+        sys.exit(0)
+    if how == "raise":
+        raise RuntimeError("boom")
+    # "return": fall off the end of the script
+    """
+)
+
+
+@pytest.mark.parametrize("how", ["return", "sys.exit", "raise"])
+def test_an_async_save_completes_when_the_interpreter_exits(tmp_path: Path, how: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _ASYNC_EXIT_SCRIPT, str(tmp_path), how],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == (1 if how == "raise" else 0), result.stderr[-2000:]
+    assert "cannot schedule new futures" not in result.stderr
+    assert latest_step(tmp_path) == 1
+    w = Variable(np.zeros(5_000_000, np.float32))
+    with CheckpointManager(tmp_path, {"w": w}) as manager:
+        assert manager.restore_or_initialize() == str(tmp_path / "1")
+    expected = np.random.default_rng(0).standard_normal(5_000_000).astype(np.float32)
+    np.testing.assert_array_equal(w.value, expected)
+
+
+# ----------------------------------------------------------------------------
+# No pickle
+
+_NO_PICKLE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import pickle, _pickle, copyreg
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pickle was used to load a checkpoint")
+
+    class Refusing:
+        def __init__(self, *args, **kwargs):
+            refuse()
+
+    # Before anything else is imported: no module can keep a reference to the originals.
+    for module in (pickle, _pickle):
+        module.load = module.loads = refuse
+        module.Unpickler = Refusing
+    pickle._load = pickle._loads = refuse
+    pickle._Unpickler = Refusing
+    import numpy as np
+    np.load = refuse
+    from looproto.checkpoint import CheckpointManager, read_metadata
+    from looproto.data import ArrayDataset
+    from looproto.module import Variable
+    root = {
+        "w": Variable(np.zeros((3, 2), np.float32)),
+        "n": Variable(np.int64(0)),
+        "rng": np.random.default_rng(5),
+        "it": iter(ArrayDataset(np.arange(10), 2)),
+    }
+    with CheckpointManager(sys.argv[1], root) as manager:
+        assert manager.restore_or_initialize() == sys.argv[1] + "/1"
+    assert root["w"].value.tolist() == [[1.5, 1.5]] * 3, root["w"].value
+    assert int(root["n"].value) == 7
+    assert root["it"].get_state() == {"epoch": 0, "batch": 3}
+    assert read_metadata(sys.argv[1])["step"] == 1
+    print("restored without pickle")
+    """
+)
+
+
+def test_checkpoints_load_with_pickle_disabled(tmp_path: Path) -> None:
+    root = {
+        "w": Variable(np.full((3, 2), 1.5, np.float32)),
+        "n": Variable(np.int64(7)),
+        "rng": np.random.default_rng(5),
+        "it": iter(ArrayDataset(np.arange(10), 2)),
+    }
+    for _ in range(3):
+        next(root["it"])
+    directory = str(tmp_path.resolve())
+    with CheckpointManager(directory, root) as manager:
+        manager.save(checkpoint_number=1)
+    result = subprocess.run(
+        [sys.executable, "-c", _NO_PICKLE_SCRIPT, directory],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "restored without pickle" in result.stdout
+    # And the files are what they say: the JSON items parse, nothing is a pickle stream.
+    for path in (tmp_path / "1").rglob("*"):
+        if path.is_file() and path.name in {"metadata", "_METADATA", "_CHECKPOINT_METADATA"}:
+            json.loads(path.read_text())
+        if path.is_file():
+            assert not path.read_bytes().startswith(b"\x80"), path  # pickle protocol 2+
+
+
+# ----------------------------------------------------------------------------
+# Iterator and RNG states of other libraries
+
+
+def test_numpy_random_state_round_trips(tmp_path: Path) -> None:
+    legacy = np.random.RandomState(3)
+    legacy.rand(5)
+    with CheckpointManager(tmp_path, {"rs": legacy}) as manager:
+        manager.save(checkpoint_number=1)
+        expected = legacy.rand(4)
+        legacy.seed(99)
+        manager.restore(1)
+    np.testing.assert_array_equal(legacy.rand(4), expected)
+
+
+def test_bytes_in_an_iterator_state_round_trip_as_base64_json(tmp_path: Path) -> None:
+    class BytesState:
+        def __init__(self) -> None:
+            self.blob = b"\x00\xffstate"
+
+        def get_state(self) -> Any:
+            return {"blob": self.blob, "nested": [self.blob]}
+
+        def set_state(self, state: Any) -> None:
+            assert state["nested"] == [state["blob"]]
+            self.blob = state["blob"]
+
+    obj = BytesState()
+    with CheckpointManager(tmp_path, {"obj": obj}) as manager:
+        manager.save(checkpoint_number=1)
+        obj.blob = b""
+        manager.restore(1)
+    assert obj.blob == b"\x00\xffstate"
+    meta = json.loads((tmp_path / "1" / "meta" / "metadata").read_text())
+    assert meta["objects"]["obj"]["state"]["blob"] == {"__looproto_bytes__": "AP9zdGF0ZQ=="}
+
+
+def test_grain_iterators_resume_where_they_were(tmp_path: Path) -> None:
+    grain = pytest.importorskip("grain")
+    import grain.python as gp
+
+    dataset = grain.MapDataset.range(50).shuffle(seed=3).batch(4).to_iter_dataset()
+    loader = gp.DataLoader(
+        data_source=gp.RangeDataSource(0, 50, 1),
+        sampler=gp.IndexSampler(
+            num_records=50, shuffle=True, seed=1, num_epochs=1, shard_options=gp.NoSharding()
+        ),
+        operations=[gp.Batch(4)],
+        worker_count=0,
+    )
+    iterators = {"dataset": iter(dataset), "loader": iter(loader)}  # dict / bytes states
+    for it in iterators.values():
+        next(it), next(it)
+    with CheckpointManager(tmp_path, iterators) as manager:
+        manager.save(checkpoint_number=1)
+    expected = {name: [next(it).tolist() for _ in range(3)] for name, it in iterators.items()}
+    fresh = {"dataset": iter(dataset), "loader": iter(loader)}
+    with CheckpointManager(tmp_path, fresh) as manager:
+        manager.restore(1)
+    assert {name: [next(it).tolist() for _ in range(3)] for name, it in fresh.items()} == expected
+
+
+def test_torchdata_stateful_dataloader_resumes_mid_epoch(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    stateful = pytest.importorskip("torchdata.stateful_dataloader")
+
+    def make() -> Module:
+        holder = Module(name="holder")
+        loader = stateful.StatefulDataLoader(
+            list(range(40)),
+            batch_size=3,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(0),
+        )
+        # As `StandardTrainer` holds them: the loader and its iterator.
+        holder.loader = loader  # type: ignore[attr-defined]
+        holder.iterator = iter(loader)  # type: ignore[attr-defined]
+        return holder
+
+    holder = make()
+    for _ in range(4):
+        next(holder.iterator)  # type: ignore[attr-defined]
+    with CheckpointManager(tmp_path, holder) as manager:
+        manager.save(checkpoint_number=1)
+    expected = [next(holder.iterator).tolist() for _ in range(5)]  # type: ignore[attr-defined]
+    # The sampler state holds a torch tensor (the generator's state): stored as base64.
+    meta = json.loads((tmp_path / "1" / "meta" / "metadata").read_text())
+    assert "__looproto_tensor__" in json.dumps(meta["objects"])
+    fresh = make()
+    with CheckpointManager(tmp_path, fresh) as manager:
+        manager.restore(1)
+    assert [next(fresh.iterator).tolist() for _ in range(5)] == expected  # type: ignore[attr-defined]
+
+
+def test_torch_generator_state_round_trips(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    generator = torch.Generator().manual_seed(11)
+    torch.rand(3, generator=generator)
+    with CheckpointManager(tmp_path, {"gen": generator}) as manager:
+        manager.save(checkpoint_number=1)
+        expected = torch.rand(4, generator=generator)
+        generator.manual_seed(0)
+        manager.restore(1)
+    assert torch.equal(torch.rand(4, generator=generator), expected)

@@ -13,6 +13,7 @@ from importlib import metadata as _metadata
 from looproto import actions as actions
 from looproto import backends as backends
 from looproto import data as data
+from looproto import preemption as preemption
 from looproto.checkpoint import CheckpointManager as CheckpointManager
 from looproto.controller import Action as Action
 from looproto.controller import Controller as Controller
@@ -29,6 +30,7 @@ from looproto.module import create_global_step as create_global_step
 from looproto.module import current_name_scope as current_name_scope
 from looproto.module import name_scope as name_scope
 from looproto.module import variables_by_path as variables_by_path
+from looproto.preemption import Preempted as Preempted
 from looproto.runner import AbstractEvaluator as AbstractEvaluator
 from looproto.runner import AbstractTrainer as AbstractTrainer
 from looproto.runner import Evaluator as Evaluator
@@ -59,6 +61,7 @@ __all__ = [
     "Module",
     "NameScope",
     "Output",
+    "Preempted",
     "ProtocolError",
     "ShapeError",
     "StandardEvaluator",
@@ -74,5 +77,6 @@ __all__ = [
     "current_name_scope",
     "data",
     "name_scope",
+    "preemption",
     "variables_by_path",
 ]

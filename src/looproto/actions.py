@@ -1,10 +1,10 @@
 """Ready-made actions for `Controller(train_actions=..., eval_actions=...)`.
 
 An action is any callable taking the output of an inner loop (train actions) or
-of an evaluation (eval actions). `ConditionalAction`, `NewBestMetric` and
-`JSONPersistedValue` are Orbit's; `PeriodicAction` runs an action at its own
-interval, decoupled from `steps_per_loop` (Orbit's `PeriodicAction` takes other
-arguments and fires only on exact multiples).
+of an evaluation (eval actions). `ConditionalAction`, `NewBestMetric`,
+`JSONPersistedValue` and `SaveCheckpointIfPreempted` are Orbit's; `PeriodicAction`
+runs an action at its own interval, decoupled from `steps_per_loop` (Orbit's
+`PeriodicAction` takes other arguments and fires only on exact multiples).
 """
 
 from __future__ import annotations
@@ -20,11 +20,18 @@ from typing import Any
 
 import numpy as np
 
-from looproto.errors import ConfigError, value_repr
+from looproto import preemption
+from looproto.errors import ConfigError, ProtocolError, value_repr
 from looproto.module import Variable, variable_to_numpy
 from looproto.runner import Output
 
-__all__ = ["ConditionalAction", "JSONPersistedValue", "NewBestMetric", "PeriodicAction"]
+__all__ = [
+    "ConditionalAction",
+    "JSONPersistedValue",
+    "NewBestMetric",
+    "PeriodicAction",
+    "SaveCheckpointIfPreempted",
+]
 
 Condition = Callable[[Output], Any]
 MetricFn = Callable[[Output], Any]
@@ -226,3 +233,72 @@ class NewBestMetric:
             self._best_value.write(self.metric_value(output))
             return True
         return False
+
+
+class SaveCheckpointIfPreempted:
+    """Saves a checkpoint when preemption was requested; then stops training, or not.
+
+    Orbit's action, without TensorFlow's cluster resolver: the request comes from a
+    signal handled by `looproto.preemption.watch()` (the `Controller` installs one
+    during training, see `Controller(preemption_signals=...)`) or from
+    `looproto.preemption.request()`. Use it as a train action::
+
+        Controller(..., train_actions=[SaveCheckpointIfPreempted(manager)])
+
+    The `Controller` itself already saves and stops on a request; this action is for
+    ports of Orbit code, for `keep_running_after_save=True`, and for checkpoint
+    managers the Controller does not own.
+
+    Args:
+        checkpoint_manager: The manager to save with (`looproto.CheckpointManager` or
+            anything with `save(checkpoint_number, check_interval)` and `sync()`).
+        checkpoint_number: The step to number the checkpoint by (an int or a scalar
+            variable, read when saving); default the manager's step counter.
+        keep_running_after_save: After saving, keep training instead of raising
+            `Preempted` (the platform is expected to end the process itself).
+
+    Raises:
+        ProtocolError: `checkpoint_manager` has no `save`/`sync` methods.
+    """
+
+    def __init__(
+        self,
+        checkpoint_manager: Any,
+        checkpoint_number: Any = None,
+        keep_running_after_save: bool = False,
+    ) -> None:
+        if not all(callable(getattr(checkpoint_manager, name, None)) for name in ("save", "sync")):
+            raise ProtocolError(
+                "`checkpoint_manager` must have `save(checkpoint_number, check_interval)` and "
+                f"`sync()` methods (a `looproto.CheckpointManager`); received "
+                f"{value_repr(checkpoint_manager)}."
+            )
+        if not isinstance(keep_running_after_save, bool):
+            raise ConfigError(
+                "`keep_running_after_save` must be a bool; received "
+                f"keep_running_after_save={value_repr(keep_running_after_save)}."
+            )
+        self.checkpoint_manager = checkpoint_manager
+        self.checkpoint_number = checkpoint_number
+        self.keep_running_after_save = keep_running_after_save
+
+    def __call__(self, output: Output) -> None:
+        if not preemption.requested():
+            return
+        signal_number = preemption.signal_received()
+        number = None if self.checkpoint_number is None else _read_step(self.checkpoint_number)
+        manager = self.checkpoint_manager
+        path = manager.save(checkpoint_number=number, check_interval=False)
+        manager.sync()  # on disk before the process may end
+        if path is None:
+            # Already saved at this step (an interval save): that checkpoint holds it.
+            path = getattr(manager, "latest_checkpoint", None)
+        if self.keep_running_after_save:
+            preemption.clear()  # training goes on: a later signal is a first one again
+            return
+        preemption.acknowledge()
+        step = number
+        if step is None:  # numbered by the manager's step counter: read it off the path
+            name = os.path.basename(os.fspath(path)) if path is not None else ""
+            step = int(name) if name.isdigit() else -1
+        raise preemption.Preempted(step, signal_number, None if path is None else str(path))

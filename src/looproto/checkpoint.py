@@ -17,22 +17,37 @@ deleted when a manager opens the directory.
 Restores are all-or-nothing: the stored tree is compared with the live one and
 every array is read and checked against its recorded shape, dtype and CRC-32
 before any variable is written, because orbax silently returns garbage for
-overwritten bytes and an empty tree for a deleted item directory.
+overwritten bytes and an empty tree for a deleted item directory. A checkpoint
+that `restore_or_initialize()` finds damaged is renamed to
+`<step>.corrupted-<time>` (kept for inspection, never listed or deleted) and the
+one before it is restored.
 
-Asynchronous saves (`enable_async=True`) are lost if the process exits before
-they finish, even on a normal exit or through `atexit`: call `sync()` or
-`close()` (or use the manager as a context manager) before the process ends.
-The `Controller` does this in a `finally` block.
+`max_to_keep` is applied by looproto, not orbax: older checkpoints are deleted
+only once the newer ones being kept have been committed and pass a metadata check
+(their JSON item and array index are complete), so a failed or damaged save never
+costs the checkpoint before it. A deletion renames the step directory away first,
+so a crash during it never leaves a half-deleted step that looks committed.
+
+Asynchronous saves (`enable_async=True`) are waited for when the interpreter
+exits normally (end of the script, `sys.exit`, an uncaught exception), before
+Python shuts down the thread pools orbax needs; orbax alone loses them there.
+`os._exit` and signals that kill the process still lose a save that is under
+way (the previous checkpoint stays the newest). The `Controller` also waits for
+them (`sync()`) at the end of every `train()`.
 
 orbax (and through it JAX) is imported only when a manager is created.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
 import re
+import shutil
+import sys
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -62,6 +77,13 @@ _STEP_NAME = re.compile(r"[0-9]+")
 _UNSUPPORTED_KINDS = frozenset("OUS")
 # Exceptions orbax/tensorstore raise for unreadable checkpoints (KeyError: a missing item).
 _READ_ERRORS = (ValueError, KeyError, TypeError, OSError)
+# Names a deleted step is renamed to before its files go, and a damaged one is moved to.
+_DELETING = ".looproto-deleting"
+_CORRUPTED = ".corrupted-"
+# Markers of non-JSON values inside object states (a grain iterator's bytes, the
+# torch tensors of a torchdata loader's sampler state).
+_BYTES_KEY = "__looproto_bytes__"
+_TENSOR_KEY = "__looproto_tensor__"
 
 
 class _CorruptCheckpointError(CheckpointError):
@@ -200,21 +222,69 @@ def _is_generator(obj: Any) -> bool:
     return isinstance(obj, np.random.Generator)
 
 
-def _state_adapter(obj: Any) -> Any:
-    """`obj` itself if it follows the iterator-state protocol, else its backend's adapter.
+class _StateDictAdapter:
+    """The iterator-state protocol on `state_dict()`/`load_state_dict()` (torchdata)."""
 
-    Backends adapt their framework's iterators (a `tf.data` iterator, say) through the
-    optional `Backend.iterator_state(obj)`; None when `obj` has no position to save.
+    def __init__(self, obj: Any) -> None:
+        self._obj = obj
+
+    def get_state(self) -> Any:
+        return self._obj.state_dict()
+
+    def set_state(self, state: Any) -> None:
+        self._obj.load_state_dict(state)
+
+
+_warned_unrestorable: set[type] = set()
+
+
+def _torchdata_adapter(obj: Any) -> Any:
+    """Adapts torchdata's `StatefulDataLoader` and its iterators, without importing torch.
+
+    Only torchdata's classes: `torch.nn.Module` and optimizers have `state_dict` too,
+    and their state is variables, not a data position.
+    """
+    if not type(obj).__module__.startswith("torchdata."):
+        return None
+    if not callable(getattr(obj, "state_dict", None)):
+        return None
+    if callable(getattr(obj, "load_state_dict", None)):
+        return _StateDictAdapter(obj)
+    if type(obj) not in _warned_unrestorable:
+        _warned_unrestorable.add(type(obj))
+        # A multi-worker iterator can only be restored through its loader, when the
+        # loader is next iterated; an iterator created before the restore starts over.
+        _log.warning(
+            "The position of a %s cannot be restored in place; a resumed run starts it "
+            "over. Checkpoint the `StatefulDataLoader` and call `iter()` on it after "
+            "restoring, or use `num_workers=0`.",
+            type(obj).__name__,
+        )
+    return None
+
+
+def _state_adapter(obj: Any) -> Any:
+    """What saves `obj`'s position: its backend's adapter, or `obj` itself, or None.
+
+    A framework's objects are adapted by their backend first (optional
+    `Backend.iterator_state(obj)`, e.g. for `tf.data` iterators), since a framework
+    object with `get_state()` (a `torch.Generator`) may return framework values;
+    then torchdata's loaders; then any object following the iterator-state protocol
+    (callable `get_state()` and `set_state(state)`), such as grain's iterators and
+    `looproto.data.ArrayIterator`. None when `obj` has no position to save.
     """
     if isinstance(obj, type):
         return None
-    if callable(getattr(obj, "get_state", None)) and callable(getattr(obj, "set_state", None)):
-        return obj
     for backend in framework_backends(obj):
         adapt = getattr(backend, "iterator_state", None)
         adapter = adapt(obj) if adapt is not None else None
         if adapter is not None:
             return adapter
+    adapter = _torchdata_adapter(obj)
+    if adapter is not None:
+        return adapter
+    if callable(getattr(obj, "get_state", None)) and callable(getattr(obj, "set_state", None)):
+        return obj
     return None
 
 
@@ -234,6 +304,17 @@ def _to_json(value: Any, where: str) -> Any:
         return value.item()
     if isinstance(value, np.ndarray):
         return value.tolist()
+    if isinstance(value, (bytes, bytearray)):
+        return {_BYTES_KEY: base64.b64encode(bytes(value)).decode("ascii")}
+    if type(value).__module__.partition(".")[0] == "torch" and hasattr(value, "numpy"):
+        array = np.ascontiguousarray(value.detach().cpu().numpy())
+        return {
+            _TENSOR_KEY: {
+                "dtype": str(array.dtype),
+                "shape": list(array.shape),
+                "data": base64.b64encode(array.tobytes()).decode("ascii"),
+            }
+        }
     if isinstance(value, (list, tuple)):
         return [_to_json(item, where) for item in value]
     if isinstance(value, dict):
@@ -249,8 +330,28 @@ def _to_json(value: Any, where: str) -> Any:
     raise CheckpointError(
         f"The state of {where!r} holds {value_repr(value)} of type {type(value).__name__}; "
         "expected JSON data (None, bool, int, float, str, lists, dicts with string keys, "
-        "NumPy scalars or arrays)."
+        "NumPy scalars or arrays, bytes, torch tensors)."
     )
+
+
+def _from_json(value: Any, where: str) -> Any:
+    """Undoes `_to_json`'s markers for bytes and torch tensors."""
+    if isinstance(value, list):
+        return [_from_json(item, where) for item in value]
+    if not isinstance(value, dict):
+        return value
+    if len(value) == 1 and _BYTES_KEY in value:
+        return base64.b64decode(value[_BYTES_KEY])
+    if len(value) == 1 and _TENSOR_KEY in value:
+        spec = value[_TENSOR_KEY]
+        torch = sys.modules.get("torch")
+        if torch is None:
+            raise CheckpointError(
+                f"The state of {where!r} holds a torch tensor, but torch is not imported."
+            )
+        array = np.frombuffer(base64.b64decode(spec["data"]), dtype=np.dtype(spec["dtype"]))
+        return torch.from_numpy(array.reshape(spec["shape"]).copy())
+    return {key: _from_json(item, where) for key, item in value.items()}
 
 
 def _crc32(array: np.ndarray[Any, Any]) -> int:
@@ -278,6 +379,101 @@ def _as_int(value: Any) -> int:
         return int(variable_to_numpy(value))
 
 
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and bool(value > 0)
+
+
+def _check_directory(directory: Any) -> str:
+    try:
+        path = os.fspath(directory)
+    except TypeError:
+        path = None
+    if not isinstance(path, str) or not path:
+        raise ConfigError(
+            "`directory` must be a non-empty path (a str or an `os.PathLike` of one); "
+            f"received directory={value_repr(directory)}."
+        )
+    return os.path.abspath(path)
+
+
+# ----------------------------------------------------------------------------
+# Changing the directory: deleting and setting aside steps, atomically
+
+
+def _delete_step(directory: str, step: int) -> None:
+    """Deletes `<directory>/<step>`: renamed away first, so it vanishes in one step."""
+    trash = os.path.join(directory, f".{step}{_DELETING}")
+    try:
+        os.rename(os.path.join(directory, str(step)), trash)
+    except FileNotFoundError:
+        return
+    except OSError as err:  # e.g. a leftover of a crashed deletion of the same step
+        _log.warning("Could not delete checkpoint %d in %s: %s", step, directory, err)
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _remove_deleting_leftovers(directory: str) -> None:
+    """Finishes deletions a crash interrupted (they are invisible already)."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(".") and name.endswith(_DELETING):
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+def _quarantine(directory: str, step: int) -> str | None:
+    """Renames a damaged step to `<step>.corrupted-<time>`; returns the new path."""
+    target = os.path.join(directory, f"{step}{_CORRUPTED}{int(time.time())}")
+    suffix = 0
+    while os.path.exists(target):
+        suffix += 1
+        target = os.path.join(directory, f"{step}{_CORRUPTED}{int(time.time())}-{suffix}")
+    try:
+        os.rename(os.path.join(directory, str(step)), target)
+    except OSError:  # already gone (deleted by another process), or read-only
+        return None
+    return target
+
+
+# ----------------------------------------------------------------------------
+# Async saves survive a normal interpreter exit
+
+# Managers with an asynchronous save under way. Strong references: the save must
+# finish even if its manager is no longer referenced.
+_PENDING: set[CheckpointManager] = set()
+_exit_hook_installed = False
+
+
+def _wait_at_exit(manager: CheckpointManager) -> None:
+    """Makes interpreter shutdown wait for `manager`'s pending save."""
+    global _exit_hook_installed
+    _PENDING.add(manager)
+    if _exit_hook_installed:
+        return
+    # `atexit` is too late: concurrent.futures shuts its executors down first and
+    # orbax's commit then fails. Hooks registered here run before that, newest first
+    # (so after-registering is enough), when the main thread finishes.
+    register = getattr(threading, "_register_atexit", None)
+    if register is None:  # pragma: no cover - Python < 3.9 or another implementation
+        return
+    try:
+        register(_finish_pending_saves)
+    except RuntimeError:  # the interpreter is already shutting down
+        return
+    _exit_hook_installed = True
+
+
+def _finish_pending_saves() -> None:
+    for manager in list(_PENDING):
+        try:
+            manager.sync()
+        except Exception as err:  # an exit hook must not raise: report and go on
+            _log.error("An asynchronous checkpoint save failed at exit: %s", err)
+
+
 class CheckpointManager:
     """Saves and restores a root object's variables and state; keeps the newest N.
 
@@ -298,8 +494,9 @@ class CheckpointManager:
     Args:
         directory: Where checkpoints go; created if missing. Stored as an absolute path.
         checkpoint: The root: a `Module`, a variable, or a mapping/list of them.
-        max_to_keep: How many checkpoints to keep (older ones are deleted after each
-            save, including those of earlier runs); None keeps all.
+        max_to_keep: How many checkpoints to keep (older ones, including those of
+            earlier runs, are deleted once a save is complete and the newest
+            `max_to_keep` pass a metadata check); None keeps all.
         checkpoint_interval: Least number of steps between two saves; needs
             `step_counter`. None saves on every `save()` call.
         step_counter: A scalar variable (or anything `int()` accepts) holding the
@@ -309,8 +506,11 @@ class CheckpointManager:
             are copied. Call `sync()` or `close()` before the process exits.
 
     Raises:
-        ConfigError: `max_to_keep` is not positive, or `checkpoint_interval` is given
-            without `step_counter` or is not positive.
+        ConfigError: An argument has the wrong type or value: `max_to_keep` or
+            `checkpoint_interval` not a positive int (or None), `checkpoint_interval`
+            without `step_counter`, a `step_counter` that is not an integer, a
+            non-callable `init_fn`, a non-bool `enable_async`, or a `directory`
+            that is not a path.
     """
 
     def __init__(
@@ -324,27 +524,46 @@ class CheckpointManager:
         init_fn: Callable[[], None] | None = None,
         enable_async: bool = False,
     ) -> None:
-        if max_to_keep is not None and (isinstance(max_to_keep, bool) or max_to_keep <= 0):
+        path = _check_directory(directory)
+        if max_to_keep is not None and not _is_positive_int(max_to_keep):
             raise ConfigError(
                 f"`max_to_keep` must be a positive int or None (keep all); received "
-                f"{value_repr(max_to_keep)}."
+                f"max_to_keep={value_repr(max_to_keep)}."
             )
         if checkpoint_interval is not None:
+            if not _is_positive_int(checkpoint_interval):
+                raise ConfigError(
+                    f"`checkpoint_interval` must be a positive int or None; received "
+                    f"checkpoint_interval={value_repr(checkpoint_interval)}."
+                )
             if step_counter is None:
                 raise ConfigError(
                     f"`checkpoint_interval` is {checkpoint_interval!r} but `step_counter` is "
                     "None: an interval needs a step counter to measure it (pass "
                     "`step_counter=global_step`)."
                 )
-            if isinstance(checkpoint_interval, bool) or checkpoint_interval <= 0:
+        if step_counter is not None:
+            try:
+                if isinstance(step_counter, (str, bytes)):
+                    raise TypeError("a string is not a step counter")
+                _as_int(step_counter)
+            except (TypeError, ValueError) as err:
                 raise ConfigError(
-                    f"`checkpoint_interval` must be a positive int or None; received "
-                    f"{value_repr(checkpoint_interval)}."
-                )
+                    "`step_counter` must be a scalar integer variable (or anything `int()` "
+                    f"accepts); received step_counter={value_repr(step_counter)}."
+                ) from err
+        if init_fn is not None and not callable(init_fn):
+            raise ConfigError(
+                f"`init_fn` must be callable or None; received init_fn={value_repr(init_fn)}."
+            )
+        if not isinstance(enable_async, bool):
+            raise ConfigError(
+                f"`enable_async` must be a bool; received enable_async={value_repr(enable_async)}."
+            )
         import orbax.checkpoint as ocp
 
         self._ocp: Any = ocp
-        self._directory = os.path.abspath(os.fspath(directory))
+        self._directory = path
         self._checkpoint = checkpoint
         self._max_to_keep = max_to_keep
         self._checkpoint_interval = checkpoint_interval
@@ -353,9 +572,14 @@ class CheckpointManager:
         self._enable_async = enable_async
         self._last_checkpoint_step: int | None = None
         self._pending_step: int | None = None
+        # Steps whose metadata check passed (files of a committed step do not change).
+        self._verified: set[int] = set()
         self._closed = False
+        _remove_deleting_leftovers(self._directory)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
+            # Retention is looproto's (`_prune`): orbax would delete old steps even
+            # when the new save failed in its background thread.
+            max_to_keep=None,
             cleanup_tmp_directories=True,
             enable_async_checkpointing=enable_async,
         )
@@ -485,6 +709,9 @@ class CheckpointManager:
             return None
         if self._enable_async:
             self._pending_step = step
+            _wait_at_exit(self)
+        else:
+            self._prune()
         return self._path(step)
 
     def _collect(self, step: int) -> tuple[dict[str, np.ndarray[Any, Any]], dict[str, Any]]:
@@ -512,7 +739,7 @@ class CheckpointManager:
             else:
                 state = _to_json(_state_adapter(obj).get_state(), path)
                 objects[path] = {"kind": "state", "state": state}
-        meta = {
+        meta: dict[str, Any] = {
             "format": _FORMAT,
             "version": _FORMAT_VERSION,
             "step": step,
@@ -520,7 +747,9 @@ class CheckpointManager:
             "objects": objects,
         }
         try:
-            json.dumps(meta)
+            # The JSON item's own checksum: a flipped digit in a shape or an iterator
+            # position would otherwise restore silently.
+            meta["crc32"] = _json_crc32(meta)
         except (TypeError, ValueError) as err:
             raise CheckpointError(f"Checkpoint {step}: state is not JSON data: {err}") from err
         return arrays, meta
@@ -531,12 +760,76 @@ class CheckpointManager:
         if self._pending_step is None:
             return
         step, self._pending_step = self._pending_step, None
+        _PENDING.discard(self)
         try:
             self._manager.wait_until_finished()
+            # orbax logs a failed background commit instead of raising it.
+            self._manager.check_for_errors()
         except Exception as err:
             raise CheckpointError(
                 f"The asynchronous save of checkpoint {step} to {self._directory} failed: {err}"
             ) from err
+        if step not in _committed_steps(self._directory):
+            raise CheckpointError(
+                f"The asynchronous save of checkpoint {step} to {self._directory} did not "
+                "commit (see orbax's log above); older checkpoints were kept."
+            )
+        self._prune()
+
+    # ------------------------------------------------------------------ retention
+
+    def _prune(self) -> None:
+        """Deletes the checkpoints older than the newest `max_to_keep` good ones.
+
+        Only checkpoints that pass `_looks_complete` count; if fewer than
+        `max_to_keep` do, nothing is deleted, so the last good checkpoint survives a
+        save that came out damaged.
+        """
+        if self._max_to_keep is None:
+            return
+        steps = _committed_steps(self._directory)
+        good: list[int] = []
+        for step in reversed(steps):
+            if self._looks_complete(step):
+                good.append(step)
+                if len(good) == self._max_to_keep:
+                    break
+            else:
+                _log.warning(
+                    "Checkpoint %s is incomplete (its metadata or array index is missing or "
+                    "malformed); it does not count towards `max_to_keep`, and older "
+                    "checkpoints are kept in its place.",
+                    self._path(step),
+                )
+        if len(good) < self._max_to_keep:
+            return
+        doomed = [step for step in steps if step < good[-1]]
+        for step in doomed:
+            _delete_step(self._directory, step)
+            self._verified.discard(step)
+        if doomed:
+            self._manager.reload()
+
+    def _looks_complete(self, step: int) -> bool:
+        """Cheap check of a committed step: JSON item valid, array index lists every path.
+
+        Reads two small JSON files, no array data (the CRC-32s are checked on restore).
+        """
+        if step in self._verified:
+            return True
+        where = self._path(step)
+        try:
+            with open(os.path.join(where, _META_ITEM, "metadata"), encoding="utf-8") as f:
+                tree, _ = _parse_meta(json.load(f), where)
+            if tree:
+                with open(os.path.join(where, _STATE_ITEM, "_METADATA"), encoding="utf-8") as f:
+                    index = json.load(f)["tree_metadata"]
+                if not all(repr((path,)) in index for path in tree):
+                    return False
+        except (OSError, ValueError, KeyError, TypeError, CheckpointError):
+            return False
+        self._verified.add(step)
+        return True
 
     def sync(self) -> None:
         """Waits for an asynchronous save to finish.
@@ -561,6 +854,7 @@ class CheckpointManager:
             self.sync()
         finally:
             self._closed = True
+            _PENDING.discard(self)
             self._manager.close()
 
     def __enter__(self) -> CheckpointManager:
@@ -654,23 +948,21 @@ class CheckpointManager:
             )
         _check_arrays(arrays, tree, where)
 
+        # Object states first: a live object may reject its state, and then every
+        # object already set is put back and no variable has changed.
+        _set_object_states(live_objects, objects, where)
         for path, variable in variables.items():
             assign_variable(variable, arrays[path])
-        for path, obj in live_objects.items():
-            state = objects[path]["state"]
-            if _is_generator(obj):
-                obj.bit_generator.state = state
-            else:
-                _state_adapter(obj).set_state(state)
 
     def restore_or_initialize(self) -> str | None:
         """Restores the newest good checkpoint, or calls `init_fn` if there is none.
 
-        A checkpoint that is unreadable or fails its integrity checks is skipped with
-        a warning naming it and the reason, and the one before it is tried. A
-        checkpoint that does not match the live variables raises instead (that is a
-        code change, not damage). After a restore, the save interval counts from the
-        restored step.
+        A checkpoint that is unreadable or fails its integrity checks is renamed to
+        `<step>.corrupted-<unix time>` (kept, but no longer listed, so later saves
+        may reuse its step) with a warning naming it and the reason, and the one
+        before it is tried. A checkpoint that does not match the live variables
+        raises instead (that is a code change, not damage). After a restore, the
+        save interval counts from the restored step.
 
         Returns:
             The restored checkpoint's path, or None if `init_fn` ran (or nothing did).
@@ -678,14 +970,19 @@ class CheckpointManager:
         Raises:
             CheckpointError: The newest readable checkpoint does not match the live tree.
         """
+        self.sync()
         for step in reversed(_committed_steps(self._directory)):
             try:
                 self._restore_step(self._directory, step)
             except _CorruptCheckpointError as err:
+                moved = _quarantine(self._directory, step)
+                self._verified.discard(step)
+                self._manager.reload()
                 _log.warning(
-                    "Skipping corrupted checkpoint %d in %s and trying the previous one: %s",
+                    "Skipping corrupted checkpoint %d in %s and trying the previous one%s: %s",
                     step,
                     self._directory,
+                    f" (moved it to {moved})" if moved else "",
                     err,
                 )
                 continue
@@ -706,11 +1003,24 @@ class CheckpointManager:
 # Restore checks
 
 
+def _json_crc32(meta: dict[str, Any]) -> int:
+    """CRC-32 of the canonical JSON of everything in `meta` but its own checksum."""
+    body = {key: value for key, value in meta.items() if key != "crc32"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return zlib.crc32(text.encode("utf-8"))
+
+
 def _parse_meta(meta: Any, where: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The array tree and object states of a JSON item, validated."""
     if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
         raise _CorruptCheckpointError(
             f"Checkpoint {where} has no valid looproto metadata item; received {value_repr(meta)}."
+        )
+    # Checkpoints of looproto before this checksum have none; they are checked as before.
+    if "crc32" in meta and meta["crc32"] != _json_crc32(meta):
+        raise _CorruptCheckpointError(
+            f"Checkpoint {where} has a damaged metadata item: its CRC-32 does not match "
+            f"the recorded {value_repr(meta['crc32'])}."
         )
     version = meta.get("version")
     if version != _FORMAT_VERSION:
@@ -782,6 +1092,38 @@ def _check_matches(
             f"Checkpoint {where} does not match the variables of `checkpoint` "
             f"({len(problems)} difference(s)); nothing was restored:\n" + "\n".join(problems)
         )
+
+
+def _set_object_states(live: dict[str, Any], objects: dict[str, Any], where: str) -> None:
+    """Sets every live object's state; on a rejection, puts the earlier ones back.
+
+    Raises:
+        CheckpointError: A live object rejected its state (the path is named).
+    """
+    done: list[tuple[Any, Any]] = []  # (object, its previous state)
+    for path, obj in live.items():
+        state = objects[path]["state"]
+        try:
+            if _is_generator(obj):
+                previous = obj.bit_generator.state
+                obj.bit_generator.state = state
+                done.append((obj, previous))
+            else:
+                adapter = _state_adapter(obj)
+                previous = adapter.get_state()
+                adapter.set_state(_from_json(state, path))
+                done.append((adapter, previous))
+        except Exception as err:
+            for target, old in reversed(done):
+                if _is_generator(target):
+                    target.bit_generator.state = old
+                else:
+                    target.set_state(old)
+            raise CheckpointError(
+                f"Checkpoint {where}: the live object at {path!r} "
+                f"({type(obj).__name__}) rejected its saved state ({type(err).__name__}: "
+                f"{err}); nothing was restored. Was the object's type changed?"
+            ) from err
 
 
 def _check_arrays(arrays: dict[str, Any], tree: dict[str, Any], where: str) -> None:

@@ -9,6 +9,12 @@
 
 A bad config or argument prints one line, `looproto: error: <file>: <key>: ...`, and
 exits with status 2; `--debug` shows the traceback instead.
+
+`looproto train` stops cleanly on SIGTERM or SIGINT (Ctrl-C): the running inner loop
+finishes, a checkpoint is saved, and the command exits with status 75
+(`looproto.preemption.EXIT_PREEMPTED`); running it again resumes. A second signal
+ends it at once (status 128 + the signal number, e.g. 143 or 130). Exit statuses:
+0 done, 2 bad config or arguments, 75 preempted (run again to resume).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import numpy as np
 from looproto import backends
 from looproto.config import RunConfig, call_factory, load
 from looproto.errors import ConfigError, LooprotoError
+from looproto.preemption import EXIT_PREEMPTED, Preempted
 
 __all__ = ["build", "main"]
 
@@ -286,6 +293,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.path.insert(0, os.getcwd())
     try:
         return int(args.run(args))
+    except Preempted as stop:
+        # Not an error: the state is saved and the same command resumes it.
+        print(f"looproto: {stop}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except LooprotoError as err:
         if args.debug:
             raise

@@ -16,16 +16,18 @@ tensorboardX (`looproto.SummaryManager`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import pprint
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Final, Protocol, runtime_checkable
 
 import numpy as np
 
-from looproto import _nest
+from looproto import _nest, preemption
 from looproto.errors import ConfigError, ProtocolError, value_repr
 from looproto.module import Variable, is_variable, variable_to_numpy
 from looproto.runner import Evaluator, Output, Trainer
@@ -149,7 +151,17 @@ class Controller:
 
     If a `checkpoint_manager` is given, the latest checkpoint is restored during
     `__init__` (or the manager's `init_fn` runs), so a restarted job resumes where
-    the last complete checkpoint left it.
+    the last complete checkpoint left it. The summary writers the Controller creates
+    for it then tell TensorBoard to drop the events a crashed run wrote after that
+    checkpoint (`SummaryManager(purge_step=...)`), so a resumed run shows every step
+    once.
+
+    Preemption: while `train()` or `train_and_evaluate()` runs in the main thread,
+    SIGTERM and SIGINT (`preemption_signals`) ask for a clean stop. The inner loop
+    that is running finishes; then the Controller saves a checkpoint, waits for it,
+    closes the summary writers and raises `looproto.preemption.Preempted`, a
+    `SystemExit` with status 75. A second signal ends the process at once. See
+    `looproto.preemption`.
 
     Differences from Orbit, each deliberate:
 
@@ -196,6 +208,8 @@ class Controller:
         eval_summary_dir: str | None = None,
         summary_manager: SummaryManager | None = None,
         eval_summary_manager: SummaryManager | None = None,
+        # Preemption.
+        preemption_signals: Iterable[int] | None = preemption.DEFAULT_SIGNALS,
     ) -> None:
         """Initialises the controller and restores the latest checkpoint.
 
@@ -219,6 +233,10 @@ class Controller:
                 (then train and eval share one writer, as in Orbit).
             summary_manager: Use this instead of creating one for `summary_dir`.
             eval_summary_manager: Use this instead of creating one for `eval_summary_dir`.
+            preemption_signals: Signals that stop training cleanly (save, close,
+                raise `Preempted`) while `train()`/`train_and_evaluate()` run; None
+                or `()` leaves signals alone (`looproto.preemption.request()` still
+                stops training).
 
         Raises:
             ConfigError: An argument is invalid; the message says which and why.
@@ -234,31 +252,37 @@ class Controller:
                 )
             if steps_per_loop is None:
                 raise ConfigError("`steps_per_loop` is required when `trainer` is provided.")
-            if not callable(steps_per_loop) and (
+        # Checked even without a trainer (where Orbit ignores them): a wrong value is a
+        # mistake wherever it is passed.
+        if (
+            steps_per_loop is not None
+            and not callable(steps_per_loop)
+            and (
                 isinstance(steps_per_loop, bool)
                 or not isinstance(steps_per_loop, int)
                 or steps_per_loop < 1
+            )
+        ):
+            raise ConfigError(
+                "`steps_per_loop` must be a positive int or a callable of the global "
+                f"step; received steps_per_loop={value_repr(steps_per_loop)}."
+            )
+        if summary_interval is not None:
+            if (
+                isinstance(summary_interval, bool)
+                or not isinstance(summary_interval, int)
+                or summary_interval <= 0
             ):
                 raise ConfigError(
-                    "`steps_per_loop` must be a positive int or a callable of the global "
-                    f"step; received steps_per_loop={steps_per_loop!r}."
+                    "`summary_interval` must be a positive int or None; received "
+                    f"summary_interval={value_repr(summary_interval)}."
                 )
-            if summary_interval is not None:
-                if (
-                    isinstance(summary_interval, bool)
-                    or not isinstance(summary_interval, int)
-                    or summary_interval <= 0
-                ):
-                    raise ConfigError(
-                        "`summary_interval` must be a positive int or None; received "
-                        f"summary_interval={summary_interval!r}."
-                    )
-                if not callable(steps_per_loop) and summary_interval % steps_per_loop != 0:
-                    raise ConfigError(
-                        f"`summary_interval` ({summary_interval}) must be a multiple of "
-                        f"`steps_per_loop` ({steps_per_loop}), so that summaries fall on "
-                        "inner-loop boundaries."
-                    )
+            if isinstance(steps_per_loop, int) and summary_interval % steps_per_loop != 0:
+                raise ConfigError(
+                    f"`summary_interval` ({summary_interval}) must be a multiple of "
+                    f"`steps_per_loop` ({steps_per_loop}), so that summaries fall on "
+                    "inner-loop boundaries."
+                )
         if evaluator is not None and not isinstance(evaluator, Evaluator):
             raise ProtocolError(
                 "`evaluator` must have an `evaluate(num_steps)` method (the `Evaluator` "
@@ -279,14 +303,24 @@ class Controller:
             ("summary_dir", summary_dir),
             ("eval_summary_dir", eval_summary_dir),
         ):
-            if (
-                value is not None
-                and not isinstance(value, (str, bytes))
-                and not hasattr(value, "__fspath__")
-            ):
+            if value is not None and not isinstance(_fspath(value), str):
                 raise ConfigError(
-                    f"`{argument}` must be a path or None; received {argument}={value!r}."
+                    f"`{argument}` must be a path (a str or an `os.PathLike` of one) or None; "
+                    f"received {argument}={value_repr(value)}."
                 )
+        for argument, manager in (
+            ("summary_manager", summary_manager),
+            ("eval_summary_manager", eval_summary_manager),
+        ):
+            if manager is not None and not all(
+                callable(getattr(manager, name, None))
+                for name in ("write_summaries", "flush", "close")
+            ):
+                raise ProtocolError(
+                    f"`{argument}` must be a `looproto.SummaryManager` (or have its "
+                    f"`write_summaries`/`flush`/`close` methods); received {value_repr(manager)}."
+                )
+        self.preemption_signals = preemption.check_signals(preemption_signals)
 
         self.trainer = trainer
         self.evaluator = evaluator
@@ -298,8 +332,20 @@ class Controller:
         self.step_timer: StepTimer | None = None
         self._train_target: int | None = None
 
+        if checkpoint_manager is not None:
+            restored_path = self.restore_checkpoint()
+            if restored_path:
+                _log.info("restored from checkpoint: %s", restored_path)
+        # A training run that can resume rewrites every step after the step it starts
+        # from: have TensorBoard drop what a crashed run wrote there (only in the
+        # writers created here; an evaluation-only run never purges).
+        purge_step = None
+        if checkpoint_manager is not None and trainer is not None:
+            purge_step = _read_step(global_step) + 1
         self.summary_manager = summary_manager or SummaryManager(
-            summary_dir if trainer is not None else None, global_step=global_step
+            summary_dir if trainer is not None else None,
+            global_step=global_step,
+            purge_step=purge_step,
         )
         if evaluator is not None:
             eval_summary_dir = eval_summary_dir or summary_dir
@@ -307,13 +353,8 @@ class Controller:
                 self.eval_summary_manager = self.summary_manager
             else:
                 self.eval_summary_manager = eval_summary_manager or SummaryManager(
-                    eval_summary_dir, global_step=global_step
+                    eval_summary_dir, global_step=global_step, purge_step=purge_step
                 )
-
-        if checkpoint_manager is not None:
-            restored_path = self.restore_checkpoint()
-            if restored_path:
-                _log.info("restored from checkpoint: %s", restored_path)
 
     # ------------------------------------------------------------------ public
 
@@ -342,30 +383,35 @@ class Controller:
         """
         self._require("trainer", for_method="train")
         steps = _check_steps(steps, "steps", allow_zero=True)
-        current_step = _read_step(self.global_step)
-        target = "the end of the data" if steps == -1 else f"step {steps}"
-        _log.info("train | step: %6d | training until %s...", current_step, target)
-        self._train_target = None if steps == -1 else steps
-        try:
-            while steps == -1 or current_step < steps:
-                loop_steps = self.steps_per_loop
-                num_steps = loop_steps if steps == -1 else min(steps - current_step, loop_steps)
-                advanced = self._train_n_steps(num_steps)
-                self._maybe_save_checkpoint()
-                current_step = _read_step(self.global_step)
-                if advanced < num_steps:
-                    _log.info(
-                        "train | step: %6d | the data ended after %d of %d steps of the last loop.",
-                        current_step,
-                        advanced,
-                        num_steps,
-                    )
-                    break
-            if checkpoint_at_completion:
-                self._maybe_save_checkpoint(check_interval=False)
-        finally:
-            self._sync_on_async_checkpointing()
-            self.summary_manager.flush()
+        with preemption.watch(self.preemption_signals), self._close_if_preempted():
+            current_step = _read_step(self.global_step)
+            target = "the end of the data" if steps == -1 else f"step {steps}"
+            _log.info("train | step: %6d | training until %s...", current_step, target)
+            self._train_target = None if steps == -1 else steps
+            try:
+                while steps == -1 or current_step < steps:
+                    loop_steps = self.steps_per_loop
+                    num_steps = loop_steps if steps == -1 else min(steps - current_step, loop_steps)
+                    advanced = self._train_n_steps(num_steps)
+                    self._maybe_save_checkpoint()
+                    self._stop_if_preempted()
+                    current_step = _read_step(self.global_step)
+                    if advanced < num_steps:
+                        _log.info(
+                            "train | step: %6d | the data ended after %d of %d steps of the "
+                            "last loop.",
+                            current_step,
+                            advanced,
+                            num_steps,
+                        )
+                        break
+                if checkpoint_at_completion:
+                    self._maybe_save_checkpoint(check_interval=False)
+            finally:
+                self._sync_on_async_checkpointing()
+                self.summary_manager.flush()
+            # A signal that came during the final save still stops the run.
+            self._stop_if_preempted()
 
     def evaluate(self, steps: int = -1) -> Output:
         """Runs one evaluation of `steps` steps (`-1`: until the data ends).
@@ -421,6 +467,9 @@ class Controller:
         self._require("trainer", for_method="train_and_evaluate")
         self._require("evaluator", for_method="train_and_evaluate")
         train_steps = _check_steps(train_steps, "train_steps", allow_zero=True, allow_all=False)
+        # Checked now, not at the first evaluation: after a whole stretch of training,
+        # or never when there is nothing to train.
+        eval_steps = _check_steps(eval_steps, "eval_steps", allow_zero=False)
         if eval_interval is not None:
             eval_interval = _check_steps(
                 eval_interval, "eval_interval", allow_zero=False, allow_all=False
@@ -428,19 +477,22 @@ class Controller:
         current_step = _read_step(self.global_step)
         eval_interval = eval_interval or (train_steps - current_step)
         output = None
-        try:
-            while current_step < train_steps:
-                interval = min(train_steps - current_step, eval_interval)
-                target = current_step + interval
-                self.train(steps=target, checkpoint_at_completion=False)
-                output = self.evaluate(steps=eval_steps)
-                reached = _read_step(self.global_step)
-                if reached < target:  # the training data ended
-                    break
-                current_step = reached
-            self._maybe_save_checkpoint(check_interval=False)
-        finally:
-            self._sync_on_async_checkpointing()
+        with preemption.watch(self.preemption_signals), self._close_if_preempted():
+            try:
+                while current_step < train_steps:
+                    interval = min(train_steps - current_step, eval_interval)
+                    target = current_step + interval
+                    self.train(steps=target, checkpoint_at_completion=False)
+                    output = self.evaluate(steps=eval_steps)
+                    self._stop_if_preempted()  # a signal during the evaluation
+                    reached = _read_step(self.global_step)
+                    if reached < target:  # the training data ended
+                        break
+                    current_step = reached
+                self._maybe_save_checkpoint(check_interval=False)
+            finally:
+                self._sync_on_async_checkpointing()
+            self._stop_if_preempted()
         return output
 
     def evaluate_continuously(
@@ -499,6 +551,38 @@ class Controller:
         self._maybe_save_checkpoint(check_interval=False)
         self._sync_on_async_checkpointing()
 
+    # -------------------------------------------------------------- preemption
+
+    def _stop_if_preempted(self) -> None:
+        """If a stop was requested: save, wait for the save, close, raise `Preempted`."""
+        if not preemption.requested():
+            return
+        signal_number = preemption.signal_received()
+        step = _read_step(self.global_step)
+        cause = "a preemption request" if signal_number is None else signal_number.name
+        _log.warning(
+            "train | step: %6d | %s received: saving a checkpoint and stopping.", step, cause
+        )
+        checkpoint = None
+        manager = self.checkpoint_manager
+        if manager is not None:
+            checkpoint = self._maybe_save_checkpoint(check_interval=False)
+            manager.sync()  # the process may exit right after: the save must be on disk
+            latest = manager.latest_checkpoint
+            if checkpoint is None and latest is not None and os.path.basename(latest) == str(step):
+                checkpoint = latest  # saved at this step already (interval or completion)
+        preemption.acknowledge()  # a signal while closing down still exits at once
+        raise preemption.Preempted(step, signal_number, checkpoint)
+
+    @contextlib.contextmanager
+    def _close_if_preempted(self) -> Iterator[None]:
+        """Closes the summary writers when `Preempted` (from here or an action) passes."""
+        try:
+            yield
+        except preemption.Preempted:
+            self.close()
+            raise
+
     # ----------------------------------------------------------------- private
 
     def _train_n_steps(self, num_steps: int) -> int:
@@ -548,12 +632,13 @@ class Controller:
             return new_step != old_step
         return math.floor(new_step / interval) > math.floor(old_step / interval)
 
-    def _maybe_save_checkpoint(self, check_interval: bool = True) -> bool:
+    def _maybe_save_checkpoint(self, check_interval: bool = True) -> str | None:
+        """Saves if due; returns the new checkpoint's path, or None if none was saved."""
         manager = self.checkpoint_manager
         if manager is None:
-            return False
+            return None
         if check_interval and not manager.checkpoint_interval:
-            return False
+            return None
         path = manager.save(
             checkpoint_number=_read_step(self.global_step), check_interval=check_interval
         )
@@ -564,8 +649,8 @@ class Controller:
             eval_manager = getattr(self, "eval_summary_manager", None)
             if eval_manager is not None:
                 eval_manager.sync()
-            return True
-        return False
+            return str(path)
+        return None
 
     def _sync_on_async_checkpointing(self) -> None:
         if self.checkpoint_manager is not None:
@@ -594,9 +679,14 @@ class Controller:
 
 
 def _null() -> Any:
-    import contextlib
-
     return contextlib.nullcontext()
+
+
+def _fspath(value: Any) -> Any:
+    try:
+        return os.fspath(value)
+    except TypeError:  # a `__fspath__` that returns neither str nor bytes
+        return None
 
 
 def _check_actions(actions: Iterable[Action] | None, argument: str) -> tuple[Action, ...]:
