@@ -149,10 +149,12 @@ def lightning_contender(
     if importlib.util.find_spec("pytorch_lightning") is None:
         return None
     import logging
+    import warnings
 
     import pytorch_lightning as pl
 
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="pytorch_lightning")  # its own deprecations
     loss_fn = _LOSSES[workload.loss]
 
     class Module(pl.LightningModule):
@@ -174,7 +176,10 @@ def lightning_contender(
             stamps.append(time.perf_counter())
 
     module = Module()
-    loader = [batches[i % len(batches)] for i in range(2 * steps)]
+    # batch_size=None: each element already is a batch, passed through as it is.
+    loader = torch.utils.data.DataLoader(
+        [batches[i % len(batches)] for i in range(2 * steps)], batch_size=None
+    )
 
     def steady() -> float:
         stamps.clear()
