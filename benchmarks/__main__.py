@@ -144,7 +144,9 @@ def plot(results: dict[str, Any], path: str) -> bool:
     for ax, (title, bars) in zip(axes[0], workloads.items()):
         labels, values = zip(*bars)
         colors = [
-            "tab:blue" if "looproto" in label else ("tab:gray" if "hand" in label else "tab:orange")
+            "tab:blue"
+            if "looproto" in label
+            else ("tab:orange" if "keras" in label or "lightning" in label else "tab:gray")
             for label in labels
         ]
         ax.barh(range(len(values)), values, color=colors)
@@ -153,7 +155,7 @@ def plot(results: dict[str, Any], path: str) -> bool:
         ax.set_xscale("log")
         ax.set_xlabel("µs per step (median; lower is better)")
         ax.set_title(title)
-    fig.suptitle("looproto (blue), hand-written loops (gray), Keras / Lightning (orange)")
+    fig.suptitle("looproto (blue), hand-written loops (gray), Keras fit / Lightning fit (orange)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
