@@ -1,4 +1,4 @@
-"""The command line every example shares: train and evaluate to `--steps`, resuming."""
+"""What every example shares: the outer loop it builds, and its command line."""
 
 from __future__ import annotations
 
@@ -13,6 +13,33 @@ import numpy as np
 
 import looproto
 from looproto.module import variable_to_numpy
+
+
+def controller(
+    model_dir: str,
+    trainer: Any,
+    evaluator: Any,
+    *,
+    steps_per_loop: int,
+    checkpoint_interval: int,
+) -> looproto.Controller:
+    """The examples' outer loop: checkpoints (3 kept) and train/eval summaries under `model_dir`."""
+    checkpoints = looproto.CheckpointManager(
+        os.path.join(model_dir, "checkpoints"),
+        trainer,
+        max_to_keep=3,
+        checkpoint_interval=checkpoint_interval,
+        step_counter=trainer.global_step,
+    )
+    return looproto.Controller(
+        trainer=trainer,
+        evaluator=evaluator,
+        global_step=trainer.global_step,
+        steps_per_loop=steps_per_loop,
+        checkpoint_manager=checkpoints,
+        summary_dir=os.path.join(model_dir, "summaries", "train"),
+        eval_summary_dir=os.path.join(model_dir, "summaries", "eval"),
+    )
 
 
 def run(

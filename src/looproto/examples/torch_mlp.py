@@ -22,7 +22,6 @@ back in one transfer.
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -228,21 +227,12 @@ def make_controller(
     evaluator = make_evaluator(
         trainer, seed, backend_options=backend_options, compile_step=compile_step
     )
-    checkpoints = looproto.CheckpointManager(
-        os.path.join(model_dir, "checkpoints"),
+    controller = _cli.controller(
+        model_dir,
         trainer,
-        max_to_keep=3,
-        checkpoint_interval=checkpoint_interval,
-        step_counter=trainer.global_step,
-    )
-    controller = looproto.Controller(
-        trainer=trainer,
-        evaluator=evaluator,
-        global_step=trainer.global_step,
+        evaluator,
         steps_per_loop=steps_per_loop,
-        checkpoint_manager=checkpoints,
-        summary_dir=os.path.join(model_dir, "summaries", "train"),
-        eval_summary_dir=os.path.join(model_dir, "summaries", "eval"),
+        checkpoint_interval=checkpoint_interval,
     )
     return controller, trainer
 
