@@ -41,6 +41,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from looproto import _nest
+from looproto.backends._feed import StepIterator, is_iterator_container
 from looproto.backends.base import Loop, LoopOptions, ReduceFn, StepFn
 from looproto.backends.numpy import python_loop
 from looproto.errors import ConfigError, LooprotoError, ProtocolError, ShapeError, value_repr
@@ -287,49 +288,17 @@ def grad(fn: Callable[[], Any], module: Any, has_aux: bool = False) -> Any:
 # ----------------------------------------------------------------------------
 # The inner loop.
 
-_NO_DATA = object()
-
-
-class _StepIterator:
-    """What `step_fn` gets inside a compiled loop: `next()` yields this step's batch once."""
-
-    __slots__ = ("_batch", "_step_name", "_used")
-
-    def __init__(self, batch: Any, step_name: str) -> None:
-        self._batch = batch
-        self._step_name = step_name
-        self._used = False
-
-    def __iter__(self) -> _StepIterator:
-        return self
-
-    def __next__(self) -> Any:
-        if self._batch is _NO_DATA:
-            raise ProtocolError(
-                f"`{self._step_name}` called `next(iterator)`, but the loop was given no "
-                "data iterator (the dataset is None)."
-            )
-        if self._used:
-            raise ProtocolError(
-                f"`{self._step_name}` called `next(iterator)` twice in one step. The JAX "
-                "compiled loop feeds exactly one batch per step; batch larger in the dataset, "
-                "or run with `use_compiled_loop=False` (a Python loop over a jitted step)."
-            )
-        self._used = True
-        return self._batch
-
-
-def _is_iter_container(obj: Any) -> bool:
-    return isinstance(obj, Mapping) or (
-        isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields")
-    )
+_TWICE_HINT = (
+    "The JAX compiled loop feeds exactly one batch per step; batch larger in the dataset, "
+    "or run with `use_compiled_loop=False` (a Python loop over a jitted step)."
+)
 
 
 def _next_all(iterator: Any) -> Any:
     """One element from each iterator of a (nested mapping/list of) iterator(s)."""
     if isinstance(iterator, Mapping):
         return {key: _next_all(value) for key, value in iterator.items()}
-    if _is_iter_container(iterator):
+    if is_iterator_container(iterator):
         return tuple(_next_all(value) for value in iterator)
     return next(iterator)
 
@@ -340,17 +309,17 @@ def _iter_spec(iterator: Any) -> Any:
         return None
     if isinstance(iterator, Mapping):
         return ("map", tuple((k, _iter_spec(v)) for k, v in iterator.items()))
-    if _is_iter_container(iterator):
+    if is_iterator_container(iterator):
         return ("seq", type(iterator), tuple(_iter_spec(v) for v in iterator))
     return "leaf"
 
 
 def _step_iterators(spec: Any, batch: Any, step_name: str) -> Any:
-    """The nesting `spec`, each leaf a `_StepIterator` over its part of `batch`."""
+    """The nesting `spec`, each leaf a `StepIterator` over its part of `batch`."""
     if spec is None:
-        return _StepIterator(_NO_DATA, step_name)
+        return StepIterator(step_name, _TWICE_HINT)
     if spec == "leaf":
-        return _StepIterator(batch, step_name)
+        return StepIterator(step_name, _TWICE_HINT, batch)
     if spec[0] == "map":
         return {k: _step_iterators(s, batch[k], step_name) for k, s in spec[1]}
     return spec[1](_step_iterators(s, b, step_name) for s, b in zip(spec[2], batch))
@@ -360,7 +329,7 @@ def _pull(iterator: Any, n: int) -> list[Any]:
     """Up to `n` elements; fewer when the data ends (no element is lost)."""
     if iterator is None:
         return [None] * n
-    if not _is_iter_container(iterator):
+    if not is_iterator_container(iterator):
         return list(itertools.islice(iterator, n))
     out: list[Any] = []
     try:
@@ -667,7 +636,9 @@ class _JaxLoop:
         if self._data == "device":
             source, data = self._device_dataset(iterator)
         spec = (
-            "leaf" if source is not None and not _is_iter_container(source) else _iter_spec(source)
+            "leaf"
+            if source is not None and not is_iterator_container(source)
+            else _iter_spec(source)
         )
         key = (spec, *map(id, variables))
         compiled = self._compiled.get(key)

@@ -54,6 +54,7 @@ import numpy as np
 import tensorflow as tf
 
 from looproto import _nest
+from looproto.backends._feed import StepIterator
 from looproto.backends.base import LoopOptions, ReduceFn, StepFn
 from looproto.errors import ConfigError, LooprotoError, ProtocolError, ShapeError, value_repr
 from looproto.module import Variable
@@ -190,28 +191,13 @@ def _looproto_error_in(err: BaseException) -> LooprotoError | None:
     return None
 
 
-class _OneBatchIterator:
-    """What a compiled step sees as its iterator: yields the step's one batch."""
+class _OneBatchIterator(StepIterator):
+    """A `StepIterator` that also answers `tf.data.Iterator`'s methods."""
 
-    __slots__ = ("_batch", "_used")
+    __slots__ = ()
 
-    def __init__(self, batch: Any) -> None:
-        self._batch = batch
-        self._used = False
-
-    def __iter__(self) -> _OneBatchIterator:
-        return self
-
-    def __next__(self) -> Any:
-        if self._used:
-            raise ProtocolError(
-                "The step called `next(iterator)` twice. The TensorFlow backend's compiled "
-                "loop pulls one batch per step from each iterator; make one dataset element "
-                "hold what a step needs (e.g. `dataset.batch(k)` or `tf.data.Dataset.zip`), "
-                "or run eagerly with `use_compiled_step=False`."
-            )
-        self._used = True
-        return self._batch
+    def __init__(self, step_name: str, batch: Any) -> None:
+        super().__init__(step_name, _TWICE_HINT, batch)
 
     def get_next(self) -> Any:
         """`tf.data.Iterator.get_next`: the batch."""
@@ -220,6 +206,13 @@ class _OneBatchIterator:
     def get_next_as_optional(self) -> Any:
         """`tf.data.Iterator.get_next_as_optional`: the batch, always present."""
         return tf.experimental.Optional.from_value(next(self))
+
+
+_TWICE_HINT = (
+    "The TensorFlow backend's compiled loop pulls one batch per step from each iterator; "
+    "make one dataset element hold what a step needs (e.g. `dataset.batch(k)` or "
+    "`tf.data.Dataset.zip`), or run eagerly with `use_compiled_step=False`."
+)
 
 
 def _python_loop(
@@ -305,6 +298,7 @@ class TensorflowLoop:
     ) -> None:
         """Builds the loop; `settings` are the validated backend options."""
         self._step_fn = step_fn
+        self._step_name = getattr(step_fn, "__qualname__", None) or value_repr(step_fn)
         self._module = module
         self._compile_step = bool(options.compile_step)
         self._compile_loop = bool(options.compile_loop) and self._compile_step
@@ -338,7 +332,9 @@ class TensorflowLoop:
         # Traced: the user's step, on one batch per iterator.
         self._on_trace(leaves)
         before = _numeric_attributes(self._module)
-        iterator = _rebuild(self._layout, [_OneBatchIterator(batch) for batch in leaves])
+        iterator = _rebuild(
+            self._layout, [_OneBatchIterator(self._step_name, batch) for batch in leaves]
+        )
         # Every op of the step waits for its batch: TensorFlow orders stateful ops only
         # per resource, so without this a `step.assign_add(1)` could run although the
         # iterator had ended.
@@ -368,9 +364,8 @@ class TensorflowLoop:
         for key, old in before.items():
             new = after.get(key, old)
             if new is not old and new != old:
-                name = getattr(self._step_fn, "__name__", "step")
                 warnings.warn(
-                    f"`{name}` changed `self.{key}` from {value_repr(old)} to "
+                    f"`{self._step_name}` changed `self.{key}` from {value_repr(old)} to "
                     f"{value_repr(new)} while TensorFlow traced it. {MSG_TRACE_SIDE_EFFECT}",
                     TraceSideEffectWarning,
                     stacklevel=2,
@@ -594,7 +589,9 @@ class TensorflowLoop:
             return _python_loop(call, iterator, num_steps, state, reduce_fn)
 
     def _eager_step_on_batch(self, leaves: tuple[Any, ...]) -> Any:
-        iterator = _rebuild(self._layout, [_OneBatchIterator(batch) for batch in leaves])
+        iterator = _rebuild(
+            self._layout, [_OneBatchIterator(self._step_name, batch) for batch in leaves]
+        )
         return self._step_fn(iterator)
 
 

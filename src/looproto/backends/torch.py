@@ -56,6 +56,7 @@ import numpy as np
 import torch
 
 from looproto import _nest
+from looproto.backends._feed import NO_DATA, StepIterator, is_iterator_container
 from looproto.backends.base import Loop, LoopOptions, ReduceFn, StepFn
 from looproto.errors import (
     BackendNotAvailableError,
@@ -785,59 +786,27 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 # ----------------------------------------------------------------------------
 # The inner loop.
 
-_NO_DATA = object()
+_TWICE_HINT = (
+    "The torch loop pulls exactly one batch per step before the step runs (so the data "
+    "pipeline stays out of the compiled graph); batch larger in the dataset."
+)
 
 
-class _StepIterator:
-    """What the step gets: `next()` yields this step's batch, once."""
-
-    __slots__ = ("_batch", "_step_name", "_used")
-
-    def __init__(self, step_name: str) -> None:
-        self._batch: Any = _NO_DATA
-        self._step_name = step_name
-        self._used = False
-
-    def __iter__(self) -> _StepIterator:
-        return self
-
-    def __next__(self) -> Any:
-        if self._batch is _NO_DATA:
-            raise ProtocolError(
-                f"`{self._step_name}` called `next(iterator)`, but the loop was given no "
-                "data iterator (the dataset is None)."
-            )
-        if self._used:
-            raise ProtocolError(
-                f"`{self._step_name}` called `next(iterator)` twice in one step. The torch "
-                "loop pulls exactly one batch per step before the step runs (so the data "
-                "pipeline stays out of the compiled graph); batch larger in the dataset."
-            )
-        self._used = True
-        return self._batch
-
-
-def _is_iter_container(obj: Any) -> bool:
-    return isinstance(obj, Mapping) or (
-        isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields")
-    )
-
-
-def _step_iterators(iterator: Any, step_name: str) -> tuple[Any, list[tuple[Any, _StepIterator]]]:
-    """A structure like `iterator` with `_StepIterator` leaves, and `(source, leaf)` pairs."""
-    pairs: list[tuple[Any, _StepIterator]] = []
+def _step_iterators(iterator: Any, step_name: str) -> tuple[Any, list[tuple[Any, StepIterator]]]:
+    """A structure like `iterator` with `StepIterator` leaves, and `(source, leaf)` pairs."""
+    pairs: list[tuple[Any, StepIterator]] = []
 
     def build(it: Any) -> Any:
         if isinstance(it, Mapping):
             return {k: build(v) for k, v in it.items()}
-        if _is_iter_container(it):
+        if is_iterator_container(it):
             return type(it)(build(v) for v in it)
-        leaf = _StepIterator(step_name)
+        leaf = StepIterator(step_name, _TWICE_HINT)
         pairs.append((it, leaf))
         return leaf
 
     if iterator is None:
-        return _StepIterator(step_name), []
+        return StepIterator(step_name, _TWICE_HINT), []
     return build(iterator), pairs
 
 
@@ -1039,8 +1008,7 @@ class _TorchLoop:
                 while num_steps < 0 or steps < num_steps:
                     try:
                         for source, leaf in sources:
-                            leaf._batch = _to_device(next(source), device)
-                            leaf._used = False
+                            leaf.feed(_to_device(next(source), device))
                     except StopIteration:
                         _log.debug("The data iterator is exhausted after %d steps.", steps)
                         break
@@ -1068,7 +1036,7 @@ class _TorchLoop:
             ) from None
         finally:
             for _, leaf in sources:
-                leaf._batch = _NO_DATA  # Do not keep the last batch alive on device.
+                leaf.feed(NO_DATA)  # Do not keep the last batch alive on device.
             record = self._finish(ops, lifted, watch, ok, steps)
         if record is not None:
             self._raise_non_finite(record, steps, start_step)
