@@ -881,6 +881,10 @@ class JaxBackend:
             return python_loop(step_fn)
         return _JaxLoop(step_fn, module, scan=options.compile_loop, **parsed)
 
+    def array_namespace(self) -> Any:
+        """The Python array API for JAX arrays: `jax.numpy`, which implements the standard."""
+        return jnp
+
     # The gradient helpers, also as methods (`backends.get("jax").value_and_grad`).
     def value_and_grad(
         self, fn: Callable[[], Any], module: Any, has_aux: bool = False

@@ -17,7 +17,7 @@ import numpy as np
 
 from looproto import _nest
 from looproto.backends.base import Loop, LoopOptions, ReduceFn, StepFn
-from looproto.errors import ConfigError, ProtocolError, ShapeError
+from looproto.errors import BackendNotAvailableError, ConfigError, ProtocolError, ShapeError
 
 if TYPE_CHECKING:
     from looproto.module import Module
@@ -94,6 +94,27 @@ class NumpyBackend:
     def name_scope(self, scope: str) -> contextlib.nullcontext[None]:
         """See base class. NumPy has no scopes of its own."""
         return contextlib.nullcontext()
+
+    def array_namespace(self) -> Any:
+        """The Python array API for NumPy arrays (see `looproto.portable`).
+
+        `array_api_compat.numpy` when it is installed (`pip install 'looproto[portable]'`),
+        which smooths NumPy's last deviations from the standard; else NumPy 2 itself,
+        whose main namespace follows the standard.
+
+        Raises:
+            BackendNotAvailableError: NumPy 1 without `array-api-compat`.
+        """
+        try:
+            import array_api_compat.numpy as xp
+        except ImportError as err:
+            if int(np.__version__.split(".")[0]) >= 2:
+                return np
+            raise BackendNotAvailableError(
+                f"The array API namespace of NumPy {np.__version__} needs array-api-compat "
+                f"({err}). Install it with: pip install 'looproto[portable]'"
+            ) from err
+        return xp
 
     def make_loop(self, step_fn: StepFn, *, module: Module, options: LoopOptions) -> Loop:
         """See base class. Always a Python loop; the compile options do not apply."""

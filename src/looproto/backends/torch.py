@@ -1350,6 +1350,21 @@ class TorchBackend:
         parsed = _parse_backend_options(options.backend_options)
         return _TorchLoop(step_fn, module, options.compile_step, parsed)
 
+    def array_namespace(self) -> Any:
+        """The Python array API for torch tensors: `array_api_compat.torch`.
+
+        Raises:
+            BackendNotAvailableError: `array-api-compat` is not installed.
+        """
+        try:
+            import array_api_compat.torch as xp
+        except ImportError as err:
+            raise BackendNotAvailableError(
+                f"The array API namespace of torch tensors is array-api-compat's ({err}). "
+                "Install it with: pip install 'looproto[portable]'"
+            ) from err
+        return xp
+
     # The gradient helpers, also as methods (`backends.get("torch").value_and_grad`).
     def value_and_grad(
         self, fn: Callable[[], Any], module: Any, has_aux: bool = False
