@@ -653,15 +653,7 @@ class CheckpointManager:
                 ]
             )
         _check_arrays(arrays, tree, where)
-
-        for path, variable in variables.items():
-            assign_variable(variable, arrays[path])
-        for path, obj in live_objects.items():
-            state = objects[path]["state"]
-            if _is_generator(obj):
-                obj.bit_generator.state = state
-            else:
-                _state_adapter(obj).set_state(state)
+        _write_all(variables, arrays, live_objects, objects, where)
 
     def restore_or_initialize(self) -> str | None:
         """Restores the newest good checkpoint, or calls `init_fn` if there is none.
@@ -782,6 +774,57 @@ def _check_matches(
             f"Checkpoint {where} does not match the variables of `checkpoint` "
             f"({len(problems)} difference(s)); nothing was restored:\n" + "\n".join(problems)
         )
+
+
+def _set_object_state(obj: Any, state: Any) -> None:
+    if _is_generator(obj):
+        obj.bit_generator.state = state
+    else:
+        _state_adapter(obj).set_state(state)
+
+
+def _get_object_state(obj: Any) -> Any:
+    return obj.bit_generator.state if _is_generator(obj) else _state_adapter(obj).get_state()
+
+
+def _write_all(
+    variables: dict[str, Any],
+    arrays: dict[str, Any],
+    live_objects: dict[str, Any],
+    objects: dict[str, Any],
+    where: str,
+) -> None:
+    """Writes a checked checkpoint into the live tree; undoes it all if any write fails.
+
+    A write can fail although the tree matched: an object may refuse a state of the
+    same kind but another type (an `ArrayIterator` handed a `tf.data` iterator's state,
+    from a checkpoint of another backend's pipeline). Object states go first (small,
+    and the likeliest to refuse); each variable's value is kept just before it is
+    overwritten, so what was written can be put back.
+    """
+    written_objects: list[tuple[Any, Any]] = []
+    written_variables: list[tuple[Any, Any]] = []
+    current = ""
+    try:
+        for path, obj in live_objects.items():
+            current = path
+            previous = _get_object_state(obj)
+            _set_object_state(obj, objects[path]["state"])
+            written_objects.append((obj, previous))
+        for path, variable in variables.items():
+            current = path
+            previous = variable_to_numpy(variable)
+            assign_variable(variable, arrays[path])
+            written_variables.append((variable, previous))
+    except Exception as err:
+        for variable, previous in reversed(written_variables):
+            assign_variable(variable, previous)
+        for obj, previous in reversed(written_objects):
+            _set_object_state(obj, previous)
+        raise CheckpointError(
+            f"Checkpoint {where} could not be restored: writing {current!r} failed "
+            f"({type(err).__name__}: {err}). Nothing was restored."
+        ) from err
 
 
 def _check_arrays(arrays: dict[str, Any], tree: dict[str, Any], where: str) -> None:
