@@ -51,19 +51,49 @@ from looproto.module import (
 
 __all__ = ["SGD", "Adam", "Optimizer", "array_namespace", "value_and_grad"]
 
-# Array type -> namespace. Filled on first sight of a type, so that inside compiled code
-# (torch.compile traces this function) a lookup is one dict access.
-_NAMESPACES: dict[type, Any] = {}
+# The builtin backends by the top-level package of an array's type. A constant: inside
+# `torch.compile`d code a lookup in a dict that changes would add a guard on its size,
+# and every new entry would recompile every compiled step.
+_BUILTIN = {
+    "numpy": "numpy",
+    "jax": "jax",
+    "jaxlib": "jax",
+    "tensorflow": "tensorflow",
+    "torch": "torch",
+}
+# Other array types -> namespace (third-party backends), filled on first sight of a type.
+_OTHERS: dict[type, Any] = {}
 _NUMBERS = (bool, int, float, complex)
 
 
-def _lookup(x: Any) -> Any:
+def _builtin_namespace(x: Any) -> Any:
+    """The namespace of a NumPy/JAX/torch/TensorFlow array from its backend, else None.
+
+    No cache and no mutable state, so that compilers tracing it (torch.compile) see
+    constants only; the backend module is imported already whenever its arrays exist.
+    """
+    backend = _BUILTIN.get(type(x).__module__.partition(".")[0])
+    if backend == "torch":
+        from looproto.backends import torch as module
+    elif backend == "numpy":
+        from looproto.backends import numpy as module  # type: ignore[no-redef]
+    elif backend == "jax":
+        from looproto.backends import jax as module  # type: ignore[no-redef]
+    elif backend == "tensorflow":
+        from looproto.backends import tensorflow as module  # type: ignore[no-redef]
+    else:
+        return None
+    return module.array_namespace()
+
+
+def _other_namespace(x: Any) -> Any:
     # Plain Python that AutoGraph can convert (no for/else, no annotated names in
-    # branches): on a cache miss inside `tf.function`, AutoGraph converts this too.
+    # branches), should `tf.function` ever trace it.
     cls = type(x)
-    numpy_array = isinstance(x, (np.ndarray, np.generic))
-    found = (backends.get("numpy"),) if numpy_array else framework_backends(x)
-    makers = [getattr(b, "array_namespace", None) for b in found]
+    found = _OTHERS.get(cls)
+    if found is not None:
+        return found
+    makers = [getattr(b, "array_namespace", None) for b in framework_backends(x)]
     make = next((m for m in makers if m is not None), None)
     if make is not None:
         xp = make()
@@ -76,7 +106,7 @@ def _lookup(x: Any) -> Any:
                 "TensorFlow array (or an array with `__array_namespace__`)."
             )
         xp = own()
-    _NAMESPACES[cls] = xp
+    _OTHERS[cls] = xp
     return xp
 
 
@@ -102,9 +132,9 @@ def array_namespace(*arrays: Any) -> Any:
             x = x.value
         if x is None or isinstance(x, _NUMBERS):
             continue
-        found = _NAMESPACES.get(type(x))
+        found = _builtin_namespace(x)
         if found is None:
-            found = _lookup(x)
+            found = _other_namespace(x)
         if xp is None:
             xp = found
         elif found is not xp:

@@ -22,7 +22,7 @@ from looproto.errors import BackendNotAvailableError, ConfigError, ProtocolError
 if TYPE_CHECKING:
     from looproto.module import Module
 
-__all__ = ["BACKEND", "NumpyBackend", "python_loop"]
+__all__ = ["BACKEND", "NumpyBackend", "array_namespace", "python_loop"]
 
 _log = logging.getLogger("looproto")
 
@@ -48,6 +48,28 @@ def python_loop(step_fn: StepFn) -> Loop:
         return state, step
 
     return loop
+
+
+def array_namespace() -> Any:
+    """The Python array API for NumPy arrays (see `looproto.portable`).
+
+    `array_api_compat.numpy` when it is installed (`pip install 'looproto[portable]'`),
+    which smooths NumPy's last deviations from the standard; else NumPy 2 itself,
+    whose main namespace follows the standard.
+
+    Raises:
+        BackendNotAvailableError: NumPy 1 without `array-api-compat`.
+    """
+    try:
+        import array_api_compat.numpy as xp
+    except ImportError as err:
+        if int(np.__version__.split(".")[0]) >= 2:
+            return np
+        raise BackendNotAvailableError(
+            f"The array API namespace of NumPy {np.__version__} needs array-api-compat "
+            f"({err}). Install it with: pip install 'looproto[portable]'"
+        ) from err
+    return xp
 
 
 class NumpyBackend:
@@ -96,25 +118,8 @@ class NumpyBackend:
         return contextlib.nullcontext()
 
     def array_namespace(self) -> Any:
-        """The Python array API for NumPy arrays (see `looproto.portable`).
-
-        `array_api_compat.numpy` when it is installed (`pip install 'looproto[portable]'`),
-        which smooths NumPy's last deviations from the standard; else NumPy 2 itself,
-        whose main namespace follows the standard.
-
-        Raises:
-            BackendNotAvailableError: NumPy 1 without `array-api-compat`.
-        """
-        try:
-            import array_api_compat.numpy as xp
-        except ImportError as err:
-            if int(np.__version__.split(".")[0]) >= 2:
-                return np
-            raise BackendNotAvailableError(
-                f"The array API namespace of NumPy {np.__version__} needs array-api-compat "
-                f"({err}). Install it with: pip install 'looproto[portable]'"
-            ) from err
-        return xp
+        """See `looproto.backends.numpy.array_namespace`."""
+        return array_namespace()
 
     def make_loop(self, step_fn: StepFn, *, module: Module, options: LoopOptions) -> Loop:
         """See base class. Always a Python loop; the compile options do not apply."""
