@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,18 @@ def test_numpy_arrays_scalars_and_variables_get_numpy_namespace() -> None:
     x = np.linspace(-1, 1, 5, dtype=np.float32)
     np.testing.assert_allclose(xp.tanh(x), np.tanh(x))
     assert xp.mean(x).dtype == np.float32
+
+
+def test_numpy_without_array_api_compat(monkeypatch: pytest.MonkeyPatch) -> None:
+    from looproto.backends import numpy as numpy_backend
+    from looproto.errors import BackendNotAvailableError
+
+    monkeypatch.setitem(sys.modules, "array_api_compat.numpy", None)  # import fails
+    monkeypatch.setattr(np, "__version__", "2.1.0")
+    assert numpy_backend.array_namespace() is np  # NumPy 2.1 follows the standard
+    monkeypatch.setattr(np, "__version__", "1.26.4")
+    with pytest.raises(BackendNotAvailableError, match=r"pip install 'looproto\[portable\]'"):
+        numpy_backend.array_namespace()
 
 
 @pytest.mark.parametrize(

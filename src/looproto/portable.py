@@ -25,7 +25,7 @@ but cannot differentiate.
 
 The namespaces: `jax.numpy` for JAX arrays, `array_api_compat.torch` for torch
 tensors, `tf.experimental.numpy` (plus the standard names it lacks) for TensorFlow
-tensors, `array_api_compat.numpy` (or NumPy 2 itself) for NumPy arrays. This module
+tensors, `array_api_compat.numpy` (or NumPy >= 2.1 itself) for NumPy arrays. This module
 imports no framework: each backend supplies its own (`Backend.array_namespace`).
 """
 

@@ -54,16 +54,17 @@ def array_namespace() -> Any:
     """The Python array API for NumPy arrays (see `looproto.portable`).
 
     `array_api_compat.numpy` when it is installed (`pip install 'looproto[portable]'`),
-    which smooths NumPy's last deviations from the standard; else NumPy 2 itself,
-    whose main namespace follows the standard.
+    which smooths NumPy's last deviations from the standard; else NumPy itself from
+    2.1 on, whose main namespace follows the standard (2.0 lacks `astype`).
 
     Raises:
-        BackendNotAvailableError: NumPy 1 without `array-api-compat`.
+        BackendNotAvailableError: NumPy before 2.1 without `array-api-compat`.
     """
     try:
         import array_api_compat.numpy as xp
     except ImportError as err:
-        if int(np.__version__.split(".")[0]) >= 2:
+        major, minor = (int(part) for part in np.__version__.split(".")[:2])
+        if (major, minor) >= (2, 1):
             return np
         raise BackendNotAvailableError(
             f"The array API namespace of NumPy {np.__version__} needs array-api-compat "

@@ -39,6 +39,8 @@ NumPy `looproto.Variable`s of the module (the global step from
 updates it on every step; after the loop the values go back into the Variables
 as NumPy arrays of their own dtype. This is what the JAX and PyTorch backends do
 with such Variables, and it keeps checkpoints of one tree whatever backend wrote them.
+(Not under a multi-replica strategy: there, state the step updates must be
+`tf.Variable`s created under `strategy.scope()`, with the `aggregation` they need.)
 
 `value_and_grad(fn, module)` differentiates `fn()` with respect to the module's
 trainable variables on a `tf.GradientTape`, keyed by variable path, like the JAX
@@ -433,10 +435,11 @@ def _variable_assign_hook(variable: Variable, value: Any) -> bool | None:
     if isinstance(value, (tf.Tensor, tf.Variable)) or tf.is_symbolic_tensor(value):
         raise ProtocolError(
             f"A compiled TensorFlow step assigned a graph tensor to {variable.name!r}, a "
-            "`looproto.Variable` holding a NumPy array that is not reachable from the "
-            "loop's trainer or evaluator. The loop lifts the NumPy Variables of its module "
-            "into `tf.Variable`s; others cannot be updated from inside `tf.function`. Make it "
-            f"an attribute of the trainer (or of one of its submodules). {MSG_TRACE_SIDE_EFFECT}"
+            "`looproto.Variable` holding a NumPy array. The loop lifts the NumPy Variables of "
+            "its trainer or evaluator into `tf.Variable`s, but not this one: it is not "
+            "reachable from the module, or the loop runs under a multi-replica strategy "
+            "(create `tf.Variable`s under `strategy.scope()` there). Others cannot be updated "
+            f"from inside `tf.function`. {MSG_TRACE_SIDE_EFFECT}"
         )
     warnings.warn(
         f"{variable.name!r} (a `looproto.Variable` holding a NumPy array) was assigned while "
@@ -696,24 +699,19 @@ class TensorflowLoop:
             lifted.release()
 
     def _lift(self) -> _Lifted:
-        """Binds the module's NumPy Variables to their `tf.Variable` twins (see `_Lifted`)."""
+        """Binds the module's NumPy Variables to their `tf.Variable` twins (see `_Lifted`).
+
+        Not under a multi-replica strategy: a plain twin would not be mirrored, and which
+        replica's update to keep is the model's choice (`tf.Variable(aggregation=...)`).
+        """
+        if self._replicas > 1:
+            return _NOTHING_LIFTED
         module = self._module
         if isinstance(module, Module):
             found = list(module._flatten(predicate=_is_liftable))
         else:
             found = list(variables_by_path(module, predicate=_is_liftable).values())
-        if not found:
-            return _NOTHING_LIFTED
-        if self._replicas > 1:
-            names = [v.name for v in found[:3]]
-            raise ConfigError(
-                f"The module holds `looproto.Variable`s with NumPy arrays ({names}"
-                f"{', ...' if len(found) > 3 else ''}), which the TensorFlow backend lifts "
-                "into plain `tf.Variable`s; under a strategy with "
-                f"{self._replicas} replicas they would not be mirrored. Create them as "
-                "`tf.Variable`s under `strategy.scope()` (choosing their `aggregation`)."
-            )
-        return _Lifted(found)
+        return _Lifted(found) if found else _NOTHING_LIFTED
 
     def _compiled(
         self, iterator: Any, num_steps: int, state: Any, reduce_fn: ReduceFn | None
