@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from typing import Any
 
@@ -12,6 +13,17 @@ import looproto
 from looproto import portable
 from looproto.errors import ConfigError, ProtocolError
 from looproto.module import variables_by_path
+
+
+def test_importing_portable_code_imports_no_framework() -> None:
+    code = (
+        "import sys, looproto.portable, looproto.examples.portable_mlp; "
+        "print(sorted({'jax', 'torch', 'tensorflow', 'array_api_compat'} "
+        "& {m.split('.')[0] for m in sys.modules}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
 
 # ----------------------------------------------------------------------------
 # array_namespace
