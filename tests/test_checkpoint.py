@@ -421,6 +421,73 @@ def test_mismatch_error_lists_every_differing_path(tmp_path: Path) -> None:
         assert name in str(info.value)
 
 
+class PickyIterator(CountingIterator):
+    """Refuses a state it does not understand (as an `ArrayIterator` does a `tf.data` one)."""
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if "position" not in state:
+            raise ConfigError(f"not a PickyIterator state: {state!r}")
+        super().set_state(state)
+
+
+class OtherIterator(CountingIterator):
+    def get_state(self) -> dict[str, Any]:
+        return {"offset": 3}
+
+
+def test_an_object_refusing_its_state_undoes_the_whole_restore(tmp_path: Path) -> None:
+    saved = Model()
+    fill(saved, 5.0)
+    saved.rng = np.random.default_rng(1)
+    saved.stream = OtherIterator()  # same kind ("state") and path, another pipeline's state
+    with CheckpointManager(tmp_path, saved) as manager:
+        manager.save(checkpoint_number=1)
+    live = Model()
+    fill(live, 7.0)
+    live.rng = np.random.default_rng(2)  # restored first (paths in order), then undone
+    live.stream = PickyIterator()
+    live.stream.position = 4
+    rng_state = live.rng.bit_generator.state
+    before = snapshot(live)
+    with CheckpointManager(tmp_path, live) as manager:
+        with pytest.raises(CheckpointError, match=r"writing 'stream' failed \(ConfigError") as info:
+            manager.restore(1)
+    assert "Nothing was restored" in str(info.value)
+    assert isinstance(info.value.__cause__, ConfigError)
+    assert_same(snapshot(live), before)
+    assert live.stream.position == 4
+    assert live.rng.bit_generator.state == rng_state
+
+
+class FailOnce(Variable):
+    """A variable whose next `assign` fails (a device error, say)."""
+
+    __slots__ = ("fail",)
+
+    def assign(self, value: Any) -> Variable:
+        if getattr(self, "fail", False):
+            self.fail = False
+            raise RuntimeError("device lost")
+        return super().assign(value)
+
+
+def test_a_failing_variable_write_undoes_the_variables_written_before(tmp_path: Path) -> None:
+    saved = Model()
+    fill(saved, 5.0)
+    saved.zz_last = Variable(np.float32(5.0), name="zz_last")
+    with CheckpointManager(tmp_path, saved) as manager:
+        manager.save(checkpoint_number=1)
+    live = Model()
+    fill(live, 7.0)
+    live.zz_last = FailOnce(np.float32(7.0), name="zz_last")
+    live.zz_last.fail = True
+    before = snapshot(live)
+    with CheckpointManager(tmp_path, live) as manager:
+        with pytest.raises(CheckpointError, match=r"writing 'zz_last' failed \(RuntimeError"):
+            manager.restore(1)
+    assert_same(snapshot(live), before)  # layers/..., count, flag, scale: put back
+
+
 # ----------------------------------------------------------------------------
 # Corruption: fall back to the previous good step, loudly
 

@@ -1388,6 +1388,28 @@ class TestVariable:
         assert "float64" in str(info.value)
         assert int(i) == 3
 
+    def test_assign_hook_that_returns_true_stores_the_value_itself(self) -> None:
+        # The contract the TensorFlow backend's lifted Variables rely on.
+        stored: list[Any] = []
+
+        def hook(variable: Variable, value: Any) -> bool:
+            if variable.name == "lifted:0":
+                stored.append(value)
+                return True
+            return False
+
+        Variable._assign_hooks.append(hook)
+        try:
+            lifted = Variable(np.float32(0), name="lifted")
+            plain = Variable(np.float32(0), name="plain")
+            assert lifted.assign(np.float32(3)) is lifted
+            assert plain.assign(np.float32(3)) is plain
+        finally:
+            Variable._assign_hooks.remove(hook)
+        assert stored == [np.float32(3)]
+        assert float(lifted) == 0.0  # the hook kept it; `assign` wrote nothing
+        assert float(plain) == 3.0
+
     def test_assign_list(self) -> None:
         v = Variable(np.zeros(2, np.float32), name="v")
         v.assign([1, 2])

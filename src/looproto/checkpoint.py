@@ -948,11 +948,7 @@ class CheckpointManager:
             )
         _check_arrays(arrays, tree, where)
 
-        # Object states first: a live object may reject its state, and then every
-        # object already set is put back and no variable has changed.
-        _set_object_states(live_objects, objects, where)
-        for path, variable in variables.items():
-            assign_variable(variable, arrays[path])
+        _write_all(variables, arrays, live_objects, objects, where)
 
     def restore_or_initialize(self) -> str | None:
         """Restores the newest good checkpoint, or calls `init_fn` if there is none.
@@ -1094,36 +1090,65 @@ def _check_matches(
         )
 
 
-def _set_object_states(live: dict[str, Any], objects: dict[str, Any], where: str) -> None:
-    """Sets every live object's state; on a rejection, puts the earlier ones back.
+def _set_object_state(obj: Any, state: Any, path: str | None = None) -> None:
+    """Sets `state`; from a checkpoint's JSON (`path` given) it is decoded first."""
+    if _is_generator(obj):
+        obj.bit_generator.state = state
+    else:
+        _state_adapter(obj).set_state(state if path is None else _from_json(state, path))
+
+
+def _get_object_state(obj: Any) -> Any:
+    return obj.bit_generator.state if _is_generator(obj) else _state_adapter(obj).get_state()
+
+
+def _write_all(
+    variables: dict[str, Any],
+    arrays: dict[str, Any],
+    live_objects: dict[str, Any],
+    objects: dict[str, Any],
+    where: str,
+) -> None:
+    """Writes a checked checkpoint into the live tree; undoes it all if any write fails.
+
+    A write can fail although the tree matched: an object may refuse a state of the
+    same kind but another type (an `ArrayIterator` handed a `tf.data` iterator's state,
+    from a checkpoint of another backend's pipeline; a Generator whose bit generator
+    changed). Object states go first (small, and the likeliest to refuse); each
+    variable's value is kept just before it is overwritten, so what was written can be
+    put back.
 
     Raises:
-        CheckpointError: A live object rejected its state (the path is named).
+        CheckpointError: A write failed; the path and the reason are named.
     """
-    done: list[tuple[Any, Any]] = []  # (object, its previous state)
-    for path, obj in live.items():
-        state = objects[path]["state"]
-        try:
-            if _is_generator(obj):
-                previous = obj.bit_generator.state
-                obj.bit_generator.state = state
-                done.append((obj, previous))
-            else:
-                adapter = _state_adapter(obj)
-                previous = adapter.get_state()
-                adapter.set_state(_from_json(state, path))
-                done.append((adapter, previous))
-        except Exception as err:
-            for target, old in reversed(done):
-                if _is_generator(target):
-                    target.bit_generator.state = old
-                else:
-                    target.set_state(old)
-            raise CheckpointError(
-                f"Checkpoint {where}: the live object at {path!r} "
-                f"({type(obj).__name__}) rejected its saved state ({type(err).__name__}: "
-                f"{err}); nothing was restored. Was the object's type changed?"
-            ) from err
+    written_objects: list[tuple[Any, Any]] = []
+    written_variables: list[tuple[Any, Any]] = []
+    current, rejected = "", ""
+    try:
+        for path, obj in live_objects.items():
+            current = path
+            rejected = (
+                f"; the live object at {path!r} ({type(obj).__name__}) rejected its saved "
+                "state (was its type changed?)"
+            )
+            previous = _get_object_state(obj)
+            _set_object_state(obj, objects[path]["state"], path)
+            written_objects.append((obj, previous))
+        rejected = ""
+        for path, variable in variables.items():
+            current = path
+            previous = variable_to_numpy(variable)
+            assign_variable(variable, arrays[path])
+            written_variables.append((variable, previous))
+    except Exception as err:
+        for variable, previous in reversed(written_variables):
+            assign_variable(variable, previous)
+        for obj, previous in reversed(written_objects):
+            _set_object_state(obj, previous)
+        raise CheckpointError(
+            f"Checkpoint {where} could not be restored: writing {current!r} failed "
+            f"({type(err).__name__}: {err}){rejected}. Nothing was restored."
+        ) from err
 
 
 def _check_arrays(arrays: dict[str, Any], tree: dict[str, Any], where: str) -> None:

@@ -416,7 +416,9 @@ class Variable:
 
     # Called as hook(variable, new_value) before each assignment; backends use it to
     # catch values that must not be stored (e.g. a JAX tracer outside a compiled loop).
-    _assign_hooks: ClassVar[list[Callable[[Variable, Any], None]]] = []
+    # A hook that returns True has stored the value itself, and `assign` stops there:
+    # the TensorFlow backend writes a lifted Variable through to its `tf.Variable`.
+    _assign_hooks: ClassVar[list[Callable[[Variable, Any], bool | None]]] = []
 
     def __init__(
         self,
@@ -482,7 +484,8 @@ class Variable:
         """
         if self._assign_hooks and not _gated():
             for hook in self._assign_hooks:
-                hook(self, value)
+                if hook(self, value):
+                    return self
         current = self._value
         if isinstance(value, Variable):
             value = value.value
@@ -564,6 +567,10 @@ def _numpy_dtype(dtype: Any) -> np.dtype[Any]:
     if type(dtype).__module__.partition(".")[0] == "torch":
         # No try/except around `np.dtype(dtype)`: torch.compile cannot trace that.
         return np.dtype(str(dtype).rpartition(".")[2])
+    as_numpy = getattr(dtype, "as_numpy_dtype", None)  # a `tf.DType` (NumPy cannot read it)
+    if as_numpy is not None:
+        converted: np.dtype[Any] = np.dtype(as_numpy)
+        return converted
     result: np.dtype[Any] = np.dtype(dtype)
     return result
 

@@ -261,6 +261,17 @@ def test_python_iterator_runs_one_tf_function_per_step(caplog: Any) -> None:
         np.testing.assert_allclose(value, expected[key], rtol=1e-6, atol=1e-7)
 
 
+def test_finite_python_iterator_ends_cleanly_one_call_per_step() -> None:
+    x, y = make_data()
+    batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 96, 8)]
+    trainer = Trainer(_Batches(batches))
+    trainer.train(20)  # 12 batches: the loop stops after them, no error
+    assert int(trainer.global_step.numpy()) == 12
+    expected = reference(12)
+    for key, value in model_params(trainer).items():
+        np.testing.assert_allclose(value, expected[key], rtol=1e-5, atol=1e-6)
+
+
 class _Batches:
     """A plain Python iterable of `(x, y)` batches (not `tf.data`)."""
 
@@ -322,18 +333,196 @@ def test_python_side_effect_in_step_warns_it_runs_once_per_trace() -> None:
     assert trainer.calls == 1  # what the warning is about: once per trace, not per step
 
 
-def test_numpy_variable_assigned_a_tensor_in_a_compiled_step_is_an_error() -> None:
-    class Bad(Trainer):
-        def __init__(self) -> None:
-            super().__init__(dataset())
-            self.total = looproto.Variable(np.float32(0), trainable=False)
+def test_numpy_variable_outside_the_module_assigned_in_a_compiled_step_is_an_error() -> None:
+    outside = looproto.Variable(np.float32(0), trainable=False, name="outside")
 
+    class Bad(Trainer):
         def train_step(self, iterator: Any) -> None:
             x, _ = next(iterator)
-            self.total.assign(tf.reduce_sum(x))
+            outside.assign(tf.reduce_sum(x))  # Not reachable from the trainer: not lifted.
 
     with pytest.raises(ProtocolError, match=r"cannot be updated from inside `tf\.function`"):
-        Bad().train(2)
+        Bad(dataset()).train(2)
+    assert float(outside) == 0.0
+
+
+def test_assigning_a_lifted_variable_keeps_variable_rules() -> None:
+    class Bad(Trainer):
+        def __init__(self, value: Any) -> None:
+            super().__init__(dataset())
+            self.total = looproto.Variable(np.zeros(2, np.float32), trainable=False, name="t")
+            self.value = value
+
+        def train_step(self, iterator: Any) -> None:
+            next(iterator)
+            self.total.assign(self.value())
+
+    for value, match in (
+        (lambda: tf.zeros(3), r"shape \(3,\) to variable 't:0' of shape \(2,\)"),
+        (lambda: tf.zeros(2, tf.float64), "dtype float64 to variable 't:0' of dtype float32"),
+        (lambda: np.zeros(2, np.float64), "dtype float64"),
+        (lambda: 1.5, r"shape \(\) to variable 't:0' of shape \(2,\)"),
+    ):
+        trainer = Bad(value)
+        with pytest.raises(ShapeError, match=match):
+            trainer.train(1)
+        np.testing.assert_array_equal(trainer.total.numpy(), [0.0, 0.0])
+        assert isinstance(trainer.total.value, np.ndarray)  # unbound again after the error
+
+
+# -- NumPy Variables, Python data, gradients -------------------------------------------------
+
+
+class NumpyTrainer(looproto.StandardTrainer):
+    """The MLP of `Trainer` held in NumPy `looproto.Variable`s, fed by an `ArrayDataset`.
+
+    The backend lifts the Variables into `tf.Variable`s while a loop runs; gradients come
+    from `tf_backend.value_and_grad`, keyed by path.
+    """
+
+    def __init__(self, data: str = "auto", compiled: bool = True, batch: int = 8) -> None:
+        from looproto.data import ArrayDataset
+
+        x, y = make_data()
+        options = looproto.StandardTrainerOptions(
+            backend="tensorflow",
+            backend_options={"data": data},
+            use_compiled_step=compiled,
+            use_compiled_loop=compiled,
+        )
+        super().__init__(ArrayDataset((x, y), batch, epochs=None), options=options)
+        self.global_step = looproto.create_global_step()
+        with self.name_scope:
+            self.params = {k: looproto.Variable(v, name=k) for k, v in init_params().items()}
+            self.loss_sum = looproto.Variable(np.float32(0), trainable=False, name="loss_sum")
+
+    def train_step(self, iterator: Any) -> None:
+        x, y = next(iterator)
+
+        def loss_fn() -> Any:
+            params = {k: v.value for k, v in self.params.items()}
+            return tf.reduce_mean((forward(params, x) - y) ** 2)
+
+        loss, grads = tf_backend.value_and_grad(loss_fn, self.params)
+        for key, variable in self.params.items():
+            variable.assign(variable.value - LR * grads[key])
+        self.loss_sum.assign_add(loss)
+        self.global_step.assign_add(1)
+
+
+@pytest.mark.parametrize(
+    ("data", "compiled"),
+    [("auto", True), ("step", True), ("auto", False)],
+    ids=["stacked-while-loop", "tf-function-per-step", "eager"],
+)
+def test_numpy_variables_are_lifted_and_match_the_hand_written_loop(
+    data: str, compiled: bool
+) -> None:
+    trainer = NumpyTrainer(data, compiled)
+    for n in (3, 7, 5):
+        trainer.train(n)
+    expected = reference(15)
+    for key, variable in trainer.params.items():
+        # Back on the host between loops, in their own dtype: what checkpoints read.
+        assert isinstance(variable.value, np.ndarray)
+        assert variable.dtype == np.float32
+        np.testing.assert_allclose(variable.value, expected[key], rtol=1e-5, atol=1e-6)
+    assert isinstance(trainer.global_step.value, np.ndarray)
+    assert trainer.global_step.dtype == np.int64
+    assert int(trainer.global_step) == 15
+    assert float(trainer.loss_sum) > 0
+    loop = trainer._train_loop_fn
+    assert isinstance(loop, tf_backend.TensorflowLoop)
+    if compiled:
+        assert loop.trace_count == 1  # the stacked call leaves the step count unknown
+
+
+def test_stacked_loop_runs_all_steps_in_one_call_and_retraces_once_per_batch_shape(
+    caplog: Any,
+) -> None:
+    from looproto.data import ArrayDataset
+
+    trainer = NumpyTrainer()
+    x, y = make_data()
+    # 96 examples in batches of 36, not dropping the remainder: 36, 36, 24, 36, 36, 24, ...
+    trainer.train_dataset = ArrayDataset((x, y), 36, epochs=2, drop_remainder=False)
+    trainer.train(4)
+    loop = trainer._train_loop_fn
+    assert loop.trace_count == 2  # (36, 4) and (24, 4)
+    assert "compiles the whole loop only for `tf.data`" not in caplog.text
+    trainer.train(-1)  # until the data ends: the last two batches
+    assert int(trainer.global_step) == 6
+    assert loop.trace_count == 2
+    # The same 6 steps by hand: two epochs of batches 36, 36, 24, in order.
+    variables = {key: tf.Variable(value) for key, value in init_params().items()}
+    for start in (0, 36, 72) * 2:
+        xb, yb = x[start : start + 36], y[start : start + 36]
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean((forward(variables, xb) - yb) ** 2)
+        for variable, g in zip(variables.values(), tape.gradient(loss, list(variables.values()))):
+            variable.assign_sub(LR * g)
+    for key, variable in trainer.params.items():
+        np.testing.assert_allclose(variable.value, variables[key].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_value_and_grad_matches_gradient_tape_with_aux_and_zeros_for_unused() -> None:
+    module = looproto.Module(name="m")
+    module.w = tf.Variable([1.0, 2.0])
+    module.unused = tf.Variable(3.0)
+    module.frozen = tf.Variable(4.0, trainable=False)
+    module.steps = tf.Variable(0, dtype=tf.int64)  # trainable, but an integer: no gradient
+
+    def fn() -> Any:
+        return tf.reduce_sum(module.w**2) * module.frozen, {"norm": tf.norm(module.w)}
+
+    (loss, aux), grads = tf_backend.value_and_grad(fn, module, has_aux=True)
+    assert float(loss) == 20.0
+    np.testing.assert_allclose(aux["norm"].numpy(), np.sqrt(5.0), rtol=1e-6)
+    assert sorted(grads) == ["unused", "w"]
+    np.testing.assert_allclose(grads["w"].numpy(), [8.0, 16.0])
+    assert float(grads["unused"]) == 0.0
+    only, _ = BACKEND.grad(fn, module, has_aux=True)
+    np.testing.assert_allclose(only["w"].numpy(), [8.0, 16.0])
+
+    @tf.function
+    def compiled() -> Any:
+        return tf_backend.grad(lambda: tf.reduce_sum(module.w**3), module)["w"]
+
+    np.testing.assert_allclose(compiled().numpy(), [3.0, 12.0])
+
+
+def test_value_and_grad_bad_input() -> None:
+    module = looproto.Module(name="m")
+    module.w = tf.Variable([1.0, 2.0])
+    with pytest.raises(ProtocolError, match="scalar loss"):
+        tf_backend.value_and_grad(lambda: module.w * 2, module)
+    with pytest.raises(ProtocolError, match=r"must return `\(loss, aux\)`"):
+        tf_backend.value_and_grad(lambda: tf.reduce_sum(module.w), module, has_aux=True)
+    module.host = looproto.Variable(np.float32(1), name="host")
+    with pytest.raises(ProtocolError, match=r"'host'.*outside them, hold `tf\.Variable`s"):
+        tf_backend.value_and_grad(lambda: tf.reduce_sum(module.w), module)
+
+
+def test_array_namespace_adds_the_standard_names_tf_numpy_lacks() -> None:
+    xp = BACKEND.array_namespace()
+    assert xp is tf_backend.array_namespace()
+    x = tf.reshape(tf.range(6, dtype=tf.float32), (1, 2, 3))
+    assert xp.astype(x, np.int32).dtype == tf.int32
+    assert xp.astype(x, tf.float64).dtype == tf.float64
+    np.testing.assert_array_equal(
+        xp.permute_dims(x, (2, 0, 1)).numpy(), np.transpose(x.numpy(), (2, 0, 1))
+    )
+    np.testing.assert_array_equal(xp.matrix_transpose(x).numpy(), np.swapaxes(x.numpy(), -1, -2))
+    np.testing.assert_array_equal(
+        xp.concat([x, x], axis=1).numpy(), np.concatenate([x.numpy()] * 2, axis=1)
+    )
+    np.testing.assert_array_equal(
+        xp.concat([x, x], axis=None).numpy(), np.concatenate([x.numpy().ravel()] * 2)
+    )
+    np.testing.assert_allclose(xp.pow(x, 2.0).numpy(), x.numpy() ** 2)
+    # Everything else is tf.experimental.numpy's.
+    np.testing.assert_allclose(xp.mean(xp.tanh(x)).numpy(), np.mean(np.tanh(x.numpy())))
+    assert xp.float32 is np.float32
 
 
 def test_changed_element_spec_is_a_config_error() -> None:
@@ -363,6 +552,7 @@ def test_backend_options_are_checked() -> None:
         ({"strategy": "mirrored"}, "tf.distribute.Strategy"),
         ({"output_reduction": "max"}, "output_reduction"),
         ({"jit_compile": "yes"}, "jit_compile"),
+        ({"data": "device"}, r"`data` must be one of \['auto', 'stack', 'step'\]"),
     ):
         with pytest.raises(ConfigError, match=match):
             Trainer(dataset(), **bad).train(1)
@@ -503,6 +693,23 @@ _MIRRORED_SCRIPT = textwrap.dedent(
         assert "must be distributed" in str(err)
     else:
         raise AssertionError("no error for an undistributed dataset")
+    # NumPy Variables are not lifted under 2 replicas: a step that updates one is refused.
+    class Counting(Trainer):
+        def train_step(self, iterator):
+            super().train_step(iterator)
+            self.count.assign(tf.constant(1, tf.int64))
+
+    data = strategy.experimental_distribute_dataset(dataset(batch=8))
+    with strategy.scope():
+        trainer = Counting(data, strategy=strategy)
+    trainer.count = looproto.create_global_step()
+    try:
+        trainer.train(2)
+    except looproto.ProtocolError as err:
+        assert "multi-replica strategy" in str(err) and "global_step:0" in str(err), err
+    else:
+        raise AssertionError("no error for a NumPy Variable updated under 2 replicas")
+    assert isinstance(trainer.count.value, np.ndarray) and int(trainer.count) == 0
     print("MIRRORED_OK")
     """
 )

@@ -20,6 +20,12 @@ framework (a `tf.data` iterator, say) an object with `get_state()` / `set_state(
 save the position with the variables, so a resumed run sees the batches an uninterrupted
 run would have seen.
 
+Two more optional methods make a backend run `looproto.portable` models, written
+once against the Python array API: `array_namespace()`, the array API namespace
+of its framework's arrays (`jax.numpy`, `array_api_compat.torch`, ...), and
+`value_and_grad(fn, module, has_aux=False)`, `fn()` and its gradient with respect
+to `module`'s trainable variables, keyed by their paths (`variables_by_path`).
+
 Only the backend's own module imports its framework. `looproto.testing.check_backend`
 runs the whole contract against any backend, including third-party ones.
 """

@@ -53,7 +53,15 @@ try:  # 0.26 µs; entering jax.named_scope costs ~2 µs, so skip it outside trac
 except ImportError:  # pragma: no cover - a future JAX without it: always enter
     _trace_state_clean = None
 
-__all__ = ["BACKEND", "BACKEND_OPTIONS", "JaxBackend", "TracerLeakError", "grad", "value_and_grad"]
+__all__ = [
+    "BACKEND",
+    "BACKEND_OPTIONS",
+    "JaxBackend",
+    "TracerLeakError",
+    "array_namespace",
+    "grad",
+    "value_and_grad",
+]
 
 _log = logging.getLogger("looproto")
 _Tracer = jax.core.Tracer
@@ -283,6 +291,11 @@ def grad(fn: Callable[[], Any], module: Any, has_aux: bool = False) -> Any:
     """Like `value_and_grad` but returns only `grads` (or `(grads, aux)` with `has_aux`)."""
     value, grads = value_and_grad(fn, module, has_aux=has_aux)
     return (grads, value[1]) if has_aux else grads
+
+
+def array_namespace() -> Any:
+    """The Python array API for JAX arrays: `jax.numpy`, which implements the standard."""
+    return jnp
 
 
 # ----------------------------------------------------------------------------
@@ -851,6 +864,10 @@ class JaxBackend:
         if not options.compile_step:
             return python_loop(step_fn)
         return _JaxLoop(step_fn, module, scan=options.compile_loop, **parsed)
+
+    def array_namespace(self) -> Any:
+        """See `looproto.backends.jax.array_namespace`."""
+        return array_namespace()
 
     # The gradient helpers, also as methods (`backends.get("jax").value_and_grad`).
     def value_and_grad(

@@ -17,12 +17,12 @@ import numpy as np
 
 from looproto import _nest
 from looproto.backends.base import Loop, LoopOptions, ReduceFn, StepFn
-from looproto.errors import ConfigError, ProtocolError, ShapeError
+from looproto.errors import BackendNotAvailableError, ConfigError, ProtocolError, ShapeError
 
 if TYPE_CHECKING:
     from looproto.module import Module
 
-__all__ = ["BACKEND", "NumpyBackend", "python_loop"]
+__all__ = ["BACKEND", "NumpyBackend", "array_namespace", "python_loop"]
 
 _log = logging.getLogger("looproto")
 
@@ -48,6 +48,29 @@ def python_loop(step_fn: StepFn) -> Loop:
         return state, step
 
     return loop
+
+
+def array_namespace() -> Any:
+    """The Python array API for NumPy arrays (see `looproto.portable`).
+
+    `array_api_compat.numpy` when it is installed (`pip install 'looproto[portable]'`),
+    which smooths NumPy's last deviations from the standard; else NumPy itself from
+    2.1 on, whose main namespace follows the standard (2.0 lacks `astype`).
+
+    Raises:
+        BackendNotAvailableError: NumPy before 2.1 without `array-api-compat`.
+    """
+    try:
+        import array_api_compat.numpy as xp
+    except ImportError as err:
+        major, minor = (int(part) for part in np.__version__.split(".")[:2])
+        if (major, minor) >= (2, 1):
+            return np
+        raise BackendNotAvailableError(
+            f"The array API namespace of NumPy {np.__version__} needs array-api-compat "
+            f"({err}). Install it with: pip install 'looproto[portable]'"
+        ) from err
+    return xp
 
 
 class NumpyBackend:
@@ -94,6 +117,10 @@ class NumpyBackend:
     def name_scope(self, scope: str) -> contextlib.nullcontext[None]:
         """See base class. NumPy has no scopes of its own."""
         return contextlib.nullcontext()
+
+    def array_namespace(self) -> Any:
+        """See `looproto.backends.numpy.array_namespace`."""
+        return array_namespace()
 
     def make_loop(self, step_fn: StepFn, *, module: Module, options: LoopOptions) -> Loop:
         """See base class. Always a Python loop; the compile options do not apply."""

@@ -55,6 +55,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+try:  # Imported with the backend: inside `torch.compile`d code an import could break the graph.
+    import array_api_compat.torch as _array_api
+except ImportError:  # pragma: no cover - array-api-compat is in looproto's `portable` extra
+    _array_api = None  # type: ignore[assignment]
+
 from looproto import _nest
 from looproto.backends._feed import NO_DATA, StepIterator, is_iterator_container
 from looproto.backends.base import Loop, LoopOptions, ReduceFn, StepFn
@@ -79,7 +84,15 @@ from looproto.module import (
 if TYPE_CHECKING:
     from looproto.module import Module
 
-__all__ = ["BACKEND", "BACKEND_OPTIONS", "NonFiniteError", "TorchBackend", "grad", "value_and_grad"]
+__all__ = [
+    "BACKEND",
+    "BACKEND_OPTIONS",
+    "NonFiniteError",
+    "TorchBackend",
+    "array_namespace",
+    "grad",
+    "value_and_grad",
+]
 
 _log = logging.getLogger("looproto")
 
@@ -656,6 +669,22 @@ def grad(fn: Callable[[], Any], module: Any, has_aux: bool = False) -> Any:
     """Like `value_and_grad` but returns only `grads` (or `(grads, aux)` with `has_aux`)."""
     value, grads = value_and_grad(fn, module, has_aux=has_aux)
     return (grads, value[1]) if has_aux else grads
+
+
+def array_namespace() -> Any:
+    """The Python array API for torch tensors: `array_api_compat.torch` (see `looproto.portable`).
+
+    It reads no mutable state, so `torch.compile` traces it without guards or recompiles.
+
+    Raises:
+        BackendNotAvailableError: `array-api-compat` is not installed.
+    """
+    if _array_api is None:
+        raise BackendNotAvailableError(
+            "The array API namespace of torch tensors is array-api-compat's, which is not "
+            "installed. Install it with: pip install 'looproto[portable]'"
+        )
+    return _array_api
 
 
 # ----------------------------------------------------------------------------
@@ -1317,6 +1346,10 @@ class TorchBackend:
             raise ProtocolError(f"`step_fn` must be callable; received {value_repr(step_fn)}.")
         parsed = _parse_backend_options(options.backend_options)
         return _TorchLoop(step_fn, module, options.compile_step, parsed)
+
+    def array_namespace(self) -> Any:
+        """See `looproto.backends.torch.array_namespace`."""
+        return array_namespace()
 
     # The gradient helpers, also as methods (`backends.get("torch").value_and_grad`).
     def value_and_grad(

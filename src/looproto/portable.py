@@ -1,0 +1,407 @@
+"""Models written once against the Python array API, trained on JAX, PyTorch or TensorFlow.
+
+A *portable* model keeps its state in `looproto.Variable`s holding NumPy arrays and
+does its math with the array API namespace of the arrays it is given::
+
+    class Dense(looproto.Module):
+        def __init__(self, w, b):
+            super().__init__()
+            self.w = looproto.Variable(w)
+            self.b = looproto.Variable(b)
+
+        def __call__(self, x):
+            xp = portable.array_namespace(x)
+            return xp.tanh(x @ self.w.value + self.b.value)
+
+Every backend lifts such Variables into its framework while a loop runs (into the
+`jax.jit` call, onto the torch device, into `tf.Variable` twins) and writes them
+back as NumPy after it, so the same code runs under each backend's compiled inner
+loop, and a checkpoint written under one backend restores under any other: it is
+the same tree of plain arrays. Gradients come from the backend
+(`value_and_grad(fn, module, backend=...)`); the optimizers here (`SGD`, `Adam`)
+are written against the array API too, so their state is the same tree everywhere.
+The NumPy backend runs the model's forward pass (evaluation, serving a checkpoint)
+but cannot differentiate.
+
+The namespaces: `jax.numpy` for JAX arrays, `array_api_compat.torch` for torch
+tensors, `tf.experimental.numpy` (plus the standard names it lacks) for TensorFlow
+tensors, `array_api_compat.numpy` (or NumPy >= 2.1 itself) for NumPy arrays. This module
+imports no framework: each backend supplies its own (`Backend.array_namespace`).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+
+from looproto import backends
+from looproto.backends.base import Backend
+from looproto.errors import ConfigError, ProtocolError, value_repr
+from looproto.module import (
+    Module,
+    Variable,
+    framework_backends,
+    is_trainable,
+    variable_to_numpy,
+    variables_by_path,
+)
+
+__all__ = ["SGD", "Adam", "Optimizer", "array_namespace", "value_and_grad"]
+
+# The builtin backends by the top-level package of an array's type. A constant: inside
+# `torch.compile`d code a lookup in a dict that changes would add a guard on its size,
+# and every new entry would recompile every compiled step.
+_BUILTIN = {
+    "numpy": "numpy",
+    "jax": "jax",
+    "jaxlib": "jax",
+    "tensorflow": "tensorflow",
+    "torch": "torch",
+}
+# Other array types -> namespace (third-party backends), filled on first sight of a type.
+_OTHERS: dict[type, Any] = {}
+_NUMBERS = (bool, int, float, complex)
+
+
+def _builtin_namespace(x: Any) -> Any:
+    """The namespace of a NumPy/JAX/torch/TensorFlow array from its backend, else None.
+
+    No cache and no mutable state, so that compilers tracing it (torch.compile) see
+    constants only; the backend module is imported already whenever its arrays exist.
+    """
+    backend = _BUILTIN.get(type(x).__module__.partition(".")[0])
+    if backend == "torch":
+        from looproto.backends import torch as module
+    elif backend == "numpy":
+        from looproto.backends import numpy as module  # type: ignore[no-redef]
+    elif backend == "jax":
+        from looproto.backends import jax as module  # type: ignore[no-redef]
+    elif backend == "tensorflow":
+        from looproto.backends import tensorflow as module  # type: ignore[no-redef]
+    else:
+        return None
+    return module.array_namespace()
+
+
+def _other_namespace(x: Any) -> Any:
+    # Plain Python that AutoGraph can convert (no for/else, no annotated names in
+    # branches), should `tf.function` ever trace it.
+    cls = type(x)
+    found = _OTHERS.get(cls)
+    if found is not None:
+        return found
+    makers = [getattr(b, "array_namespace", None) for b in framework_backends(x)]
+    make = next((m for m in makers if m is not None), None)
+    if make is not None:
+        xp = make()
+    else:
+        own = getattr(x, "__array_namespace__", None)
+        if not callable(own):
+            raise ProtocolError(
+                f"No array API namespace is known for {value_repr(x)} of type "
+                f"{cls.__module__}.{cls.__qualname__}; expected a NumPy, JAX, PyTorch or "
+                "TensorFlow array (or an array with `__array_namespace__`)."
+            )
+        xp = own()
+    _OTHERS[cls] = xp
+    return xp
+
+
+def array_namespace(*arrays: Any) -> Any:
+    """The Python array API namespace of `arrays` (`xp` in array-API code).
+
+    `looproto.Variable`s stand for the arrays they hold; Python numbers and None are
+    skipped, as the standard's `array_namespace` does.
+
+    Example:
+        >>> import numpy as np
+        >>> xp = array_namespace(np.ones(3, np.float32))
+        >>> float(xp.sum(xp.tanh(xp.zeros(3))))
+        0.0
+
+    Raises:
+        ProtocolError: There is no array among `arrays`, the arrays come from different
+            frameworks, or no namespace is known for one of them.
+    """
+    xp: Any = None
+    for x in arrays:
+        if isinstance(x, Variable):
+            x = x.value
+        if x is None or isinstance(x, _NUMBERS):
+            continue
+        found = _builtin_namespace(x)
+        if found is None:
+            found = _other_namespace(x)
+        if xp is None:
+            xp = found
+        elif found is not xp:
+            kinds = sorted({type(a).__module__.partition(".")[0] for a in arrays})
+            raise ProtocolError(
+                f"`array_namespace` received arrays of several frameworks ({kinds}); a "
+                "computation must use one. Inside a backend's loop the model's Variables and "
+                "the batch are that backend's arrays; convert constants with `xp.asarray`."
+            )
+    if xp is None:
+        raise ProtocolError(
+            f"`array_namespace` needs at least one array; received only Python numbers or "
+            f"None: {value_repr(arrays)}."
+        )
+    return xp
+
+
+def value_and_grad(
+    fn: Callable[[], Any],
+    module: Any,
+    *,
+    backend: str | Backend,
+    has_aux: bool = False,
+) -> tuple[Any, dict[str, Any]]:
+    """`fn()` and its gradient with respect to `module`'s trainable variables, on `backend`.
+
+    The backend's own `value_and_grad` (`jax.value_and_grad`, `torch.autograd.grad`,
+    `tf.GradientTape`); the gradients are keyed by the variables' paths in `module`
+    (as in `variables_by_path`), the key space the optimizers here take.
+
+    Args:
+        fn: Takes no arguments, reads the module's Variables, returns a scalar loss (or
+            `(loss, aux)` with `has_aux`).
+        module: The module whose trainable floating-point variables are differentiated.
+        backend: The backend running the step: its name or the backend object (a
+            trainer knows it from its options).
+        has_aux: `fn` returns `(loss, aux)`.
+
+    Returns:
+        `(loss, grads)`, or `((loss, aux), grads)` with `has_aux`.
+
+    Raises:
+        ConfigError: The backend cannot differentiate (the NumPy backend).
+    """
+    resolved = backends.get(backend) if isinstance(backend, str) else backend
+    differentiate = getattr(resolved, "value_and_grad", None)
+    if differentiate is None:
+        able = [n for n in ("jax", "tensorflow", "torch") if n in backends.available()]
+        raise ConfigError(
+            f"The `{resolved.name}` backend cannot differentiate (it has no "
+            f"`value_and_grad`), so it cannot train a portable model; train on one of "
+            f"{able}. The `{resolved.name}` backend can still evaluate the model and restore "
+            "its checkpoints."
+        )
+    result: tuple[Any, dict[str, Any]] = differentiate(fn, module, has_aux=has_aux)
+    return result
+
+
+# AutoGraph (`tf.function`) would convert these plain-Python dispatchers and everything
+# they call on a cache miss, warning about code it cannot convert; the attribute it
+# reads to recognise its own artifacts makes it call them as they are. (No import of
+# TensorFlow: it is just an attribute.)
+_AUTOGRAPH_ARTIFACT = "autograph_info__"
+for _function in (array_namespace, value_and_grad):
+    setattr(_function, _AUTOGRAPH_ARTIFACT, None)
+
+
+# ----------------------------------------------------------------------------
+# Optimizers
+
+
+def _is_float(variable: Any) -> bool:
+    return bool(np.issubdtype(np.dtype(variable.dtype), np.inexact))
+
+
+def _positive(value: Any, argument: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"`{argument}` must be a positive number; received {value_repr(value)}.")
+    return float(value)
+
+
+def _fraction(value: Any, argument: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ConfigError(f"`{argument}` must be a number in [0, 1); received {value_repr(value)}.")
+    return float(value)
+
+
+class Optimizer(Module, metaclass=abc.ABCMeta):
+    """Updates a module's trainable floating-point Variables from gradients keyed by path.
+
+    The parameters are found once, at construction, with `variables_by_path`; slot
+    variables (momentum, moments) are `looproto.Variable`s holding NumPy arrays,
+    stored by the parameter's path, so the optimizer's state is the same checkpoint
+    tree on every backend. Subclasses implement `_update(path, param, grad, context)`, and
+    `_prepare()` for what all parameters' updates of one step share.
+
+    Args:
+        module: The model whose trainable floating-point `looproto.Variable`s it updates.
+        learning_rate: The step size (a positive number).
+        name: The module name (its slots are named under it).
+
+    Raises:
+        ConfigError: `module` has no trainable floating-point variables, or a
+            hyper-parameter is out of range.
+        ProtocolError: A trainable variable is not a `looproto.Variable` (a framework's
+            own variable is updated by that framework's optimizer).
+    """
+
+    # The parameters belong to the model: a walk of the trainer must find them there.
+    _TF_MODULE_IGNORED_PROPERTIES: ClassVar[frozenset[str]] = frozenset({"_params"})
+
+    def __init__(self, module: Any, learning_rate: float, name: str | None = None) -> None:
+        super().__init__(name=name)
+        self.learning_rate = _positive(learning_rate, "learning_rate")
+        params: dict[str, Variable] = {}
+        for path, variable in variables_by_path(module, predicate=is_trainable).items():
+            if not isinstance(variable, Variable):
+                raise ProtocolError(
+                    f"Trainable variable {path!r} is a {type(variable).__name__}; "
+                    f"`{type(self).__name__}` updates `looproto.Variable`s. Use the "
+                    "framework's own optimizer for its variables."
+                )
+            if _is_float(variable):
+                params[path] = variable
+        if not params:
+            raise ConfigError(
+                f"{value_repr(module)} has no trainable floating-point variables for "
+                f"`{type(self).__name__}` to update."
+            )
+        self._params = params
+
+    def _slots(self, label: str) -> dict[str, Variable]:
+        """One zero-filled NumPy Variable per parameter, by the parameter's path."""
+        with self.name_scope:
+            return {
+                path: Variable(
+                    np.zeros_like(variable_to_numpy(param)),
+                    trainable=False,
+                    name=f"{label}/{path}",
+                )
+                for path, param in self._params.items()
+            }
+
+    @property
+    def parameters(self) -> dict[str, Variable]:
+        """The Variables this optimizer updates, by path (a copy)."""
+        return dict(self._params)
+
+    def _check(self, grads: Mapping[str, Any]) -> None:
+        params = self._params
+        if len(grads) == len(params) and all(path in grads for path in params):
+            return
+        missing = sorted(set(params) - set(grads))
+        extra = sorted(set(grads) - set(params))
+        raise ProtocolError(
+            f"`{type(self).__name__}.apply` needs one gradient per parameter, by path; "
+            f"missing {missing}, unexpected {extra}. Differentiate the module the "
+            "optimizer was built for (`value_and_grad(fn, model, ...)`)."
+        )
+
+    def apply(self, grads: Mapping[str, Any]) -> None:
+        """Updates every parameter with its gradient (`grads[path]`).
+
+        Raises:
+            ProtocolError: `grads` does not have exactly one entry per parameter.
+        """
+        self._check(grads)
+        context = self._prepare()
+        for path, param in self._params.items():
+            self._update(path, param, grads[path], context)
+
+    def _prepare(self) -> Any:
+        """Runs once per `apply`, before the updates; its result is their `context`."""
+        return None
+
+    @abc.abstractmethod
+    def _update(self, path: str, param: Variable, grad: Any, context: Any) -> None:
+        """Updates `param` (at `path`) from its gradient `grad`."""
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent, with optional (Nesterov) momentum.
+
+    With momentum `m` and learning rate `lr`, each step is `v = m * v - lr * g`, then
+    `p = p + v` (or `p = p + m * v - lr * g` with `nesterov`): Keras's and
+    `looproto.examples.numpy_mlp`'s convention, which equals PyTorch's `SGD` for a
+    constant learning rate. The velocities are slots `velocity/<parameter path>`.
+
+    Example:
+        >>> import looproto
+        >>> model = looproto.Module(name="model")
+        >>> model.w = looproto.Variable(np.ones(2, np.float32))
+        >>> sgd = SGD(model, learning_rate=0.5, momentum=0.9)
+        >>> sgd.apply({"w": np.array([1.0, -1.0], np.float32)})
+        >>> model.w.numpy().tolist(), sorted(sgd.velocity)
+        ([0.5, 1.5], ['w'])
+    """
+
+    def __init__(
+        self,
+        module: Any,
+        learning_rate: float = 0.01,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(module, learning_rate, name=name)
+        self.momentum = _fraction(momentum, "momentum")
+        if not isinstance(nesterov, bool):
+            raise ConfigError(f"`nesterov` must be a bool; received {value_repr(nesterov)}.")
+        if nesterov and not self.momentum:
+            raise ConfigError("`nesterov=True` needs a `momentum` above 0; received momentum=0.")
+        self.nesterov = nesterov
+        self.velocity = self._slots("velocity") if self.momentum else {}
+
+    def _update(self, path: str, param: Variable, grad: Any, context: Any) -> None:
+        lr, momentum = self.learning_rate, self.momentum
+        if not momentum:
+            param.assign(param.value - lr * grad)
+            return
+        velocity = self.velocity[path]
+        new = momentum * velocity.value - lr * grad
+        velocity.assign(new)
+        param.assign(param.value + (momentum * new - lr * grad if self.nesterov else new))
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba), in Keras's form.
+
+    Each step `t` (counted in the int64 slot `iterations`): `m = b1 * m + (1 - b1) * g`,
+    `v = b2 * v + (1 - b2) * g**2`, then `p = p - lr_t * m / (sqrt(v) + epsilon)` with
+    `lr_t = lr * sqrt(1 - b2**t) / (1 - b1**t)`. The moments are slots `m/<path>` and
+    `v/<path>`.
+    """
+
+    def __init__(
+        self,
+        module: Any,
+        learning_rate: float = 0.001,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-7,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(module, learning_rate, name=name)
+        self.beta_1 = _fraction(beta_1, "beta_1")
+        self.beta_2 = _fraction(beta_2, "beta_2")
+        self.epsilon = _positive(epsilon, "epsilon")
+        with self.name_scope:
+            self.iterations = Variable(np.int64(0), trainable=False, name="iterations")
+        self.m = self._slots("m")
+        self.v = self._slots("v")
+
+    def _prepare(self) -> Any:
+        step = self.iterations.value + 1
+        self.iterations.assign(step)
+        return step
+
+    def _update(self, path: str, param: Variable, grad: Any, context: Any) -> None:
+        b1, b2 = self.beta_1, self.beta_2
+        value = param.value
+        xp = array_namespace(value)
+        t = xp.astype(context, value.dtype)
+        lr_t = self.learning_rate * xp.sqrt(1 - b2**t) / (1 - b1**t)
+        m, v = self.m[path], self.v[path]
+        new_m = b1 * m.value + (1 - b1) * grad
+        new_v = b2 * v.value + (1 - b2) * grad * grad
+        m.assign(new_m)
+        v.assign(new_v)
+        param.assign(value - lr_t * new_m / (xp.sqrt(new_v) + self.epsilon))
