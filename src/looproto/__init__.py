@@ -19,6 +19,7 @@ from looproto.controller import Controller as Controller
 from looproto.errors import BackendNotAvailableError as BackendNotAvailableError
 from looproto.errors import CheckpointError as CheckpointError
 from looproto.errors import ConfigError as ConfigError
+from looproto.errors import DistributedError as DistributedError
 from looproto.errors import LooprotoError as LooprotoError
 from looproto.errors import ProtocolError as ProtocolError
 from looproto.errors import ShapeError as ShapeError
@@ -54,6 +55,7 @@ __all__ = [
     "CheckpointManager",
     "ConfigError",
     "Controller",
+    "DistributedError",
     "Evaluator",
     "LooprotoError",
     "Module",
