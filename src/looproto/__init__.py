@@ -13,6 +13,7 @@ from importlib import metadata as _metadata
 from looproto import actions as actions
 from looproto import backends as backends
 from looproto import data as data
+from looproto import distributed as distributed
 from looproto.checkpoint import CheckpointManager as CheckpointManager
 from looproto.controller import Action as Action
 from looproto.controller import Controller as Controller
@@ -75,6 +76,7 @@ __all__ = [
     "create_global_step",
     "current_name_scope",
     "data",
+    "distributed",
     "name_scope",
     "variables_by_path",
 ]
