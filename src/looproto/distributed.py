@@ -574,14 +574,26 @@ def launch(
     timeout: float = DEFAULT_TIMEOUT,
     host: str = "127.0.0.1",
     environ: Mapping[str, str] | None = None,
+    grace: float | None = None,
 ) -> int:
     """Runs `command` as `num_processes` local workers of `backend`; returns an exit status.
 
     Each worker gets its place in the run through the environment
     (`worker_environment`), with ports chosen free at launch. The launcher waits for
     all of them. When one fails, the others should fail on their own (they lose
-    their peer, within `timeout`); any still running `timeout` + 30 seconds later
-    are killed. Ctrl-C stops every worker.
+    their peer, within `timeout`); any still running `grace` seconds later are
+    killed (SIGKILL: JAX's and TensorFlow's runtimes catch SIGTERM). Ctrl-C stops
+    every worker. The exit status of each worker that failed is printed.
+
+    Args:
+        command: The worker's command line (the same for every worker).
+        backend: Whose environment the workers get: `"torch"`, `"jax"`, `"tensorflow"`.
+        num_processes: How many workers.
+        timeout: The run's timeout (`[distributed] timeout`).
+        host: The address the workers reach each other at.
+        environ: The environment the workers start from (default: `os.environ`).
+        grace: Seconds the other workers get to stop after one failed; default
+            `timeout + 30`.
 
     Returns:
         0 if every worker succeeded, else the exit status of the first that failed
@@ -601,7 +613,7 @@ def launch(
             workers.append(subprocess.Popen(list(command), env=env))
         pids = ", ".join(f"{i}: {w.pid}" for i, w in enumerate(workers))
         _log.info("launched %d %s workers (pids %s)", num_processes, backend, pids)
-        return _supervise(workers, grace=timeout + 30.0)
+        return _supervise(workers, grace=timeout + 30.0 if grace is None else grace)
     except KeyboardInterrupt:
         _stop(workers)
         return 130
