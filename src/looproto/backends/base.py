@@ -20,6 +20,10 @@ framework (a `tf.data` iterator, say) an object with `get_state()` / `set_state(
 save the position with the variables, so a resumed run sees the batches an uninterrupted
 run would have seen.
 
+Optionally, a backend may also define `initialize_distributed(timeout=...)`: it starts
+(or adopts) its framework's multi-process engine and returns a
+`looproto.distributed.Engine`; `looproto.distributed.initialize` calls it.
+
 Only the backend's own module imports its framework. `looproto.testing.check_backend`
 runs the whole contract against any backend, including third-party ones.
 """
