@@ -78,7 +78,8 @@ BACKEND_OPTIONS: dict[str, str] = {
     "data": '"stack" (default): pull and stack batches on the host each loop; "device": '
     "keep an `ArrayDataset` on device and send only batch indices",
     "mesh": 'a `jax.sharding.Mesh` or "auto" (all visible devices): data-parallel, batch '
-    "dimension sharded, state replicated",
+    'dimension sharded, state replicated (default: none in one process, "auto" over '
+    "several, `jax.distributed`)",
     "data_axis": "the mesh axis the batch dimension is sharded over (default: its first)",
     "donate": "donate the state buffers to the compiled call (default True)",
     "chunk_size": "steps per compiled call when `num_steps=-1` (default 100)",
@@ -789,6 +790,9 @@ _PEER_FAILURE_MARKERS = (
 )
 
 
+_HEARTBEAT_MARGIN = 10  # seconds
+
+
 def _is_peer_failure(err: BaseException) -> bool:
     """A runtime error of a cross-process collective (not a bug in the step)."""
     if not isinstance(err, (ValueError, RuntimeError, jax.errors.JaxRuntimeError)):
@@ -854,8 +858,9 @@ def initialize_distributed(timeout: float = distributed.DEFAULT_TIMEOUT) -> JaxE
     `LOOPROTO_COORDINATOR_ADDRESS`, `LOOPROTO_NUM_PROCESSES` and `LOOPROTO_PROCESS_ID`
     (what `looproto train --num-processes` sets), else from JAX's own cluster
     detection (SLURM, Open MPI, Cloud TPU, ...). `timeout` bounds the wait for every
-    process to join, the heartbeat after which a silent process counts as dead, and
-    the shutdown barrier. CPU collectives use gloo (JAX's default).
+    process to join and the shutdown barrier; a process whose heartbeats stop counts
+    as dead 10 s after that (then JAX itself ends the others). CPU collectives use
+    gloo (JAX's default).
 
     Raises:
         ConfigError: JAX already computed something in this process (the runtime
@@ -868,7 +873,9 @@ def initialize_distributed(timeout: float = distributed.DEFAULT_TIMEOUT) -> JaxE
     seconds = max(math.ceil(timeout), 1)
     kwargs: dict[str, Any] = {
         "initialization_timeout": seconds,
-        "heartbeat_timeout_seconds": seconds,
+        # Later than looproto's own waits (`timeout`): when the coordination service
+        # declares a process dead, JAX aborts every other process (its message, not ours).
+        "heartbeat_timeout_seconds": seconds + _HEARTBEAT_MARGIN,
         "shutdown_timeout_seconds": seconds,
     }
     if env is not None:
