@@ -41,6 +41,7 @@ each engine detects, and how fast.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -246,7 +247,13 @@ def is_chief() -> bool:
 
 
 def shard() -> tuple[int, int]:
-    """`(process_index(), process_count())`: pass as `ArrayDataset(..., shard=...)`."""
+    """`(process_index(), process_count())`: pass as `ArrayDataset(..., shard=...)`.
+
+    Example:
+        >>> from looproto import distributed
+        >>> distributed.shard()  # no engine: one process
+        (0, 1)
+    """
     return process_index(), process_count()
 
 
@@ -376,27 +383,20 @@ def check_same(values: Mapping[str, Any], what: str, hint: str = "") -> None:
 # The environment of a worker process
 
 
+@dataclasses.dataclass(frozen=True)
 class WorkerEnvironment:
     """Where a process sits in a multi-process run, as its environment says.
 
     Attributes:
         process_index: This process's index.
         process_count: How many processes the run has.
-        coordinator: `host:port` of the coordinator, where the engine takes one.
+        coordinator: `host:port` of the coordinator (torch's `MASTER_ADDR:MASTER_PORT`,
+            JAX's coordinator, TensorFlow's first task), or None where it is not set.
     """
 
-    __slots__ = ("coordinator", "process_count", "process_index")
-
-    def __init__(self, process_index: int, process_count: int, coordinator: str | None) -> None:
-        self.process_index = process_index
-        self.process_count = process_count
-        self.coordinator = coordinator
-
-    def __repr__(self) -> str:
-        return (
-            f"WorkerEnvironment(process_index={self.process_index}, "
-            f"process_count={self.process_count}, coordinator={self.coordinator!r})"
-        )
+    process_index: int
+    process_count: int
+    coordinator: str | None
 
 
 def _env_int(environ: Mapping[str, str], key: str) -> int:

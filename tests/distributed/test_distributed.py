@@ -477,3 +477,37 @@ def test_importing_distributed_imports_no_framework() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ
     ).stdout
     assert out.strip() == "[]"
+
+
+def test_cli_launches_the_configured_number_of_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LOOPROTO_BACKEND", raising=False)
+    calls: list[dict[str, Any]] = []
+
+    def fake_launch(command: list[str], **kwargs: Any) -> int:
+        calls.append({"command": command, **kwargs})
+        return 0
+
+    monkeypatch.setattr(distributed, "launch", fake_launch)
+    path = Path(_config(tmp_path, "torch"))
+    path.write_text(path.read_text() + "\n[distributed]\nnum_processes = 2\ntimeout = 45\n")
+    assert cli.main(["train", str(path), "--set", "train.steps=5"]) == 0
+    assert cli.main(["train", str(path), "--num-processes", "3"]) == 0
+    first, second = calls
+    assert (first["backend"], first["num_processes"], first["timeout"]) == ("torch", 2, 45.0)
+    assert second["num_processes"] == 3
+    # Each worker is `looproto train` again, with the same overrides and no progress bar.
+    assert first["command"][:3] == [sys.executable, "-m", "looproto"]
+    assert first["command"][3:] == ["train", str(path), "--no-progress", "--set=train.steps=5"]
+
+
+def test_a_worker_is_not_a_launcher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("LOOPROTO_BACKEND", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    path = _config(tmp_path, "torch")
+    assert cli.main(["train", path, "--num-processes", "3"]) == cli.EXIT_USAGE
+    assert "launched as one of 2 (its environment says so)" in capsys.readouterr().err
