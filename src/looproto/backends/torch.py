@@ -1277,8 +1277,9 @@ def initialize_distributed(timeout: float = distributed.DEFAULT_TIMEOUT) -> Torc
 
     Without a process group, one is made from `torchrun`'s environment (`RANK`,
     `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`; `looproto train --num-processes` sets
-    the same): NCCL when CUDA is available (each process on `cuda:LOCAL_RANK`), gloo
-    otherwise, with `timeout` for joining and for every collective.
+    the same): NCCL when each local process has a GPU of its own (process
+    `LOCAL_RANK` on `cuda:LOCAL_RANK`), gloo otherwise, with `timeout` for joining and
+    for every collective.
 
     Raises:
         ConfigError: No process group and no `torchrun` environment.
@@ -1300,9 +1301,13 @@ def initialize_distributed(timeout: float = distributed.DEFAULT_TIMEOUT) -> Torc
             "`torch.distributed.init_process_group` first."
         )
     group_backend = "gloo"
-    if torch.cuda.is_available():
+    local_rank = int(os.environ.get("LOCAL_RANK", env.process_index))
+    local_count = int(os.environ.get("LOCAL_WORLD_SIZE", env.process_count))
+    # NCCL needs a GPU of its own per process; with fewer GPUs than local processes
+    # every process stays on gloo (and the CPU, unless the model is moved).
+    if torch.cuda.is_available() and local_count <= torch.cuda.device_count():
         group_backend = "nccl"
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", env.process_index)))
+        torch.cuda.set_device(local_rank)
     try:
         dist.init_process_group(group_backend, timeout=datetime.timedelta(seconds=timeout))
     except (RuntimeError, ValueError) as err:
