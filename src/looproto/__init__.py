@@ -13,6 +13,7 @@ from importlib import metadata as _metadata
 from looproto import actions as actions
 from looproto import backends as backends
 from looproto import data as data
+from looproto import distributed as distributed
 from looproto import preemption as preemption
 from looproto.checkpoint import CheckpointManager as CheckpointManager
 from looproto.controller import Action as Action
@@ -20,6 +21,7 @@ from looproto.controller import Controller as Controller
 from looproto.errors import BackendNotAvailableError as BackendNotAvailableError
 from looproto.errors import CheckpointError as CheckpointError
 from looproto.errors import ConfigError as ConfigError
+from looproto.errors import DistributedError as DistributedError
 from looproto.errors import LooprotoError as LooprotoError
 from looproto.errors import ProtocolError as ProtocolError
 from looproto.errors import ShapeError as ShapeError
@@ -56,6 +58,7 @@ __all__ = [
     "CheckpointManager",
     "ConfigError",
     "Controller",
+    "DistributedError",
     "Evaluator",
     "LooprotoError",
     "Module",
@@ -76,6 +79,7 @@ __all__ = [
     "create_global_step",
     "current_name_scope",
     "data",
+    "distributed",
     "name_scope",
     "preemption",
     "variables_by_path",

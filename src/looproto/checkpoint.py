@@ -56,6 +56,7 @@ from typing import Any
 
 import numpy as np
 
+from looproto import distributed
 from looproto.errors import CheckpointError, ConfigError, value_repr
 from looproto.module import (
     assign_variable,
@@ -580,7 +581,8 @@ class CheckpointManager:
             # Retention is looproto's (`_prune`): orbax would delete old steps even
             # when the new save failed in its background thread.
             max_to_keep=None,
-            cleanup_tmp_directories=True,
+            # Only a process that writes may delete what an unfinished save left behind.
+            cleanup_tmp_directories=_writes_checkpoints(),
             enable_async_checkpointing=enable_async,
         )
         self._manager: Any = ocp.CheckpointManager(
@@ -666,6 +668,10 @@ class CheckpointManager:
                     return None
             self._last_checkpoint_step = current
         on_disk = set(_committed_steps(self._directory)) | set(self._manager.all_steps())
+        if distributed.process_count() > 1:
+            # Every process must take the same decision: on what the chief sees on disk
+            # (another process may look after the chief already wrote this step).
+            on_disk = set(distributed.all_gather(sorted(on_disk), "a checkpoint save")[0])
         if checkpoint_number is not None:
             step = _as_int(checkpoint_number)
         elif self._step_counter is not None:
@@ -698,12 +704,21 @@ class CheckpointManager:
         if arrays:
             items[_STATE_ITEM] = ocp.args.StandardSave(arrays)
         self._check_async_errors()
+        multi = distributed.process_count() > 1
+        if multi:
+            _check_replicas_agree(meta, step)
         try:
-            saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+            if _writes_checkpoints():
+                saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+            else:
+                saved = True
         except Exception as err:
-            raise CheckpointError(
-                f"Saving checkpoint {step} to {self._directory} failed: {err}"
-            ) from err
+            error = CheckpointError(f"Saving checkpoint {step} to {self._directory} failed: {err}")
+            if multi:
+                _share_save_outcome(step, str(error))
+            raise error from err
+        if multi:
+            _share_save_outcome(step, None if saved else "orbax declined to save it")
         if not saved:
             _log.warning("orbax declined to save checkpoint %d in %s.", step, self._directory)
             return None
@@ -785,8 +800,8 @@ class CheckpointManager:
         `max_to_keep` do, nothing is deleted, so the last good checkpoint survives a
         save that came out damaged.
         """
-        if self._max_to_keep is None:
-            return
+        if self._max_to_keep is None or not distributed.is_chief():
+            return  # In a multi-process run the chief alone deletes (plain file operations).
         steps = _committed_steps(self._directory)
         good: list[int] = []
         for step in reversed(steps):
@@ -982,8 +997,10 @@ class CheckpointManager:
                     err,
                 )
                 continue
+            _agree_on_restore(step)
             self._last_checkpoint_step = step
             return self._path(step)
+        _agree_on_restore(None)
         if self._init_fn is not None:
             self._init_fn()
         return None
@@ -992,6 +1009,55 @@ class CheckpointManager:
         return (
             f"CheckpointManager(directory={self._directory!r}, max_to_keep={self._max_to_keep}, "
             f"checkpoint_interval={self._checkpoint_interval})"
+        )
+
+
+# ----------------------------------------------------------------------------
+# Multi-process runs (see `looproto.distributed`)
+
+
+def _writes_checkpoints() -> bool:
+    """Whether this process calls orbax's save.
+
+    Under JAX every process does (orbax sees the processes and decides who writes
+    what). Under torch and TensorFlow orbax cannot see the other processes, so only
+    the chief writes; the others wait for it in `_share_save_outcome`.
+    """
+    engine = distributed.engine()
+    return engine is None or engine.collective_checkpoints or engine.process_index == 0
+
+
+def _check_replicas_agree(meta: dict[str, Any], step: int) -> None:
+    """Every process holds the same values: a checkpoint keeps one copy of each."""
+    values: dict[str, Any] = {path: spec["crc32"] for path, spec in meta["tree"].items()}
+    objects = json.dumps(meta["objects"], sort_keys=True).encode()
+    values["<object states>"] = zlib.crc32(objects)
+    values["<step>"] = step
+    distributed.check_same(
+        values,
+        f"the values of checkpoint {step} (CRC-32 of each array)",
+        hint=(
+            "A checkpoint holds one copy of every variable, so every process must hold the "
+            "same values (data-parallel replicas); per-process state cannot be checkpointed. "
+            "Nothing was written."
+        ),
+    )
+
+
+def _share_save_outcome(step: int, error: str | None) -> None:
+    """Waits for the chief's save (torch, TensorFlow) and fails if it failed."""
+    outcomes = distributed.all_gather(error, f"the end of checkpoint {step}")
+    if not distributed.is_chief() and outcomes[0] is not None:
+        raise CheckpointError(f"Process 0 failed to save checkpoint {step}: {outcomes[0]}")
+
+
+def _agree_on_restore(step: int | None) -> None:
+    if distributed.process_count() > 1:
+        chosen = -1 if step is None else step
+        distributed.check_same(
+            {"step": chosen},
+            "which checkpoint to restore (-1: none)",
+            hint="Every process must restore the same checkpoint; is the directory shared?",
         )
 
 

@@ -1,6 +1,6 @@
 """The `looproto` command: train and evaluate from a run config, list backends, inspect checkpoints.
 
-    looproto train CONFIG [--set KEY=VALUE ...]
+    looproto train CONFIG [--num-processes N] [--set KEY=VALUE ...]
     looproto evaluate CONFIG [--continuous] [--timeout SECONDS] [--set KEY=VALUE ...]
     looproto backends
     looproto inspect CHECKPOINT_DIR [--step N] [--json]
@@ -15,6 +15,15 @@ finishes, a checkpoint is saved, and the command exits with status 75
 (`looproto.preemption.EXIT_PREEMPTED`); running it again resumes. A second signal
 ends it at once (status 128 + the signal number, e.g. 143 or 130). Exit statuses:
 0 done, 2 bad config or arguments, 75 preempted (run again to resume).
+
+Multi-process training: `looproto train CONFIG --num-processes N` (or
+`[distributed] num_processes = N`) spawns N local workers of the config's backend
+with the environment its engine reads (`torchrun`'s for torch, a coordinator
+address for JAX, `TF_CONFIG` for TensorFlow), on free ports. Run by a launcher that
+sets that environment itself (`torchrun --nproc-per-node=N -m looproto train CONFIG`),
+`looproto train CONFIG` is one worker. A worker whose peers died or stopped
+responding prints `looproto: error: Process i of N: ...` and exits with status 3
+at once (a clean shutdown would wait for the dead peer).
 """
 
 from __future__ import annotations
@@ -25,14 +34,15 @@ import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
-from looproto import backends
+from looproto import backends, distributed
 from looproto.config import RunConfig, call_factory, load
-from looproto.errors import ConfigError, LooprotoError
+from looproto.errors import ConfigError, DistributedError, LooprotoError
 from looproto.preemption import EXIT_PREEMPTED, Preempted
 
 __all__ = ["build", "main"]
@@ -40,6 +50,7 @@ __all__ = ["build", "main"]
 _log = logging.getLogger("looproto")
 
 EXIT_USAGE = 2
+EXIT_DISTRIBUTED = 3
 
 
 def _global_step(obj: Any, what: str, config: RunConfig) -> Any:
@@ -98,6 +109,8 @@ def build(config: RunConfig, *, train: bool = True, actions: Sequence[Any] = ())
     return Controller(
         trainer=trainer if train else None,
         evaluator=evaluator,
+        # Restores run in the engine's scope (a TensorFlow strategy's) when there is one.
+        strategy=distributed.engine(),
         global_step=global_step,
         steps_per_loop=run.steps_per_loop if train and run is not None else None,
         checkpoint_manager=checkpoints,
@@ -139,12 +152,86 @@ class _DropPerLoopTrainLines(logging.Filter):
 
 
 def _train(args: argparse.Namespace) -> int:
-    config = load(args.config, args.set)
+    # A launcher only spawns workers: it need not import the framework.
+    config = load(args.config, args.set, import_backend=False)
+    backend = config.backend_name()
+    worker = distributed.environment(backend)
+    wanted = args.num_processes if args.num_processes is not None else None
+    if wanted is not None and wanted < 1:
+        raise ConfigError(f"`--num-processes` must be a positive integer; received {wanted}.")
+    if worker is not None:
+        if wanted is not None and wanted != worker.process_count:
+            raise ConfigError(
+                f"`--num-processes {wanted}`, but this process was launched as one of "
+                f"{worker.process_count} (its environment says so); drop `--num-processes`."
+            )
+        return _train_worker(args)
+    _check_not_foreign_launch(backend, config)
+    count = wanted if wanted is not None else config.distributed.num_processes
+    if count > 1:
+        return _launch(args, config, backend, count)
+    return _train_here(args, load(args.config, args.set))
+
+
+def _check_not_foreign_launch(backend: str, config: RunConfig) -> None:
+    torchrun = distributed.environment("torch")
+    if torchrun is not None and torchrun.process_count > 1:
+        raise ConfigError(
+            f"{config.source}: this process was launched as one of {torchrun.process_count} "
+            f"torch workers (`WORLD_SIZE`), but the backend is {backend!r}, which does not run "
+            "on torch.distributed. Use `looproto train CONFIG --num-processes N` instead."
+        )
+
+
+def _launch(args: argparse.Namespace, config: RunConfig, backend: str, count: int) -> int:
+    command = [sys.executable, "-m", "looproto"]
+    if args.debug:
+        command.append("--debug")
+    command += ["train", args.config, "--no-progress"]
+    command += [f"--set={item}" for item in args.set]
+    return distributed.launch(
+        command, backend=backend, num_processes=count, timeout=config.distributed.timeout
+    )
+
+
+def _train_worker(args: argparse.Namespace) -> int:
+    """One process of a multi-process run; never waits on a dead peer to exit."""
+    try:
+        config = load(args.config, args.set)
+        distributed.initialize(config.backend_name(), timeout=config.distributed.timeout)
+        if not distributed.is_chief():  # One copy of the progress log: the chief's.
+            logging.getLogger("looproto").setLevel(logging.WARNING)
+        code = _train_here(args, config)
+        distributed.shutdown()
+        return code
+    except DistributedError as err:
+        _exit_now(f"looproto: error: {err}", EXIT_DISTRIBUTED, args)
+    except LooprotoError as err:
+        _exit_now(f"looproto: error: {err}", EXIT_USAGE, args)
+    except KeyboardInterrupt:
+        _exit_now("looproto: interrupted", 130, args)
+    except BaseException:
+        traceback.print_exc()
+        _exit_now("looproto: error: the worker failed (traceback above)", 1, args)
+
+
+def _exit_now(message: str, code: int, args: argparse.Namespace) -> NoReturn:
+    # The frameworks' exit handlers (JAX's shutdown barrier, say) would wait for the
+    # peers this process may have lost; exit without running them.
+    if args.debug and sys.exc_info()[0] is not None:
+        traceback.print_exc()
+    print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
+
+
+def _train_here(args: argparse.Namespace, config: RunConfig) -> int:
     assert config.train is not None or config.trainer is None
     run = config.train
     if run is None:
         raise ConfigError(f"{config.source}: `looproto train` needs a `[train]` table.")
-    controller = build(config, train=True)
+    with distributed.scope():  # Variables made here are the engine's (mirrored on TF).
+        controller = build(config, train=True)
     with controller, _progress(controller, run.steps, not args.no_progress) as bar:
         if bar is not None:
             controller.train_actions = (*controller.train_actions, bar)
@@ -155,10 +242,14 @@ def _train(args: argparse.Namespace) -> int:
         else:
             controller.train(run.steps)
             output = None
+    if not distributed.is_chief():
+        return 0
     step = int(np.asarray(_read(controller.global_step)))
     summary = f"trained to step {step}; summaries in {config.summary_dir}"
     if config.checkpoint.enabled:
         summary += f", checkpoints in {config.checkpoint_dir}"
+    if distributed.process_count() > 1:
+        summary += f" ({distributed.process_count()} processes)"
     print(summary)
     if output:
         print(f"eval: {_scalars(output)}")
@@ -267,6 +358,14 @@ def _parser() -> argparse.ArgumentParser:
 
     train = with_config("train", "train (and evaluate) as the config says; resumes")
     train.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    train.add_argument(
+        "--num-processes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="spawn N local worker processes on the backend's distributed engine "
+        "(default: [distributed] num_processes)",
+    )
     train.set_defaults(run=_train)
     evaluate = with_config("evaluate", "evaluate the newest checkpoint, or each new one")
     evaluate.add_argument("--continuous", action="store_true", help="evaluate each new checkpoint")

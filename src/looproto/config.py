@@ -29,6 +29,10 @@ the same::
     [backend_options.jax]        # passed only when that backend is active
     data = "device"
 
+    [distributed]                # multi-process runs (see `looproto.distributed`)
+    num_processes = 2            # `looproto train` spawns 2 local workers; --num-processes
+    timeout = 300                # seconds a process waits for the others
+
 A factory receives its own keys as keyword arguments, plus whichever of `backend`,
 `backend_options`, `seed` and `model_dir` its signature names; the evaluator's factory
 also gets `trainer` if it names it (to share the model). The trainer must expose its
@@ -63,6 +67,7 @@ else:  # pragma: no cover - Python 3.10
 
 __all__ = [
     "CheckpointConfig",
+    "DistributedConfig",
     "EvaluateConfig",
     "FactoryConfig",
     "RunConfig",
@@ -122,6 +127,23 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-process runs on the backend's own engine (see `looproto.distributed`).
+
+    Attributes:
+        num_processes: `looproto train` spawns this many local worker processes
+            (`--num-processes` overrides it). Under `torchrun` (or another launcher
+            that sets the engine's environment) the launcher decides instead.
+        timeout: Seconds a process waits for the others to start, at barriers and
+            in collectives; a process that died or hangs makes the others fail with
+            `DistributedError` within about this long.
+    """
+
+    num_processes: int = 1
+    timeout: float = 300.0
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """A whole run. See the module docstring for the file format."""
 
@@ -130,6 +152,7 @@ class RunConfig:
     evaluator: FactoryConfig | None = None
     evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     backend: str | None = None
     model_dir: str = os.path.join("runs", "looproto")
     seed: int = 0
@@ -164,6 +187,7 @@ _SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "evaluate": EvaluateConfig,
     "checkpoint": CheckpointConfig,
+    "distributed": DistributedConfig,
 }
 _TOP_LEVEL = {
     "backend": (str,),
@@ -177,6 +201,8 @@ def load(
     path: str | os.PathLike[str],
     overrides: Sequence[str] = (),
     environ: Mapping[str, str] | None = None,
+    *,
+    import_backend: bool = True,
 ) -> RunConfig:
     """Reads and validates the TOML config at `path`, then applies `overrides`.
 
@@ -185,6 +211,8 @@ def load(
         overrides: `"key=value"` strings (`"train.steps=1000"`); the value is TOML
             (`1000`, `"jax"`, `true`), or a bare string.
         environ: Where `LOOPROTO_BACKEND` is read (default: `os.environ`).
+        import_backend: Check that the backend's framework imports (False: only that
+            the backend exists; a launcher that only spawns workers skips the import).
 
     Raises:
         ConfigError: The file is missing or not TOML, or a value is invalid.
@@ -201,7 +229,7 @@ def load(
     if env.get(backends.ENV_VAR):
         raw["backend"] = env[backends.ENV_VAR]
     apply_overrides(raw, overrides, source)
-    return parse(raw, source)
+    return parse(raw, source, import_backend=import_backend)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], source: str) -> None:
@@ -228,7 +256,9 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], source: str) 
         table[parts[-1]] = value
 
 
-def parse(raw: Mapping[str, Any], source: str = "<config>") -> RunConfig:
+def parse(
+    raw: Mapping[str, Any], source: str = "<config>", *, import_backend: bool = True
+) -> RunConfig:
     """Validates a config already read as a dict (see `load`)."""
     _check_keys(raw, [*_TOP_LEVEL, *_TABLES], source, "")
     values: dict[str, Any] = {"source": source}
@@ -236,7 +266,7 @@ def parse(raw: Mapping[str, Any], source: str = "<config>") -> RunConfig:
         if key in raw:
             values[key] = _check_type(raw[key], types, source, key)
     if "backend" in values:
-        _check_backend(values["backend"], source)
+        _check_backend(values["backend"], source, import_backend)
     for name in ("trainer", "evaluator"):
         if name in raw:
             values[name] = _factory(raw[name], source, name)
@@ -277,7 +307,15 @@ def _check_type(value: Any, types: tuple[type, ...], source: str, key: str) -> A
     return value
 
 
-def _check_backend(name: str, source: str) -> None:
+def _check_backend(name: str, source: str, import_backend: bool = True) -> None:
+    if not import_backend:
+        canonical = backends._ALIASES.get(name, name)
+        if canonical not in backends.available():
+            raise ConfigError(
+                f"{source}: `backend`: unknown backend {name!r}; expected one of "
+                f"{backends.available()}."
+            )
+        return
     try:
         backends.get(name)
     except BackendNotAvailableError as err:
@@ -406,6 +444,12 @@ def _check_combinations(config: RunConfig) -> None:
         raise ConfigError(
             f"{source}: `evaluate.timeout` must be >= 0 seconds; received "
             f"{config.evaluate.timeout}."
+        )
+    _positive(config.distributed.num_processes, source, "distributed.num_processes")
+    if not config.distributed.timeout > 0:
+        raise ConfigError(
+            f"{source}: `distributed.timeout` must be > 0 seconds; received "
+            f"{config.distributed.timeout}."
         )
     _positive(config.checkpoint.interval, source, "checkpoint.interval")
     _positive(config.checkpoint.max_to_keep, source, "checkpoint.max_to_keep")

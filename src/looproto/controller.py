@@ -27,7 +27,7 @@ from typing import Any, Final, Protocol, runtime_checkable
 
 import numpy as np
 
-from looproto import _nest, preemption
+from looproto import _nest, distributed, preemption
 from looproto.errors import ConfigError, ProtocolError, value_repr
 from looproto.module import Variable, is_variable, variable_to_numpy
 from looproto.runner import Evaluator, Output, Trainer
@@ -336,6 +336,7 @@ class Controller:
             restored_path = self.restore_checkpoint()
             if restored_path:
                 _log.info("restored from checkpoint: %s", restored_path)
+        _check_step_agrees(global_step, "the start")
         # A training run that can resume rewrites every step after the step it starts
         # from: have TensorBoard drop what a crashed run wrote there (only in the
         # writers created here; an evaluation-only run never purges).
@@ -405,6 +406,7 @@ class Controller:
                             num_steps,
                         )
                         break
+                _check_step_agrees(self.global_step, "the end of `train()`")
                 if checkpoint_at_completion:
                     self._maybe_save_checkpoint(check_interval=False)
             finally:
@@ -676,6 +678,19 @@ class Controller:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _check_step_agrees(global_step: Any, when: str) -> None:
+    """In a multi-process run, every process must be at the same global step."""
+    if distributed.process_count() > 1:
+        distributed.check_same(
+            {"global_step": _read_step(global_step)},
+            f"the global step at {when}",
+            hint=(
+                "Every process must run the same steps: did one restore another checkpoint, "
+                "or one trainer's data end earlier?"
+            ),
+        )
 
 
 def _null() -> Any:

@@ -9,6 +9,13 @@ batches an uninterrupted run would have seen.
 
 Shuffling is a pure function of `(seed, epoch)`, so the state is just the epoch
 and the position in it.
+
+In a multi-process run, `shard=(index, count)` (`looproto.distributed.shard()`)
+makes the dataset yield process `index`'s slice of each *global* batch: every
+process walks the same global batches in the same order, and process `index` gets
+rows `[index * batch_size // count, (index + 1) * batch_size // count)` of each.
+Together the processes see exactly the batches one process would, which is what
+lets a data-parallel run match a one-process run on the same global batch.
 """
 
 from __future__ import annotations
@@ -59,16 +66,21 @@ class ArrayDataset:
         seed: int = 0,
         epochs: int | None = 1,
         drop_remainder: bool = True,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         """Initialises the dataset.
 
         Args:
             data: An array, or a mapping/tuple/list of arrays with equal first dims.
-            batch_size: Examples per batch.
+            batch_size: Examples per batch: the *global* batch when sharded.
             shuffle: Shuffle the examples anew each epoch.
             seed: Seed of the shuffling.
             epochs: Passes over the data; None repeats forever.
             drop_remainder: Drop the last, smaller batch of an epoch.
+            shard: `(index, count)`: yield only process `index`'s slice of each
+                global batch, out of `count` processes (`distributed.shard()`).
+                `batch_size` must be divisible by `count`; a smaller last batch
+                (`drop_remainder=False`) is split as evenly as it goes.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"`batch_size` must be a positive int; received {batch_size!r}.")
@@ -92,6 +104,7 @@ class ArrayDataset:
                 f"`batch_size` ({batch_size}) is larger than the data ({self.num_examples} "
                 "examples) and `drop_remainder=True`: every batch would be dropped."
             )
+        self.shard = _check_shard(shard, batch_size)
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
@@ -113,6 +126,28 @@ class ArrayDataset:
         return self.batches_per_epoch * self.epochs
 
 
+def _check_shard(shard: Any, batch_size: int) -> tuple[int, int]:
+    valid = (
+        isinstance(shard, tuple)
+        and len(shard) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in shard)
+        and shard[1] >= 1
+        and 0 <= shard[0] < shard[1]
+    )
+    if not valid:
+        raise ConfigError(
+            "`shard` must be a tuple `(index, count)` of ints with 0 <= index < count, e.g. "
+            f"`looproto.distributed.shard()`; received shard={value_repr(shard)}."
+        )
+    index, count = shard
+    if batch_size % count:
+        raise ConfigError(
+            f"`batch_size` ({batch_size}) must be divisible by the number of processes in "
+            f"`shard` ({count}): each process takes an equal slice of every global batch."
+        )
+    return index, count
+
+
 class ArrayIterator(Iterator[Any]):
     """The iterator of an `ArrayDataset`; follows the iterator-state protocol."""
 
@@ -126,6 +161,10 @@ class ArrayIterator(Iterator[Any]):
         ds = self._dataset
         start = self._batch * ds.batch_size
         stop = min(start + ds.batch_size, ds.num_examples)
+        index, count = ds.shard
+        if count > 1:  # This process's slice of the global batch [start, stop).
+            size = stop - start
+            start, stop = start + index * size // count, start + (index + 1) * size // count
         if not ds.shuffle:
             return slice(start, stop)
         if self._order is None:

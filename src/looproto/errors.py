@@ -16,6 +16,7 @@ __all__ = [
     "BackendNotAvailableError",
     "CheckpointError",
     "ConfigError",
+    "DistributedError",
     "LooprotoError",
     "ProtocolError",
     "ShapeError",
@@ -49,6 +50,15 @@ class CheckpointError(LooprotoError, ValueError):
 
 class BackendNotAvailableError(LooprotoError, ImportError):
     """A backend was asked for whose framework is not installed."""
+
+
+class DistributedError(LooprotoError, RuntimeError):
+    """The processes of a multi-process run lost each other or disagree.
+
+    Raised when another process died or stopped responding within the run's
+    timeout, or when processes that must agree (on the global step, on the
+    checkpoint to restore, on the values a checkpoint holds) do not.
+    """
 
 
 def value_repr(value: Any, limit: int = 80) -> str:

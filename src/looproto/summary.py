@@ -28,6 +28,7 @@ from typing import Any, Final
 
 import numpy as np
 
+from looproto import distributed
 from looproto._nest import to_numpy_leaf
 from looproto.errors import ConfigError, ProtocolError, value_repr
 
@@ -99,6 +100,10 @@ class SummaryManager:
             at steps `>= purge_step` that earlier event files in that directory
             hold, e.g. those written after the last checkpoint by a run that
             crashed. Pass the first step the resumed run will write.
+        all_processes: Write on every process of a multi-process run. By default
+            only the chief (`looproto.distributed.is_chief()`, checked when the
+            manager is created) writes, so a run has one set of event files; on
+            the other processes the manager is disabled, as with `summary_dir=None`.
 
     Raises:
         ConfigError: If `summary_dir` is not a path or None, or `purge_step` is
@@ -111,6 +116,7 @@ class SummaryManager:
         *,
         global_step: Any = None,
         purge_step: int | None = None,
+        all_processes: bool = False,
     ) -> None:
         if summary_dir is not None and not isinstance(summary_dir, (str, os.PathLike)):
             raise ConfigError(
@@ -123,6 +129,14 @@ class SummaryManager:
                 f"`summary_dir` must be a str path, not bytes; received summary_dir={path!r}."
             )
         self._summary_dir: str | None = path
+        if not isinstance(all_processes, bool):
+            raise ConfigError(
+                "`all_processes` must be a bool; received "
+                f"all_processes={value_repr(all_processes)}."
+            )
+        # Multi-process runs: one writer, the chief (the other processes' values are
+        # the same replicated values, or the chief's view of them).
+        self._enabled = path is not None and (all_processes or distributed.is_chief())
         self._global_step = global_step
         self._purge_step = None if purge_step is None else _as_step(purge_step, "purge_step")
         # Relative directory -> tensorboardX EventsWriter, created on first write.
@@ -137,8 +151,8 @@ class SummaryManager:
 
     @property
     def enabled(self) -> bool:
-        """Whether summaries are written (False when `summary_dir` is None)."""
-        return self._summary_dir is not None
+        """Whether summaries are written (False when `summary_dir` is None, or off the chief)."""
+        return self._enabled
 
     @property
     def summary_dir(self) -> str | None:
@@ -166,7 +180,7 @@ class SummaryManager:
             ConfigError: If `step` is None and there is no `global_step`, or a
                 step is not an integer.
         """
-        if self._summary_dir is None:
+        if not self._enabled:
             return
         if not isinstance(summary_dict, Mapping):
             raise ProtocolError(

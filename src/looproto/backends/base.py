@@ -26,6 +26,10 @@ of its framework's arrays (`jax.numpy`, `array_api_compat.torch`, ...), and
 `value_and_grad(fn, module, has_aux=False)`, `fn()` and its gradient with respect
 to `module`'s trainable variables, keyed by their paths (`variables_by_path`).
 
+Optionally, a backend may also define `initialize_distributed(timeout=...)`: it starts
+(or adopts) its framework's multi-process engine and returns a
+`looproto.distributed.Engine`; `looproto.distributed.initialize` calls it.
+
 Only the backend's own module imports its framework. `looproto.testing.check_backend`
 runs the whole contract against any backend, including third-party ones.
 """

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -40,11 +41,18 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from looproto import _nest
+from looproto import _nest, distributed
 from looproto.backends._feed import StepIterator, is_iterator_container
 from looproto.backends.base import Loop, LoopOptions, ReduceFn, StepFn
 from looproto.backends.numpy import python_loop
-from looproto.errors import ConfigError, LooprotoError, ProtocolError, ShapeError, value_repr
+from looproto.errors import (
+    ConfigError,
+    DistributedError,
+    LooprotoError,
+    ProtocolError,
+    ShapeError,
+    value_repr,
+)
 from looproto.module import Module, Variable, register_name_scope_hook, variables_by_path
 
 _trace_state_clean: Callable[[], bool] | None
@@ -57,9 +65,11 @@ __all__ = [
     "BACKEND",
     "BACKEND_OPTIONS",
     "JaxBackend",
+    "JaxEngine",
     "TracerLeakError",
     "array_namespace",
     "grad",
+    "initialize_distributed",
     "value_and_grad",
 ]
 
@@ -70,7 +80,8 @@ BACKEND_OPTIONS: dict[str, str] = {
     "data": '"stack" (default): pull and stack batches on the host each loop; "device": '
     "keep an `ArrayDataset` on device and send only batch indices",
     "mesh": 'a `jax.sharding.Mesh` or "auto" (all visible devices): data-parallel, batch '
-    "dimension sharded, state replicated",
+    'dimension sharded, state replicated (default: none in one process, "auto" over '
+    "several, `jax.distributed`)",
     "data_axis": "the mesh axis the batch dimension is sharded over (default: its first)",
     "donate": "donate the state buffers to the compiled call (default True)",
     "chunk_size": "steps per compiled call when `num_steps=-1` (default 100)",
@@ -419,6 +430,13 @@ def _strong(value: Any, like: Any) -> Any:
     return jnp.asarray(value, dtype=like.dtype)
 
 
+def _mesh_processes(mesh: Mesh | None) -> int:
+    """How many processes own devices of `mesh` (1 without a mesh)."""
+    if mesh is None:
+        return 1
+    return len({device.process_index for device in mesh.devices.flat})
+
+
 class _JaxLoop:
     """The loop `JaxBackend.make_loop` returns. See the module docstring."""
 
@@ -449,6 +467,7 @@ class _JaxLoop:
         self.trace_count = 0
         """How many times `step_fn` was traced (a new batch shape, dtype or `num_steps`)."""
         self._replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
+        self._processes = _mesh_processes(mesh)
 
     # -- tracing ------------------------------------------------------------
 
@@ -586,16 +605,23 @@ class _JaxLoop:
             return xs
         spec = PartitionSpec(*([None] * batch_axis), self._data_axis)
         size = mesh.shape[self._data_axis]
+        # Over several processes each holds only its slice of the global batch
+        # (`ArrayDataset(shard=...)`); JAX assembles the global array from the slices.
+        local = size // self._processes
+        sharding = NamedSharding(mesh, spec)
 
         def put(x: Any) -> Any:
             if np.ndim(x) <= batch_axis:
                 return jax.device_put(x, self._replicated)
-            if np.shape(x)[batch_axis] % size:
+            if np.shape(x)[batch_axis] % local:
+                what = "this process's slice of the batch" if self._processes > 1 else "batch"
                 raise ConfigError(
-                    f"The batch dimension ({np.shape(x)[batch_axis]}) must be divisible by "
-                    f"the {size} devices of mesh axis {self._data_axis!r}."
+                    f"The {what} dimension ({np.shape(x)[batch_axis]}) must be divisible by "
+                    f"the {local} devices of mesh axis {self._data_axis!r} in this process."
                 )
-            return jax.device_put(x, NamedSharding(mesh, spec))
+            if self._processes > 1:
+                return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+            return jax.device_put(x, sharding)
 
         return jax.tree.map(put, xs)
 
@@ -622,6 +648,7 @@ class _JaxLoop:
             dataset.seed,
             dataset.epochs,
             dataset.drop_remainder,
+            dataset.shard,
         )
         if self._twin is None or self._twin[0] != config:
             twin = ArrayDataset(
@@ -631,6 +658,7 @@ class _JaxLoop:
                 seed=dataset.seed,
                 epochs=dataset.epochs,
                 drop_remainder=dataset.drop_remainder,
+                shard=dataset.shard,
             )
             self._twin = (config, twin)
         indices = iter(self._twin[1])
@@ -664,6 +692,16 @@ class _JaxLoop:
                 state, steps = self._run_steps(
                     compiled[1], variables, source, num_steps, data, state, reduce_fn
                 )
+            if self._processes > 1:
+                # A failed collective surfaces only when a result is used: here, inside
+                # the loop, rather than in `train_loop_end`. (The Controller syncs on the
+                # results right after the loop anyway.)
+                jax.block_until_ready([v._value for v in variables])
+        except Exception as err:
+            if self._processes > 1 and _is_peer_failure(err):
+                where = f"a collective operation of `{self._step_name}`'s compiled loop"
+                raise distributed.peer_failure(err, where) from err
+            raise
         finally:
             if data is not None:
                 iterator.set_state(source.get_state())
@@ -715,6 +753,141 @@ class _JaxLoop:
 
 
 # ----------------------------------------------------------------------------
+# Multi-process: jax.distributed.
+
+# What gloo (CPU) and the coordination service say when a peer process is gone.
+_PEER_FAILURE_MARKERS = (
+    "Gloo",
+    "gloo",
+    "NCCL",
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "UNAVAILABLE",
+    "DEADLINE_EXCEEDED",
+)
+
+
+_HEARTBEAT_MARGIN = 10  # seconds
+
+
+def _is_peer_failure(err: BaseException) -> bool:
+    """A runtime error of a cross-process collective (not a bug in the step)."""
+    if not isinstance(err, (ValueError, RuntimeError, jax.errors.JaxRuntimeError)):
+        return False
+    if isinstance(err, LooprotoError):
+        return False
+    text = str(err)
+    return any(marker in text for marker in _PEER_FAILURE_MARKERS)
+
+
+def _distributed_client() -> Any:
+    from jax._src import distributed as jax_distributed
+
+    return jax_distributed.global_state.client
+
+
+class JaxEngine:
+    """`looproto.distributed.Engine` on `jax.distributed` (see `initialize_distributed`).
+
+    Control messages use the key-value store of JAX's coordination service (run by
+    process 0), with timeouts; orbax sees the processes (`collective_checkpoints`).
+    """
+
+    backend = "jax"
+    collective_checkpoints = True
+
+    def __init__(self, timeout: float, owns_runtime: bool) -> None:
+        self.process_index = int(jax.process_index())
+        self.process_count = int(jax.process_count())
+        self.timeout = timeout
+        self._owns_runtime = owns_runtime
+        self._client = _distributed_client()
+
+    def key_value_set(self, key: str, value: str) -> None:
+        """See `looproto.distributed.Engine`."""
+        self._client.key_value_set(key, value)
+
+    def key_value_get(self, key: str, timeout: float) -> str:
+        """See `looproto.distributed.Engine`."""
+        return str(self._client.blocking_key_value_get(key, max(int(timeout * 1000), 1)))
+
+    def key_value_delete(self, key: str) -> None:
+        """See `looproto.distributed.Engine`."""
+        self._client.key_value_delete(key)
+
+    def scope(self) -> contextlib.AbstractContextManager[Any]:
+        """See `looproto.distributed.Engine`: nothing to enter."""
+        return contextlib.nullcontext()
+
+    def shutdown(self) -> None:
+        """See `looproto.distributed.Engine`: shuts down the runtime looproto started."""
+        if self._owns_runtime and jax.distributed.is_initialized():
+            jax.distributed.shutdown()
+
+    def __repr__(self) -> str:
+        return f"JaxEngine(process {self.process_index} of {self.process_count})"
+
+
+def initialize_distributed(timeout: float = distributed.DEFAULT_TIMEOUT) -> JaxEngine:
+    """Starts `jax.distributed` (or adopts it) for `looproto.distributed.initialize`.
+
+    The coordinator, the number of processes and this process's id come from
+    `LOOPROTO_COORDINATOR_ADDRESS`, `LOOPROTO_NUM_PROCESSES` and `LOOPROTO_PROCESS_ID`
+    (what `looproto train --num-processes` sets), else from JAX's own cluster
+    detection (SLURM, Open MPI, Cloud TPU, ...). `timeout` bounds the wait for every
+    process to join and the shutdown barrier; a process whose heartbeats stop counts
+    as dead 10 s after that (then JAX itself ends the others). CPU collectives use
+    gloo (JAX's default).
+
+    Raises:
+        ConfigError: JAX already computed something in this process (the runtime
+            must start first), or nothing says where the processes are.
+        DistributedError: The processes did not all join within `timeout`.
+    """
+    if jax.distributed.is_initialized():
+        return JaxEngine(timeout, owns_runtime=False)
+    env = distributed.environment("jax")
+    seconds = max(math.ceil(timeout), 1)
+    kwargs: dict[str, Any] = {
+        "initialization_timeout": seconds,
+        # Later than looproto's own waits (`timeout`): when the coordination service
+        # declares a process dead, JAX aborts every other process (its message, not ours).
+        "heartbeat_timeout_seconds": seconds + _HEARTBEAT_MARGIN,
+        "shutdown_timeout_seconds": seconds,
+    }
+    if env is not None:
+        kwargs.update(
+            coordinator_address=env.coordinator,
+            num_processes=env.process_count,
+            process_id=env.process_index,
+        )
+    where = env.coordinator if env is not None else "the address JAX's cluster detection found"
+    try:
+        jax.distributed.initialize(**kwargs)
+    except RuntimeError as err:
+        if "before" in str(err) and "computation" in str(err).lower():
+            raise ConfigError(
+                "`jax.distributed` must start before JAX computes anything in this process: "
+                "call `looproto.distributed.initialize('jax')` first (before building the "
+                f"trainer). JAX said: {str(err).splitlines()[0]}"
+            ) from err
+        raise DistributedError(
+            f"JAX process {'?' if env is None else env.process_index} could not join the "
+            f"other processes at {where} within {timeout:g} s: {str(err).splitlines()[0]}"
+        ) from err
+    except ValueError as err:
+        if env is None:
+            raise ConfigError(
+                "Cannot tell where the JAX processes are: set `LOOPROTO_COORDINATOR_ADDRESS`, "
+                "`LOOPROTO_NUM_PROCESSES` and `LOOPROTO_PROCESS_ID` (`looproto train "
+                "--num-processes N` does), or run under a cluster JAX detects. JAX said: "
+                f"{str(err).splitlines()[0]}"
+            ) from err
+        raise
+    return JaxEngine(timeout, owns_runtime=True)
+
+
+# ----------------------------------------------------------------------------
 # The backend object.
 
 
@@ -730,6 +903,9 @@ def _parse_backend_options(options: Mapping[str, Any]) -> dict[str, Any]:
             f'`backend_options["data"]` must be "stack" or "device"; received {data!r}.'
         )
     mesh = options.get("mesh")
+    if mesh is None and jax.process_count() > 1:
+        # Several processes: data parallel over all of them, else each would train alone.
+        mesh = "auto"
     if isinstance(mesh, str) and mesh == "auto":
         mesh = Mesh(np.array(jax.devices()), ("data",))
     elif mesh is not None and not isinstance(mesh, Mesh):
@@ -879,6 +1055,10 @@ class JaxBackend:
     def grad(self, fn: Callable[[], Any], module: Any, has_aux: bool = False) -> Any:
         """See `looproto.backends.jax.grad`."""
         return grad(fn, module, has_aux=has_aux)
+
+    def initialize_distributed(self, timeout: float = distributed.DEFAULT_TIMEOUT) -> JaxEngine:
+        """See `looproto.backends.jax.initialize_distributed`."""
+        return initialize_distributed(timeout)
 
 
 def _name(variable: Any) -> str:

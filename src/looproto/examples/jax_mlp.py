@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import looproto
+from looproto import distributed
 from looproto.backends import jax as jax_backend
 from looproto.data import ArrayDataset
 from looproto.examples import _cli
@@ -202,7 +203,10 @@ def make_trainer(
     """
     train = make_data(4096, seed=seed)
     model = MLP(n_in=train["x"].shape[1], seed=seed)
-    dataset = ArrayDataset(train, batch_size, shuffle=True, seed=seed, epochs=None)
+    # Over several processes each takes its slice of every global batch of `batch_size`.
+    dataset = ArrayDataset(
+        train, batch_size, shuffle=True, seed=seed, epochs=None, shard=distributed.shard()
+    )
     options = looproto.StandardTrainerOptions(
         backend="jax", backend_options={"data": data, **(backend_options or {})}
     )
@@ -212,7 +216,8 @@ def make_trainer(
 def make_evaluator(trainer: MLPTrainer, seed: int = 0) -> MLPEvaluator:
     """An evaluator of `trainer`'s model on held-out data."""
     test = make_data(1024, seed=seed + 1)
-    return MLPEvaluator(trainer.model, ArrayDataset(test, 256, drop_remainder=False))
+    dataset = ArrayDataset(test, 256, drop_remainder=False, shard=distributed.shard())
+    return MLPEvaluator(trainer.model, dataset)
 
 
 def make_controller(

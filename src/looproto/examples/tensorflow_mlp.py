@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 import looproto
+from looproto.backends import tensorflow as tensorflow_backend
 from looproto.examples import _cli
 from looproto.examples.numpy_mlp import make_data
 
@@ -40,6 +41,11 @@ __all__ = [
 ]
 
 
+# Variables updated in the step: under a multi-worker strategy every replica computes
+# the same update (from all-reduced gradients), so the first replica's is kept.
+_REPLICATED = tf.VariableAggregation.ONLY_FIRST_REPLICA
+
+
 class Dense(looproto.Module):
     """`y = x @ w + b` with Glorot-uniform initialisation (drawn with NumPy, like `numpy_mlp`)."""
 
@@ -48,9 +54,11 @@ class Dense(looproto.Module):
         limit = np.sqrt(6.0 / (n_in + n_out))
         with self.name_scope:
             self.w = tf.Variable(
-                rng.uniform(-limit, limit, (n_in, n_out)).astype(np.float32), name="w"
+                rng.uniform(-limit, limit, (n_in, n_out)).astype(np.float32),
+                name="w",
+                aggregation=_REPLICATED,
             )
-            self.b = tf.Variable(np.zeros(n_out, np.float32), name="b")
+            self.b = tf.Variable(np.zeros(n_out, np.float32), name="b", aggregation=_REPLICATED)
 
     def __call__(self, x: tf.Tensor) -> tf.Tensor:
         return x @ self.w + self.b
@@ -81,7 +89,7 @@ class MLPTrainer(looproto.StandardTrainer):
     def __init__(
         self,
         model: MLP,
-        dataset: tf.data.Dataset,
+        dataset: Any,
         learning_rate: float = 0.05,
         momentum: float = 0.9,
         options: looproto.StandardTrainerOptions | None = None,
@@ -90,18 +98,28 @@ class MLPTrainer(looproto.StandardTrainer):
         self.model = model
         self.learning_rate = learning_rate
         self.momentum = momentum
-        self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+        self.global_step = tf.Variable(
+            0, dtype=tf.int64, trainable=False, name="global_step", aggregation=_REPLICATED
+        )
         with self.name_scope:
             # `velocity/<layer>/<0: w, 1: b>`: the tree `numpy_mlp` checkpoints.
             self.velocity = [
                 (
-                    tf.Variable(tf.zeros_like(layer.w), trainable=False, name="v_w"),
-                    tf.Variable(tf.zeros_like(layer.b), trainable=False, name="v_b"),
+                    tf.Variable(
+                        tf.zeros_like(layer.w), trainable=False, name="v_w", aggregation=_REPLICATED
+                    ),
+                    tf.Variable(
+                        tf.zeros_like(layer.b), trainable=False, name="v_b", aggregation=_REPLICATED
+                    ),
                 )
                 for layer in model.layers
             ]
-            self.loss_sum = tf.Variable(0.0, trainable=False, name="loss_sum")
-            self.loss_count = tf.Variable(0, dtype=tf.int64, trainable=False, name="loss_count")
+            self.loss_sum = tf.Variable(
+                0.0, trainable=False, name="loss_sum", aggregation=_REPLICATED
+            )
+            self.loss_count = tf.Variable(
+                0, dtype=tf.int64, trainable=False, name="loss_count", aggregation=_REPLICATED
+            )
 
     def train_loop_begin(self) -> None:
         self.loss_sum.assign(0.0)
@@ -113,7 +131,14 @@ class MLPTrainer(looproto.StandardTrainer):
         velocities = [v for pair in self.velocity for v in pair]
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean((self.model(batch["x"]) - batch["y"]) ** 2)
-        for param, grad, velocity in zip(params, tape.gradient(loss, params), velocities):
+        grads = tape.gradient(loss, params)
+        replica = tf.distribute.get_replica_context()
+        if replica is not None and replica.num_replicas_in_sync > 1:
+            # Each replica has its slice of the global batch: the mean of their gradients
+            # (and losses) is the global batch's, and every replica applies the same update.
+            grads = replica.all_reduce(tf.distribute.ReduceOp.MEAN, grads)
+            loss = replica.all_reduce(tf.distribute.ReduceOp.MEAN, loss)
+        for param, grad, velocity in zip(params, grads, velocities):
             velocity.assign(self.momentum * velocity - self.learning_rate * grad)
             param.assign_add(velocity)
         self.loss_sum.assign_add(loss)
@@ -128,16 +153,18 @@ class MLPTrainer(looproto.StandardTrainer):
 class MLPEvaluator(looproto.StandardEvaluator):
     """Mean squared and mean absolute error over the evaluation data, summed on device."""
 
-    def __init__(self, model: MLP, dataset: tf.data.Dataset):
+    def __init__(self, model: MLP, dataset: Any):
         super().__init__(
             eval_dataset=dataset,
             options=looproto.StandardEvaluatorOptions(use_compiled_loop=True),
         )
         self.model = model
         with self.name_scope:
-            self.squared = tf.Variable(0.0, trainable=False, name="squared")
-            self.absolute = tf.Variable(0.0, trainable=False, name="absolute")
-            self.count = tf.Variable(0.0, trainable=False, name="count")
+            # Summed over the replicas, each of which evaluates its slice of every batch.
+            total = tf.VariableAggregation.SUM
+            self.squared = tf.Variable(0.0, trainable=False, name="squared", aggregation=total)
+            self.absolute = tf.Variable(0.0, trainable=False, name="absolute", aggregation=total)
+            self.count = tf.Variable(0.0, trainable=False, name="count", aggregation=total)
 
     def eval_begin(self) -> None:
         for total in (self.squared, self.absolute, self.count):
@@ -173,6 +200,9 @@ def make_trainer(
         .batch(batch_size, drop_remainder=True)
         .repeat()
     )
+    # Under MultiWorkerMirroredStrategy (`looproto train --num-processes N`), each worker
+    # takes its slice of every global batch; with one process this is the dataset itself.
+    dataset = tensorflow_backend.distribute_dataset(dataset)
     model = MLP(n_in=train["x"].shape[1], seed=seed)
     options = looproto.StandardTrainerOptions(backend_options=dict(backend_options or {}))
     return MLPTrainer(model, dataset, learning_rate, momentum, options=options)
@@ -181,7 +211,10 @@ def make_trainer(
 def make_evaluator(trainer: MLPTrainer, seed: int = 0) -> MLPEvaluator:
     """An evaluator of `trainer`'s model on held-out data."""
     test = make_data(1024, seed=seed + 1)
-    return MLPEvaluator(trainer.model, tf.data.Dataset.from_tensor_slices(test).batch(256))
+    dataset = tensorflow_backend.distribute_dataset(
+        tf.data.Dataset.from_tensor_slices(test).batch(256)
+    )
+    return MLPEvaluator(trainer.model, dataset)
 
 
 def make_controller(

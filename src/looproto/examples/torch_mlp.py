@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 import looproto
+from looproto import distributed
 from looproto.backends import torch as torch_backend
 from looproto.data import ArrayDataset
 from looproto.examples import _cli, numpy_mlp
@@ -75,17 +76,19 @@ class MLPTrainer(looproto.StandardTrainer):
 
     def __init__(
         self,
-        model: MLP,
+        model: torch.nn.Module,
         dataset: ArrayDataset,
         learning_rate: float = 0.05,
         momentum: float = 0.9,
         options: looproto.StandardTrainerOptions | None = None,
     ) -> None:
         super().__init__(train_dataset=dataset, options=options)
-        self.model = model
-        # Named parameters: optimizer state is checkpointed under the parameters' names.
+        self.model = model  # The MLP, or the MLP in `DistributedDataParallel`.
+        # Named parameters: optimizer state is checkpointed under the parameters' names
+        # (those of the MLP itself, so a DDP run's checkpoint keeps a one-process run's paths).
+        inner: torch.nn.Module = getattr(model, "module", model)
         self.optimizer = torch.optim.SGD(
-            model.named_parameters(), lr=learning_rate, momentum=momentum
+            inner.named_parameters(), lr=learning_rate, momentum=momentum
         )
         self.global_step = looproto.create_global_step()
         with self.name_scope:
@@ -109,6 +112,12 @@ class MLPTrainer(looproto.StandardTrainer):
         return {"loss": loss}
 
     def train_loop_end(self) -> Mapping[str, Any]:
+        if torch_backend.process_group_size() > 1:
+            # Each process summed the loss of its slice of the batches: the mean over the
+            # processes is the global batches' loss (equal slices), as one process has it.
+            total = torch.tensor(float(self.loss_sum.numpy()), dtype=torch.float64)
+            torch.distributed.all_reduce(total)
+            self.loss_sum.assign(np.float32(total.item() / torch.distributed.get_world_size()))
         return {"loss": self.loss_sum.numpy() / max(int(self.loss_count), 1)}
 
 
@@ -117,7 +126,7 @@ class MLPEvaluator(looproto.StandardEvaluator):
 
     def __init__(
         self,
-        model: MLP,
+        model: torch.nn.Module,
         dataset: ArrayDataset,
         options: looproto.StandardEvaluatorOptions | None = None,
     ) -> None:
@@ -194,8 +203,14 @@ def make_trainer(
         looproto.StandardTrainerOptions, compile_step, backend_options,
         use_compiled_loop=compile_step,
     )  # fmt: skip
-    dataset = ArrayDataset(train, batch_size, shuffle=True, seed=seed, epochs=None)
-    return MLPTrainer(model, dataset, learning_rate, momentum, options=options)
+    # Over several processes: DDP averages the gradients, and each process takes its
+    # slice of every global batch of `batch_size` (one process: both are no-ops).
+    dataset = ArrayDataset(
+        train, batch_size, shuffle=True, seed=seed, epochs=None, shard=distributed.shard()
+    )
+    return MLPTrainer(
+        torch_backend.data_parallel(model), dataset, learning_rate, momentum, options=options
+    )
 
 
 def make_evaluator(
