@@ -38,6 +38,31 @@ def interleaved(
     return times
 
 
+LOOPS_PER_ROUND = {"A": 5, "B": 1}
+"""Inner loops each contender runs per round, by workload.
+
+A `Controller` is asked for several loops in one `train()` call, as a real run asks
+for many: its per-call set-up (signal handlers, a checkpoint sync) is paid once per
+`train()`, its per-loop work (summaries, logs, interval checks) once per loop. On
+workload A a loop takes ~2 ms, so five loops keep the per-call part at its share of a
+short `train_and_evaluate` interval (500 steps); on B one loop is ~0.6 s.
+"""
+
+
+def repeated(call: Callable[[], Any], times: int) -> Callable[[], Any]:
+    """`call` run `times` times per round; seconds it measured itself are summed."""
+    if times == 1:
+        return call
+
+    def run() -> float | None:
+        measured = [call() for _ in range(times)]
+        if all(isinstance(m, float) for m in measured):
+            return float(sum(measured))
+        return None
+
+    return run
+
+
 def paired_ratio(times: dict[str, list[float]], name: str, baseline: str) -> float:
     """Median over rounds of `name`'s time divided by `baseline`'s in the same round."""
     return statistics.median(a / b for a, b in zip(times[name], times[baseline]))

@@ -189,7 +189,7 @@ class Trainer(looproto.StandardTrainer):
 
 
 def throughput(
-    workload: _workloads.Workload, steps: int, rounds: int, tmp: str
+    workload: _workloads.Workload, steps: int, rounds: int, tmp: str, loops: int = 1
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Interleaved rounds of every contender; returns table rows and parameter agreement."""
     data = make_data(workload)
@@ -205,7 +205,8 @@ def throughput(
     )
 
     def with_controller() -> None:
-        controller.train(int(ctl_trainer.global_step) + steps, checkpoint_at_completion=False)
+        target = int(ctl_trainer.global_step) + loops * steps
+        controller.train(target, checkpoint_at_completion=False)
 
     contenders: dict[str, Callable[[], Any]] = {
         BASELINE: lambda: hand(steps),
@@ -219,12 +220,16 @@ def throughput(
             contenders[f"keras fit spe={spe}"] = _keras.contender(workload, steps, min(spe, steps))[
                 0
             ]
+    contenders = {
+        name: call if name == "looproto Controller" else _timing.repeated(call, loops)
+        for name, call in contenders.items()
+    }
     for run in contenders.values():  # Warm-up: compile, open the event file.
         run()
-    times = _timing.interleaved(contenders, rounds=rounds, steps_per_call=steps)
+    times = _timing.interleaved(contenders, rounds=rounds, steps_per_call=loops * steps)
     controller.close()
 
-    # Every contender ran (rounds + 1) * steps steps on the same batches.
+    # Every contender ran (rounds + 1) * loops * steps steps on the same batches.
     reference = [np.asarray(p) for p in hand.params]
     finals = {
         "looproto train()": trainer.param_values(),
@@ -364,7 +369,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rounds = {"A": 2, "B": 1}
     else:
         steps, counts = args.steps, {"A": [1, 10, 100, 1000], "B": [1, 10, 100, 1000]}
-        rounds, reps = {"A": 30, "B": 7}, {"A": 3, "B": 1}
+        rounds, reps = {"A": 30, "B": 15}, {"A": 3, "B": 1}
     if args.rounds is not None:
         rounds = dict.fromkeys(rounds, args.rounds)
 
@@ -377,7 +382,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             workload = {"A": _workloads.A, "B": _workloads.B}[name]
             # First calls before anything else is compiled in this process.
             compile_rows += first_calls(workload, counts[name], reps[name])
-            table, agreement[name] = throughput(workload, steps, rounds[name], tmp)
+            loops = 1 if args.smoke else _timing.LOOPS_PER_ROUND[name]
+            table, agreement[name] = throughput(workload, steps, rounds[name], tmp, loops)
             rows += table
             data_rows.append(data_options(workload, steps))
     print(f"JAX {jax.__version__} on {jax.default_backend()}, {steps} steps per call\n")

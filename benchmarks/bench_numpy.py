@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for workload in _workloads.WORKLOADS:
-            rounds = 2 if args.smoke else (30 if workload.name == "A" else 5)
+            rounds = 2 if args.smoke else (30 if workload.name == "A" else 10)
             batches = workload.batches()
             hand_params = workload.params()
             hand_iter = itertools.cycle(batches)
@@ -115,17 +115,23 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             )
             controller.train(steps)  # warm-up: imports tensorboardX, opens the event file
 
-            def with_controller(controller: Any = controller, trainer: Any = controlled) -> None:
-                controller.train(int(trainer.global_step) + steps, checkpoint_at_completion=False)
+            loops = 1 if args.smoke else _timing.LOOPS_PER_ROUND[workload.name]
+
+            def with_controller(controller: Any = controller, trainer: Any = controlled,
+                                loops: int = loops) -> None:  # fmt: skip
+                target = int(trainer.global_step) + loops * steps
+                controller.train(target, checkpoint_at_completion=False)
 
             times = _timing.interleaved(
                 {
-                    "hand-written numpy": hand_written,
-                    "looproto train()": lambda trainer=trainer: trainer.train(steps),
+                    "hand-written numpy": _timing.repeated(hand_written, loops),
+                    "looproto train()": _timing.repeated(
+                        lambda trainer=trainer: trainer.train(steps), loops
+                    ),
                     "looproto Controller": with_controller,
                 },
                 rounds=rounds,
-                steps_per_call=steps,
+                steps_per_call=loops * steps,
             )
             controller.close()
             rows += _timing.summarize(workload.title, times, baseline="hand-written numpy")

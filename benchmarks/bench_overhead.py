@@ -1,10 +1,11 @@
 """The outer loop's cost: `Controller.train` against the bare inner loop, per `steps_per_loop`.
 
 For each backend (each in its own process) the MLP example's trainer
-(`looproto.examples.mlp`) runs `steps_per_loop` steps per call in two ways,
-interleaved round by round: `trainer.train(n)` alone, and through a `Controller`
-that logs, writes summaries every loop and checks its checkpoint interval. The paired
-ratio of the two is what the outer loop costs at that `steps_per_loop`.
+(`looproto.examples.mlp`) runs in two ways, interleaved round by round: `trainer.train(n)`
+called once per inner loop, and one `Controller.train` call over the same loops, which
+logs, writes summaries every loop and checks its checkpoint interval. A round covers
+at least 500 steps. The paired ratio of the two is what the outer loop costs at that
+`steps_per_loop`.
 
     python benchmarks/bench_overhead.py [--smoke] [--json PATH] [--backends numpy,jax,...]
 """
@@ -57,22 +58,24 @@ def measure(backend: str, smoke: bool) -> list[dict[str, Any]]:
                 checkpoint_manager=checkpoints,
             )
 
+            # A round is one `train()` call of at least 500 steps (a typical evaluation
+            # interval): per-call set-up is paid once, per-loop work once per loop.
+            loops = 1 if smoke else max(1, 500 // steps)
+
             def with_controller(controller: Any = controller, trainer: Any = controlled,
-                                steps: int = steps) -> None:  # fmt: skip
-                target = int(variable_to_numpy(trainer.global_step)) + steps
+                                steps: int = steps, loops: int = loops) -> None:  # fmt: skip
+                target = int(variable_to_numpy(trainer.global_step)) + loops * steps
                 controller.train(target, checkpoint_at_completion=False)
 
             def alone(trainer: Any = bare, steps: int = steps) -> None:
                 trainer.train(steps)
 
-            calls = {"train() alone": alone, "Controller": with_controller}
+            calls = {"train() alone": _timing.repeated(alone, loops), "Controller": with_controller}
             for call in calls.values():  # warm-up: compile, open event files, first save
                 call()
                 call()
-            total = 20 if smoke else max(2000, 20 * steps)
-            rounds = max(2 if smoke else 8, total // steps // 4)
-            rounds = min(rounds, 200)
-            times = _timing.interleaved(calls, rounds=rounds, steps_per_call=steps)
+            rounds = 2 if smoke else max(8, 4000 // (loops * steps))
+            times = _timing.interleaved(calls, rounds=rounds, steps_per_call=loops * steps)
             controller.close()
             for row in _timing.summarize(f"{backend} spl={steps}", times, "train() alone"):
                 row.update(backend=backend, steps_per_loop=steps)

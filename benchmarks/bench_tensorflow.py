@@ -81,7 +81,7 @@ class Trainer(looproto.StandardTrainer):
         return {"loss": self.loss}
 
 
-def contenders(workload: _workloads.Workload, steps: int, tmp: str) -> dict[str, Any]:
+def contenders(workload: _workloads.Workload, steps: int, tmp: str, loops: int) -> dict[str, Any]:
     """`{name: zero-argument call running `steps` steps}`, each finishing with a host read."""
     hand_params = [tf.Variable(p) for p in workload.params()]
     hand_step = make_step(workload, hand_params)
@@ -133,7 +133,7 @@ def contenders(workload: _workloads.Workload, steps: int, tmp: str) -> dict[str,
     )
 
     def looproto_controller() -> None:
-        target = int(controlled.global_step.numpy()) + steps
+        target = int(controlled.global_step.numpy()) + loops * steps
         controller.train(target, checkpoint_at_completion=False)
 
     calls = {
@@ -147,7 +147,10 @@ def contenders(workload: _workloads.Workload, steps: int, tmp: str) -> dict[str,
             calls[f"keras fit spe={spe}"] = steady
     calls["per-step tf.function"] = per_step
     calls["eager"] = eager
-    return calls
+    return {
+        name: call if name == "looproto Controller" else _timing.repeated(call, loops)
+        for name, call in calls.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -162,16 +165,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     compile_times: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for workload in _workloads.WORKLOADS:
-            calls = contenders(workload, steps, tmp)
+            loops = 1 if args.smoke else _timing.LOOPS_PER_ROUND[workload.name]
+            calls = contenders(workload, steps, tmp, loops)
             compile_times[workload.title] = {}
             for name, call in calls.items():  # First call: trace + compile + run.
                 start = time.perf_counter()
                 call()
                 compile_times[workload.title][name] = time.perf_counter() - start
-            rounds = args.rounds or (2 if args.smoke else (40 if workload.name == "A" else 8))
+            rounds = args.rounds or (2 if args.smoke else (30 if workload.name == "A" else 15))
             if workload.name == "B" and not args.smoke:
                 calls.pop("eager")  # ~12 ms a step: adds minutes, says nothing new
-            times = _timing.interleaved(calls, rounds=rounds, steps_per_call=steps)
+            times = _timing.interleaved(calls, rounds=rounds, steps_per_call=loops * steps)
             rows += _timing.summarize(workload.title, times, baseline="hand-written tf.range")
     print(f"TensorFlow {tf.__version__}, {steps} steps per call\n")
     print(_timing.markdown(rows, "hand-written tf.range"))

@@ -200,7 +200,7 @@ def lightning_contender(
 
 
 def run_workload(
-    workload: _workloads.Workload, steps: int, rounds: int, tmp: str
+    workload: _workloads.Workload, steps: int, rounds: int, tmp: str, loops: int = 1
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     batches = make_batches(workload)
     trainers = {
@@ -239,10 +239,11 @@ def run_workload(
     )
     for _ in range(2):
         controller.train(int(controlled.global_step) + steps, checkpoint_at_completion=False)
+    contenders = {name: _timing.repeated(call, loops) for name, call in contenders.items()}
     contenders["looproto Controller"] = lambda: controller.train(
-        int(controlled.global_step) + steps, checkpoint_at_completion=False
+        int(controlled.global_step) + loops * steps, checkpoint_at_completion=False
     )
-    times = _timing.interleaved(contenders, rounds=rounds, steps_per_call=steps)
+    times = _timing.interleaved(contenders, rounds=rounds, steps_per_call=loops * steps)
     controller.close()
     fastest = min(("hand eager", "hand compiled"), key=lambda k: statistics.median(times[k]))
     rows = _timing.summarize(workload.title, times, baseline=fastest)
@@ -281,8 +282,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for workload in _workloads.WORKLOADS:
-                rounds = args.rounds or (2 if args.smoke else (30 if workload.name == "A" else 6))
-                workload_rows, first = run_workload(workload, steps, rounds, tmp)
+                rounds = args.rounds or (2 if args.smoke else (30 if workload.name == "A" else 12))
+                loops = 1 if args.smoke else _timing.LOOPS_PER_ROUND[workload.name]
+                workload_rows, first = run_workload(workload, steps, rounds, tmp, loops)
                 rows += workload_rows
                 compile_times[workload.title] = first
     finally:

@@ -45,6 +45,7 @@ __all__ = [
     "create_global_step",
     "current_name_scope",
     "framework_backends",
+    "hooks_gated",
     "name_scope",
     "register_framework",
     "register_hook_gate",
@@ -116,7 +117,13 @@ def register_hook_gate(gate: Callable[[], bool]) -> None:
         _hook_gates.append(gate)
 
 
-def _gated() -> bool:
+def hooks_gated() -> bool:
+    """True while a registered gate says framework hooks must not run (see above).
+
+    Name scopes check it themselves; an assign hook that calls into its framework
+    checks it first (`Variable.assign` does not: most hooks are a cheap `isinstance`,
+    and the check costs more than they do, on every assignment).
+    """
     return any(gate() for gate in _hook_gates)
 
 
@@ -168,7 +175,7 @@ class NameScope:
         else:
             scope = previous + name + "/"
         frameworks: _Entered | None = None
-        if _name_scope_hooks and scope and not _gated():
+        if _name_scope_hooks and scope and not hooks_gated():
             # A plain list rather than an ExitStack, and no-op scopes skipped: torch.compile
             # (Dynamo) traces user-defined `__enter__`/`__exit__`, but neither ExitStack's
             # bookkeeping nor `nullcontext`'s methods called directly.
@@ -482,11 +489,20 @@ class Variable:
         Raises:
             ShapeError: `value` has another shape, or a dtype that is not the variable's.
         """
-        if self._assign_hooks and not _gated():
+        if self._assign_hooks:
             for hook in self._assign_hooks:
                 if hook(self, value):
                     return self
         current = self._value
+        # Fast path, once per step in most trainers (`step.assign_add(1)`, a loss): a
+        # NumPy scalar of exactly the dtype of a NumPy scalar variable.
+        if type(current) is np.ndarray and current.ndim == 0:
+            if isinstance(value, np.generic) and value.dtype == current.dtype:
+                self._value = np.asarray(value)
+                return self
+            if type(value) is float and current.dtype.kind == "f":
+                self._value = np.asarray(value, dtype=current.dtype)
+                return self
         if isinstance(value, Variable):
             value = value.value
         if isinstance(value, np.ndarray):

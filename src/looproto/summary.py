@@ -195,16 +195,20 @@ class SummaryManager:
             return
         tbx = _tensorboardx()
         wall_time = time.time()
-        events: list[tuple[str, Any]] = []
+        # One event per directory, holding all its values (TensorBoard reads each value
+        # of a summary as its own tag): one record to checksum and write, not one a tag.
+        values: dict[str, list[Any]] = {}
         for directory, tag, value in leaves:
             if isinstance(value, float):
                 summary_value = tbx.Summary.Value(tag=tag, simple_value=value)
             else:
                 summary_value = tbx.Summary.Value(tag=tag, histo=_histogram(tbx, value))
-            summary = tbx.Summary(value=[summary_value])
-            events.append(
-                (directory, tbx.Event(summary=summary, step=resolved_step, wall_time=wall_time))
-            )
+            values.setdefault(directory, []).append(summary_value)
+        events = [
+            (directory, tbx.Event(summary=tbx.Summary(value=directory_values),
+                                  step=resolved_step, wall_time=wall_time))
+            for directory, directory_values in values.items()
+        ]  # fmt: skip
         for directory, event in events:
             self._writer(directory, tbx).write_event(event)
             self._dirty.add(directory)

@@ -97,7 +97,7 @@ from looproto.errors import (
     ShapeError,
     value_repr,
 )
-from looproto.module import Module, Variable, variables_by_path
+from looproto.module import Module, Variable, hooks_gated, variables_by_path
 
 __all__ = [
     "BACKEND",
@@ -432,6 +432,8 @@ def _variable_assign_hook(variable: Variable, value: Any) -> bool | None:
     a function: a NumPy array cannot hold a graph tensor, and a Python-level assignment
     would run once per trace, not once per step.
     """
+    if hooks_gated():  # inside another framework's compiler (torch.compile)
+        return None
     twin = _bound_twin(variable)
     if twin is not None:
         _write_through(variable, twin, value)
