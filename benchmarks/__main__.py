@@ -93,6 +93,33 @@ def _checkpoint_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _distributed_table(results: dict[str, Any]) -> list[str]:
+    lines = [
+        "| backend | processes | samples/s (median) | spread (IQR %) | time ratio to 1 process |",
+        "|---|---|---|---|---|",
+    ]
+    for row in results.get("distributed", {}).get("rows", []):
+        backend = row["system"].split()[0]
+        lines.append(
+            f"| {backend} | {row['processes']} | {row['samples_per_second']:.0f} | "
+            f"{row['spread_pct']:.1f} | {row['ratio']:.3f} |"
+        )
+    return lines
+
+
+def _portable_table(results: dict[str, Any]) -> list[str]:
+    lines = [
+        "| framework | model | µs/step (median) | spread (IQR %) | ratio to native |",
+        "|---|---|---|---|---|",
+    ]
+    for row in results.get("portable", {}).get("rows", []):
+        lines.append(
+            f"| {row['workload']} | {row['system']} | {row['us_per_step']:.1f} | "
+            f"{row['spread_pct']:.1f} | {row['ratio']:.3f} |"
+        )
+    return lines
+
+
 def report(results: dict[str, Any], smoke: bool) -> str:
     """The Markdown report of all results."""
     date = datetime.date.today().isoformat()
@@ -118,6 +145,17 @@ def report(results: dict[str, Any], smoke: bool) -> str:
         "## Checkpoints",
         "",
         *_checkpoint_table(results),
+        "",
+        "## One model for every framework (`looproto.portable`) against each framework's own",
+        "",
+        *_portable_table(results),
+        "",
+        "## Multi-process: 1 against 2 local processes, workload B, global batch 256",
+        "",
+        "Both configurations share the same 2 cores, so this measures what communication "
+        "costs, not a speed-up.",
+        "",
+        *_distributed_table(results),
         "",
     ]
     return "\n".join(parts)
