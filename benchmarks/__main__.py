@@ -1,6 +1,6 @@
 """Runs every benchmark, each in its own process, and writes one report.
 
-    python -m benchmarks [--smoke] [--out DIR] [--only jax,torch]
+    python -m benchmarks [--smoke] [--out DIR] [--only jax,torch] [--report-only]
 
 Each `bench_<name>.py` runs in its own process (one per framework) with
 `--json DIR/<name>.json`; then `DIR/results.md` (the tables, with the date, versions
@@ -205,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="a few steps each, to check they run")
     parser.add_argument("--out", default=None, help="where the report goes")
     parser.add_argument("--only", default=None, help="comma-separated bench names")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite the report from DIR's JSON files"
+    )
     args = parser.parse_args(argv)
     out = args.out or (tempfile.mkdtemp(prefix="looproto-bench-") if args.smoke else
                        os.path.join(HERE, "results"))  # fmt: skip
@@ -216,8 +219,13 @@ def main(argv: list[str] | None = None) -> int:
         name = os.path.basename(script)[len("bench_") : -len(".py")]
         if only is not None and name not in only:
             continue
-        print(f"\n## {name}\n", flush=True)
         json_path = os.path.join(out, f"{name}.json")
+        if args.report_only:
+            if os.path.exists(json_path):
+                with open(json_path) as f:
+                    results[name] = json.load(f)
+            continue
+        print(f"\n## {name}\n", flush=True)
         cmd = [sys.executable, script, "--json", json_path] + (["--smoke"] if args.smoke else [])
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
         if subprocess.run(cmd, check=False, env=env).returncode:
