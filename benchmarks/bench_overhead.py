@@ -2,9 +2,9 @@
 
 For each backend (each in its own process) the MLP example's trainer
 (`looproto.examples.mlp`) runs in two ways, interleaved round by round: `trainer.train(n)`
-called once per inner loop, and one `Controller.train` call over the same loops, which
-logs, writes summaries every loop and checks its checkpoint interval. A round covers
-at least 500 steps. The paired ratio of the two is what the outer loop costs at that
+called once per inner loop, and one `Controller.train` call over as many loops of the
+same trainer, which logs, writes summaries every loop and checks its checkpoint
+interval. A round covers at least 500 steps. The paired ratio of the two is what the outer loop costs at that
 `steps_per_loop`.
 
     python benchmarks/bench_overhead.py [--smoke] [--json PATH] [--backends numpy,jax,...]
@@ -42,7 +42,8 @@ def measure(backend: str, smoke: bool) -> list[dict[str, Any]]:
     sweep = (1, 10) if smoke else SWEEP
     with tempfile.TemporaryDirectory() as tmp:
         for steps in sweep:
-            bare = mlp.trainer(backend)
+            # One trainer for both ways: two instances of the same TF graph differ by up
+            # to ~13% on this machine, which would swamp the outer loop's cost.
             controlled = mlp.trainer(backend)
             checkpoints = looproto.CheckpointManager(
                 os.path.join(tmp, f"ckpt{steps}"),
@@ -67,14 +68,15 @@ def measure(backend: str, smoke: bool) -> list[dict[str, Any]]:
                 target = int(variable_to_numpy(trainer.global_step)) + loops * steps
                 controller.train(target, checkpoint_at_completion=False)
 
-            def alone(trainer: Any = bare, steps: int = steps) -> None:
+            def alone(trainer: Any = controlled, steps: int = steps) -> None:
                 trainer.train(steps)
 
             calls = {"train() alone": _timing.repeated(alone, loops), "Controller": with_controller}
             for call in calls.values():  # warm-up: compile, open event files, first save
                 call()
                 call()
-            rounds = 2 if smoke else max(8, 4000 // (loops * steps))
+            # At 1000 steps per loop a round is one call: 24 rounds keep TF's spread below ~10%.
+            rounds = 2 if smoke else max(24, 8000 // (loops * steps))
             times = _timing.interleaved(calls, rounds=rounds, steps_per_call=loops * steps)
             controller.close()
             for row in _timing.summarize(f"{backend} spl={steps}", times, "train() alone"):
