@@ -117,23 +117,29 @@ def _eta(remaining_steps: int | None, steps_per_second: float) -> str:
 
 
 class StepTimer:
-    """Measures steps per second between calls."""
+    """Measures steps per second between calls.
+
+    Each method takes the current step if the caller already read it: on a framework
+    variable a read is a device round trip (~25 µs on TensorFlow), and the outer
+    loop needs the step anyway.
+    """
 
     def __init__(self, step: Any) -> None:
         self.step = step
         self.start()
 
-    def start(self) -> None:
+    def start(self, current_step: int | None = None) -> None:
         """Restarts the measurement at the current step and time."""
-        self.last_iteration = _read_step(self.step)
+        self.last_iteration = _read_step(self.step) if current_step is None else current_step
         self.last_time = time.perf_counter()
 
-    def steps_per_second(self, restart: bool = True) -> float:
+    def steps_per_second(self, restart: bool = True, current_step: int | None = None) -> float:
         """Steps per second since the last `start()`."""
-        elapsed = time.perf_counter() - self.last_time
-        value = (_read_step(self.step) - self.last_iteration) / max(elapsed, 1e-12)
+        now = time.perf_counter()
+        step = _read_step(self.step) if current_step is None else current_step
+        value = (step - self.last_iteration) / max(now - self.last_time, 1e-12)
         if restart:
-            self.start()
+            self.last_iteration, self.last_time = step, now
         return value
 
 
@@ -393,10 +399,10 @@ class Controller:
                 while steps == -1 or current_step < steps:
                     loop_steps = self.steps_per_loop
                     num_steps = loop_steps if steps == -1 else min(steps - current_step, loop_steps)
-                    advanced = self._train_n_steps(num_steps)
+                    new_step = self._train_n_steps(num_steps, current_step)
+                    advanced, current_step = new_step - current_step, new_step
                     self._maybe_save_checkpoint()
                     self._stop_if_preempted()
-                    current_step = _read_step(self.global_step)
                     if advanced < num_steps:
                         _log.info(
                             "train | step: %6d | the data ended after %d of %d steps of the "
@@ -587,17 +593,17 @@ class Controller:
 
     # ----------------------------------------------------------------- private
 
-    def _train_n_steps(self, num_steps: int) -> int:
-        """Runs one inner loop; returns how far the global step advanced."""
+    def _train_n_steps(self, num_steps: int, current_step: int) -> int:
+        """Runs one inner loop from `current_step`; returns the global step after it."""
         assert self.trainer is not None
         if self.step_timer is None:
             self.step_timer = StepTimer(self.global_step)
         # Time the inner loop alone: checkpoints and summaries are not training speed.
-        self.step_timer.start()
-        current_step = _read_step(self.global_step)
+        self.step_timer.start(current_step)
         raw_output = self.trainer.train(num_steps)
         _nest.check_output(raw_output, "trainer.train")
         new_step = _read_step(self.global_step)
+        steps_per_second = self.step_timer.steps_per_second(current_step=new_step)
         advanced = new_step - current_step
         if advanced == 0 and num_steps != 0:
             _log.warning(MSG_STEP_NOT_ADVANCED.format(num_steps=num_steps, step=current_step))
@@ -613,7 +619,6 @@ class Controller:
         for action in self.train_actions:
             action(raw_output)
         output: dict[str, Any] = dict(_nest.map_output(_nest.to_numpy_leaf, raw_output))
-        steps_per_second = self.step_timer.steps_per_second()
         target = self._train_target
         _log.info(
             "train | step: %6d | steps/sec: %6.1f | ETA %s | output: %s",
@@ -624,9 +629,12 @@ class Controller:
         )
         if self._summary_due(current_step, new_step):
             output["steps_per_second"] = steps_per_second
-            self.summary_manager.write_summaries(output)
+            self.summary_manager.write_summaries(output, step=new_step)
             self.summary_manager.flush()
-        return advanced
+        if self.train_actions:
+            # An action may move the step (a restore, say): the loop goes on from there.
+            new_step = _read_step(self.global_step)
+        return new_step
 
     def _summary_due(self, old_step: int, new_step: int) -> bool:
         interval = self.summary_interval
