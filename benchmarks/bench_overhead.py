@@ -4,8 +4,8 @@ For each backend (each in its own process) the MLP example's trainer
 (`looproto.examples.mlp`) runs in two ways, interleaved round by round: `trainer.train(n)`
 called once per inner loop, and one `Controller.train` call over as many loops of the
 same trainer, which logs, writes summaries every loop and checks its checkpoint
-interval. A round covers at least 500 steps. The paired ratio of the two is what the outer loop costs at that
-`steps_per_loop`.
+interval. A round covers at least 500 steps. The paired ratio of the two is what the
+outer loop costs at that `steps_per_loop`.
 
     python benchmarks/bench_overhead.py [--smoke] [--json PATH] [--backends numpy,jax,...]
 """
