@@ -1,0 +1,116 @@
+"""The TensorFlow backend: Orbit's `tf.function` + `tf.while_loop` inner loop.
+
+Discovery finds `tf.Variable`s (distributed ones included), Keras 3 variables on
+the TensorFlow backend, and the variables inside a `tf.Module`, a Keras layer or
+model, or a Keras optimizer held as a module attribute. `Module.name_scope`
+enters `tf.name_scope`, so a `tf.Variable` made in a module's scope is named
+like `my_module/Variable:0`.
+
+The inner loop (`make_loop`) has three forms, picked by `LoopOptions`:
+
+* `compile_loop` (the default): one `tf.function` whose body is
+  `for _ in tf.range(num_steps)` -- a `tf.while_loop` -- that pulls each batch
+  from the `tf.data` iterator inside the graph and runs the step on it, through
+  `strategy.run` under a multi-replica strategy. `num_steps` enters as an int64
+  tensor, so a new step count does not retrace. This is Orbit's
+  `create_tf_while_loop_fn`, and the path `TPUStrategy` needs.
+* `compile_step` only (and always when a `reduce_fn` folds outputs into Python
+  state): one `tf.function` call per step from a Python loop.
+* neither: the step runs eagerly, as plain Python (for debugging).
+
+In the compiled forms looproto pulls one batch per step (one `next()` per
+iterator) and hands the step an iterator that yields exactly that batch. That is
+what lets the loop count the steps that really ran when the data ends (the loop
+stops cleanly and reports them), run the step per replica, and compile the step
+with XLA.
+
+A Python iterator (not `tf.data`) whose batches are arrays -- a
+`looproto.data.ArrayDataset`'s, say -- runs in the compiled form too: the loop
+pulls its `num_steps` batches on the host, stacks them, and one `tf.function`
+call runs a `tf.while_loop` over the stacked steps (the JAX backend's `data="stack"`).
+A new step count does not retrace; a new batch shape traces once. Other Python
+iterators run one `tf.function` call per step (see the `data` option).
+
+NumPy `looproto.Variable`s of the module (the global step from
+`looproto.create_global_step()`, a model written against the array API, see
+`looproto.portable`) are *lifted* while a loop runs: each is bound to a
+`tf.Variable` twin, loaded with its value before the loop; inside the step
+`.value` reads the twin and `assign` writes through to it, so the compiled step
+updates it on every step; after the loop the values go back into the Variables
+as NumPy arrays of their own dtype. This is what the JAX and PyTorch backends do
+with such Variables, and it keeps checkpoints of one tree whatever backend wrote them.
+(Not under a multi-replica strategy: there, state the step updates must be
+`tf.Variable`s created under `strategy.scope()`, with the `aggregation` they need.)
+
+`value_and_grad(fn, module)` differentiates `fn()` with respect to the module's
+trainable variables on a `tf.GradientTape`, keyed by variable path, like the JAX
+and PyTorch backends' helpers; `array_namespace()` is the Python array API on
+TensorFlow tensors (`tf.experimental.numpy` plus the standard names it lacks).
+
+Backend options (`StandardTrainerOptions(backend_options={...})`):
+
+* `strategy`: a `tf.distribute.Strategy`. Default: `tf.distribute.get_strategy()`
+  when the loop is built (the strategy whose `scope()` is active, else the
+  default strategy).
+* `wrap_strategy_run` (default True): under a multi-replica strategy, run the
+  step once per replica with `strategy.run` and reduce its outputs. False: call
+  the step in cross-replica context, Orbit's convention, where the step calls
+  `strategy.run` itself.
+* `output_reduction` (default `"mean"`): how per-replica step outputs are
+  combined: `"mean"`, `"sum"` (`strategy.reduce`), `"first"` (the first local
+  replica's value) or `"concat"` (`strategy.gather` along axis 0).
+* `jit_compile` (default None): compile the step with XLA.
+* `reduce_retracing` (default False): passed to every `tf.function`.
+* `data` (default `"auto"`): how a Python iterator's batches reach the compiled
+  loop. `"stack"`: pulled and stacked on the host, all steps in one call;
+  `"step"`: one `tf.function` call per step, its batch pulled in Python;
+  `"auto"`: `"stack"` for `looproto.data.ArrayDataset` iterators, else `"step"`.
+  (`tf.data` iterators are always read inside the graph.)
+"""
+
+from __future__ import annotations
+
+# The package's modules, one concept each (see each module's docstring):
+#   backend.py      `TensorflowBackend`, the `looproto.backends.Backend` of this package
+#   options.py      the `backend_options` and their validation
+#   variables.py    `tf.Variable` and Keras 3 variable discovery
+#   lifting.py      NumPy `looproto.Variable`s bound to `tf.Variable` twins while a loop
+#                   runs; importing it registers the `Variable` assign hook (once)
+#   side_effects.py Python state a compiled step changes at trace time
+#   batches.py      how the loop pulls batches from (nested) iterators
+#   loop.py         `TensorflowLoop`, the inner loop `make_loop` builds
+#   gradients.py    `value_and_grad` and `grad` over a module's variables
+#   array_api.py    `array_namespace`, the Python array API on TensorFlow tensors
+#   checkpoints.py  `tf.data` iterator positions in checkpoints
+#   multi_worker.py `MultiWorkerMirroredStrategy`: the engine and `distribute_dataset`
+from looproto.backends.tensorflow.array_api import array_namespace
+from looproto.backends.tensorflow.backend import TensorflowBackend
+from looproto.backends.tensorflow.checkpoints import TfDataIteratorState, iterator_state
+from looproto.backends.tensorflow.gradients import grad, value_and_grad
+from looproto.backends.tensorflow.loop import TensorflowLoop
+from looproto.backends.tensorflow.multi_worker import (
+    TensorflowEngine,
+    distribute_dataset,
+    initialize_distributed,
+)
+from looproto.backends.tensorflow.side_effects import (
+    MSG_TRACE_SIDE_EFFECT as MSG_TRACE_SIDE_EFFECT,
+)
+from looproto.backends.tensorflow.side_effects import TraceSideEffectWarning
+
+__all__ = [
+    "BACKEND",
+    "TensorflowBackend",
+    "TensorflowEngine",
+    "TensorflowLoop",
+    "TfDataIteratorState",
+    "TraceSideEffectWarning",
+    "array_namespace",
+    "distribute_dataset",
+    "grad",
+    "initialize_distributed",
+    "iterator_state",
+    "value_and_grad",
+]
+
+BACKEND = TensorflowBackend()
