@@ -22,6 +22,8 @@ import looproto  # noqa: E402
 from looproto import backends, testing  # noqa: E402
 from looproto.backends import LoopOptions  # noqa: E402
 from looproto.backends import torch as torch_backend  # noqa: E402
+from looproto.backends.torch import device as torch_device  # noqa: E402
+from looproto.backends.torch import loop as torch_loop  # noqa: E402
 from looproto.data import ArrayDataset  # noqa: E402
 from looproto.errors import (  # noqa: E402
     BackendNotAvailableError,
@@ -825,9 +827,9 @@ def test_xla_path_marks_each_step_and_fetches_once(monkeypatch: Any) -> None:
     monkeypatch.setitem(sys.modules, "torch_xla.core.xla_model", core.xla_model)  # type: ignore[attr-defined]
     # The XLA device ops, on CPU tensors standing in for XLA ones.
     monkeypatch.setattr(
-        torch_backend,
+        torch_loop,
         "_device_ops",
-        lambda device, mode: torch_backend._XlaOps(device),
+        lambda device, mode: torch_device._XlaOps(device),
     )
     trainer = Trainer(
         ArrayDataset(make_data(), 8, epochs=None), options=options(False, nan_check=True)
@@ -839,10 +841,10 @@ def test_xla_path_marks_each_step_and_fetches_once(monkeypatch: Any) -> None:
 
 
 def test_reduce_overhead_on_cuda_marks_cudagraph_steps() -> None:
-    ops = torch_backend._device_ops(torch.device("cuda", 0), "reduce-overhead")
+    ops = torch_device._device_ops(torch.device("cuda", 0), "reduce-overhead")
     assert ops.cudagraph_steps
-    assert not torch_backend._device_ops(torch.device("cuda", 0), None).cudagraph_steps
-    assert not torch_backend._device_ops(torch.device("cpu"), "reduce-overhead").cudagraph_steps
+    assert not torch_device._device_ops(torch.device("cuda", 0), None).cudagraph_steps
+    assert not torch_device._device_ops(torch.device("cpu"), "reduce-overhead").cudagraph_steps
 
 
 def test_the_loop_accepts_any_iterable_of_batches() -> None:
