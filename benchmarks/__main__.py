@@ -127,7 +127,8 @@ def report(results: dict[str, Any], smoke: bool) -> str:
     parts = [
         f"# looproto benchmarks{' (smoke run: not measurements)' if smoke else ''}",
         "",
-        f"{date}; {_machine()}; {versions}.",
+        f"{date}; {_machine()}; {versions}; "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}.",
         "",
         "Ratios are paired (within a round) medians against the hand-written best loop of the "
         "same framework, in the same process: "
@@ -227,7 +228,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"\n## {name}\n", flush=True)
         cmd = [sys.executable, script, "--json", json_path] + (["--smoke"] if args.smoke else [])
+        # One BLAS/OpenMP thread unless told otherwise: with 2 threads on 2 shared cores the
+        # compute-bound workload's spread grows from ~4% to ~30%.
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+        env.setdefault("OMP_NUM_THREADS", "1")
         if subprocess.run(cmd, check=False, env=env).returncode:
             print(f"{name} failed", flush=True)
             failures += 1
