@@ -153,6 +153,7 @@ def test_handlers_are_installed_only_during_train_and_restored_after(tmp_path: P
         pass
 
     previous = signal.signal(signal.SIGTERM, mine)
+    sigint_before = signal.getsignal(signal.SIGINT)
     try:
         runner = SlowRunner()
         controller = make_controller(tmp_path, runner)
@@ -163,9 +164,26 @@ def test_handlers_are_installed_only_during_train_and_restored_after(tmp_path: P
         with pytest.raises(Preempted):
             controller.train(20)
         assert signal.getsignal(signal.SIGTERM) is mine
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGINT) is sigint_before
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_an_ignored_signal_stays_ignored(tmp_path: Path) -> None:
+    # A shell starts a background job with SIGINT ignored: training must not undo that.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        seen: list[Any] = []
+        runner = SlowRunner()
+        controller = make_controller(
+            tmp_path, runner, train_actions=[lambda _: seen.append(signal.getsignal(signal.SIGINT))]
+        )
+        controller.train(4)
+        assert seen and all(handler is signal.SIG_IGN for handler in seen)
+        assert runner.handler_seen is preemption._handle  # SIGTERM is still handled
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_preemption_signals_none_installs_nothing_but_request_still_stops(tmp_path: Path) -> None:

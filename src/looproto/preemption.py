@@ -235,7 +235,8 @@ def watch(signals: Iterable[int] | None = DEFAULT_SIGNALS) -> Iterator[None]:
     """Handles `signals` as preemption requests for the duration of the block.
 
     The previous handlers are restored on exit. Nested blocks keep the outermost
-    block's handlers. In a thread other than the main one, Python cannot install
+    block's handlers. A signal the process ignores (`SIG_IGN`, as a shell sets SIGINT
+    for a background job) stays ignored. In a thread other than the main one, Python cannot install
     signal handlers: the block then installs nothing (a signal has its usual
     effect), and only `request()` can stop training.
 
@@ -261,11 +262,17 @@ def watch(signals: Iterable[int] | None = DEFAULT_SIGNALS) -> Iterator[None]:
         yield
         return
     previous = {int(sig): signal.getsignal(sig) for sig in wanted}
+    # An ignored signal stays ignored, as Python leaves an ignored SIGINT alone at
+    # start-up: a shell starts background jobs with SIGINT ignored, for instance.
+    ignored = [number for number, handler in previous.items() if handler is signal.SIG_IGN]
+    if ignored:
+        _log.debug("Signals %s are ignored by this process: left as they are.", ignored)
     _State.received = 0
     _State.depth = 1
     try:
         for sig in wanted:
-            signal.signal(sig, _handle)
+            if int(sig) not in ignored:
+                signal.signal(sig, _handle)
         yield
     finally:
         _State.depth = 0
