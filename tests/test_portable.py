@@ -141,6 +141,32 @@ def test_value_and_grad_delegates_to_the_backend_keyed_by_path() -> None:
     assert aux == 7
 
 
+@pytest.mark.parametrize("backend", ["jax", "torch", "tensorflow"])
+def test_has_aux_needs_a_loss_aux_pair_on_every_backend(backend: str) -> None:
+    framework = pytest.importorskip(backend)
+    module, _ = _quadratic()
+    # Outside a loop each backend differentiates its own framework's variables.
+    w = np.array([1.0, 2.0], np.float32)
+    module.w = {
+        "jax": lambda: looproto.Variable(framework.numpy.asarray(w), name="w"),
+        "torch": lambda: looproto.Variable(framework.tensor(w), name="w"),
+        "tensorflow": lambda: framework.Variable(w, name="w"),
+    }[backend]()
+
+    def loss() -> Any:
+        x = framework.identity(module.w) if backend == "tensorflow" else module.w.value
+        return portable.array_namespace(x).sum(x**2)
+
+    (value, aux), grads = portable.value_and_grad(
+        lambda: (loss(), "aux"), module, backend=backend, has_aux=True
+    )
+    assert aux == "aux"
+    assert float(value) == 5.0
+    np.testing.assert_allclose(np.asarray(grads["w"]), [2.0, 4.0])
+    with pytest.raises(ProtocolError, match=r"must return `\(loss, aux\)`; received"):
+        portable.value_and_grad(loss, module, backend=backend, has_aux=True)
+
+
 # ----------------------------------------------------------------------------
 # Optimizers, on NumPy arrays (the same code runs on every framework's arrays)
 

@@ -43,10 +43,12 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from looproto.errors import ProtocolError, value_repr
+
 if TYPE_CHECKING:
     from looproto.module import Module
 
-__all__ = ["Backend", "Loop", "LoopOptions", "ReduceFn", "StepFn"]
+__all__ = ["Backend", "Loop", "LoopOptions", "ReduceFn", "StepFn", "split_aux"]
 
 StepFn = Callable[[Any], Any]
 """One step: takes the data iterator, returns the step's outputs (or None)."""
@@ -148,3 +150,18 @@ class Backend(Protocol):
             options: See `LoopOptions`.
         """
         ...
+
+
+def split_aux(out: Any, has_aux: bool) -> tuple[Any, Any]:
+    """`(loss, aux)` of what a `value_and_grad` function returned (`aux` None without aux).
+
+    Raises:
+        ProtocolError: `has_aux` is set and `out` is not a `(loss, aux)` pair.
+    """
+    if not has_aux:
+        return out, None
+    if not isinstance(out, tuple) or len(out) != 2:
+        raise ProtocolError(
+            f"With `has_aux=True`, `fn` must return `(loss, aux)`; received {value_repr(out)}."
+        )
+    return out

@@ -14,9 +14,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from looproto.backends.base import split_aux
 from looproto.backends.jax.binding import _bound
 from looproto.backends.jax.variables import _module_variables
-from looproto.errors import ProtocolError, value_repr
 from looproto.module import Variable
 
 # ----------------------------------------------------------------------------
@@ -62,15 +62,7 @@ def value_and_grad(
                 new if new is not old else None
                 for new, old in zip((v._value for v in variables), before)
             ]
-        if has_aux:
-            if not isinstance(out, tuple) or len(out) != 2:
-                raise ProtocolError(
-                    f"With `has_aux=True`, `fn` must return `(loss, aux)`; received "
-                    f"{value_repr(out)}."
-                )
-            loss, aux = out
-        else:
-            loss, aux = out, None
+        loss, aux = split_aux(out, has_aux)
         return loss, (aux, updates)
 
     (loss, (aux, updates)), grads = jax.value_and_grad(pure, has_aux=True)(params)

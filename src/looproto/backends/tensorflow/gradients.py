@@ -14,6 +14,7 @@ from typing import Any
 
 import tensorflow as tf
 
+from looproto.backends.base import split_aux
 from looproto.backends.tensorflow.lifting import _bound_twin
 from looproto.backends.tensorflow.variables import _is_keras_variable
 from looproto.errors import ProtocolError, value_repr
@@ -86,14 +87,7 @@ def value_and_grad(
     with tf.GradientTape(watch_accessed_variables=False) as tape:
         tape.watch(targets)
         out = fn()
-    if has_aux:
-        if not isinstance(out, tuple) or len(out) != 2:
-            raise ProtocolError(
-                f"With `has_aux=True`, `fn` must return `(loss, aux)`; received {value_repr(out)}."
-            )
-        loss, aux = out
-    else:
-        loss, aux = out, None
+    loss, aux = split_aux(out, has_aux)
     if not tf.is_tensor(loss) or loss.shape.num_elements() != 1:
         raise ProtocolError(f"`fn` must return a scalar loss tensor; received {value_repr(loss)}.")
     grads = tape.gradient(loss, targets, unconnected_gradients=tf.UnconnectedGradients.ZERO)

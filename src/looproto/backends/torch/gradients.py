@@ -18,6 +18,7 @@ except ImportError:  # pragma: no cover - array-api-compat is in looproto's `por
     _array_api = None  # type: ignore[assignment]
 
 from looproto import _nest
+from looproto.backends.base import split_aux
 from looproto.backends.torch.discovery import _shallow_walk
 from looproto.backends.torch.tensors import _tensor_of
 from looproto.errors import BackendNotAvailableError, ProtocolError, value_repr
@@ -92,14 +93,7 @@ def value_and_grad(
         for variable, old, leaf in bound:
             # Keep what `fn` assigned; undo only our binding.
             variable._value = old if variable._value is leaf else variable._value.detach()
-    if has_aux:
-        if not isinstance(out, tuple) or len(out) != 2:
-            raise ProtocolError(
-                f"With `has_aux=True`, `fn` must return `(loss, aux)`; received {value_repr(out)}."
-            )
-        loss, aux = out
-    else:
-        loss, aux = out, None
+    loss, aux = split_aux(out, has_aux)
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise ProtocolError(f"`fn` must return a scalar loss tensor; received {value_repr(loss)}.")
     grads = torch.autograd.grad(loss, leaves, allow_unused=True) if leaves else ()
