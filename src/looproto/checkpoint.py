@@ -40,16 +40,10 @@ orbax (and through it JAX) is imported only when a manager is created.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
-import re
-import shutil
-import sys
-import threading
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
@@ -57,55 +51,52 @@ from typing import Any
 import numpy as np
 
 from looproto import distributed
-from looproto.errors import CheckpointError, ConfigError, value_repr
-from looproto.module import (
-    assign_variable,
-    framework_backends,
-    variable_to_numpy,
-    variables_by_path,
+from looproto._checkpoint_exit import _PENDING, _wait_at_exit
+from looproto._checkpoint_files import (
+    _STEP_NAME,
+    _committed_steps,
+    _delete_step,
+    _quarantine,
+    _remove_deleting_leftovers,
 )
+from looproto._checkpoint_processes import (
+    _agree_on_restore,
+    _check_replicas_agree,
+    _share_save_outcome,
+    _writes_checkpoints,
+)
+from looproto._checkpoint_state import (
+    _FORMAT,
+    _FORMAT_VERSION,
+    _check_arrays,
+    _check_matches,
+    _CorruptCheckpointError,
+    _crc32,
+    _is_generator,
+    _is_stateful,
+    _json_crc32,
+    _parse_meta,
+    _state_adapter,
+    _to_json,
+    _write_all,
+)
+from looproto.errors import CheckpointError, ConfigError, value_repr
+from looproto.module import variable_to_numpy, variables_by_path
 
 __all__ = ["CheckpointManager", "checkpoints_iterator", "latest_step", "read_metadata"]
 
 _log = logging.getLogger("looproto")
 
-_FORMAT = "looproto.checkpoint"
-_FORMAT_VERSION = 1
 _STATE_ITEM = "state"
 _META_ITEM = "meta"
-_STEP_NAME = re.compile(r"[0-9]+")
 # Dtype kinds orbax/tensorstore cannot store: objects, strings, bytes.
 _UNSUPPORTED_KINDS = frozenset("OUS")
 # Exceptions orbax/tensorstore raise for unreadable checkpoints (KeyError: a missing item).
 _READ_ERRORS = (ValueError, KeyError, TypeError, OSError)
-# Names a deleted step is renamed to before its files go, and a damaged one is moved to.
-_DELETING = ".looproto-deleting"
-_CORRUPTED = ".corrupted-"
-# Markers of non-JSON values inside object states (a grain iterator's bytes, the
-# torch tensors of a torchdata loader's sampler state).
-_BYTES_KEY = "__looproto_bytes__"
-_TENSOR_KEY = "__looproto_tensor__"
-
-
-class _CorruptCheckpointError(CheckpointError):
-    """A checkpoint on disk is unreadable or fails its integrity checks."""
 
 
 # ----------------------------------------------------------------------------
-# Listing committed steps (no orbax import: plain directory listing)
-
-
-def _committed_steps(directory: str) -> list[int]:
-    """Steps with a committed `<directory>/<step>/` directory, ascending."""
-    try:
-        names = os.listdir(directory)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    return sorted(
-        int(name)
-        for name in names
-        if _STEP_NAME.fullmatch(name) and os.path.isdir(os.path.join(directory, name))
-    )
+# Reading a checkpoint directory (no orbax import but in `read_metadata`)
 
 
 def latest_step(directory: str | os.PathLike[str]) -> int | None:
@@ -213,266 +204,6 @@ def _wait_for_new_checkpoint(directory: str, last: str | None, timeout: float | 
         if remaining <= 0:
             return None
         time.sleep(min(poll, remaining))
-
-
-# ----------------------------------------------------------------------------
-# What is saved
-
-
-def _is_generator(obj: Any) -> bool:
-    return isinstance(obj, np.random.Generator)
-
-
-class _StateDictAdapter:
-    """The iterator-state protocol on `state_dict()`/`load_state_dict()` (torchdata)."""
-
-    def __init__(self, obj: Any) -> None:
-        self._obj = obj
-
-    def get_state(self) -> Any:
-        return self._obj.state_dict()
-
-    def set_state(self, state: Any) -> None:
-        self._obj.load_state_dict(state)
-
-
-_warned_unrestorable: set[type] = set()
-
-
-def _torchdata_adapter(obj: Any) -> Any:
-    """Adapts torchdata's `StatefulDataLoader` and its iterators, without importing torch.
-
-    Only torchdata's classes: `torch.nn.Module` and optimizers have `state_dict` too,
-    and their state is variables, not a data position.
-    """
-    if not type(obj).__module__.startswith("torchdata."):
-        return None
-    if not callable(getattr(obj, "state_dict", None)):
-        return None
-    if callable(getattr(obj, "load_state_dict", None)):
-        return _StateDictAdapter(obj)
-    if type(obj) not in _warned_unrestorable:
-        _warned_unrestorable.add(type(obj))
-        # A multi-worker iterator can only be restored through its loader, when the
-        # loader is next iterated; an iterator created before the restore starts over.
-        _log.warning(
-            "The position of a %s cannot be restored in place; a resumed run starts it "
-            "over. Checkpoint the `StatefulDataLoader` and call `iter()` on it after "
-            "restoring, or use `num_workers=0`.",
-            type(obj).__name__,
-        )
-    return None
-
-
-def _state_adapter(obj: Any) -> Any:
-    """What saves `obj`'s position: its backend's adapter, or `obj` itself, or None.
-
-    A framework's objects are adapted by their backend first (optional
-    `Backend.iterator_state(obj)`, e.g. for `tf.data` iterators), since a framework
-    object with `get_state()` (a `torch.Generator`) may return framework values;
-    then torchdata's loaders; then any object following the iterator-state protocol
-    (callable `get_state()` and `set_state(state)`), such as grain's iterators and
-    `looproto.data.ArrayIterator`. None when `obj` has no position to save.
-    """
-    if isinstance(obj, type):
-        return None
-    for backend in framework_backends(obj):
-        adapt = getattr(backend, "iterator_state", None)
-        adapter = adapt(obj) if adapt is not None else None
-        if adapter is not None:
-            return adapter
-    adapter = _torchdata_adapter(obj)
-    if adapter is not None:
-        return adapter
-    if callable(getattr(obj, "get_state", None)) and callable(getattr(obj, "set_state", None)):
-        return obj
-    return None
-
-
-def _is_stateful(obj: Any) -> bool:
-    return _is_generator(obj) or _state_adapter(obj) is not None
-
-
-def _to_json(value: Any, where: str) -> Any:
-    """`value` with NumPy scalars/arrays and tuples turned into JSON types.
-
-    Raises:
-        CheckpointError: Something is left that JSON cannot hold.
-    """
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (bytes, bytearray)):
-        return {_BYTES_KEY: base64.b64encode(bytes(value)).decode("ascii")}
-    if type(value).__module__.partition(".")[0] == "torch" and hasattr(value, "numpy"):
-        array = np.ascontiguousarray(value.detach().cpu().numpy())
-        return {
-            _TENSOR_KEY: {
-                "dtype": str(array.dtype),
-                "shape": list(array.shape),
-                "data": base64.b64encode(array.tobytes()).decode("ascii"),
-            }
-        }
-    if isinstance(value, (list, tuple)):
-        return [_to_json(item, where) for item in value]
-    if isinstance(value, dict):
-        converted: dict[str, Any] = {}
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise CheckpointError(
-                    f"The state of {where!r} has a dict key {key!r} of type "
-                    f"{type(key).__name__}; expected string keys (JSON objects)."
-                )
-            converted[key] = _to_json(item, where)
-        return converted
-    raise CheckpointError(
-        f"The state of {where!r} holds {value_repr(value)} of type {type(value).__name__}; "
-        "expected JSON data (None, bool, int, float, str, lists, dicts with string keys, "
-        "NumPy scalars or arrays, bytes, torch tensors)."
-    )
-
-
-def _from_json(value: Any, where: str) -> Any:
-    """Undoes `_to_json`'s markers for bytes and torch tensors."""
-    if isinstance(value, list):
-        return [_from_json(item, where) for item in value]
-    if not isinstance(value, dict):
-        return value
-    if len(value) == 1 and _BYTES_KEY in value:
-        return base64.b64decode(value[_BYTES_KEY])
-    if len(value) == 1 and _TENSOR_KEY in value:
-        spec = value[_TENSOR_KEY]
-        torch = sys.modules.get("torch")
-        if torch is None:
-            raise CheckpointError(
-                f"The state of {where!r} holds a torch tensor, but torch is not imported."
-            )
-        array = np.frombuffer(base64.b64decode(spec["data"]), dtype=np.dtype(spec["dtype"]))
-        return torch.from_numpy(array.reshape(spec["shape"]).copy())
-    return {key: _from_json(item, where) for key, item in value.items()}
-
-
-def _crc32(array: np.ndarray[Any, Any]) -> int:
-    raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-    return zlib.crc32(raw.data)
-
-
-def _spec_text(shape: Any, dtype: Any) -> str:
-    return f"shape={tuple(shape)} dtype={dtype}"
-
-
-def _live_spec(variable: Any) -> tuple[tuple[int, ...], str]:
-    """Shape and NumPy dtype name of a live variable, without copying when possible."""
-    try:
-        return tuple(int(d) for d in variable.shape), str(np.dtype(variable.dtype))
-    except (AttributeError, TypeError):
-        array = variable_to_numpy(variable)
-        return tuple(array.shape), str(array.dtype)
-
-
-def _as_int(value: Any) -> int:
-    try:
-        return int(value)
-    except TypeError:
-        return int(variable_to_numpy(value))
-
-
-def _is_positive_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and bool(value > 0)
-
-
-def _check_directory(directory: Any) -> str:
-    try:
-        path = os.fspath(directory)
-    except TypeError:
-        path = None
-    if not isinstance(path, str) or not path:
-        raise ConfigError(
-            "`directory` must be a non-empty path (a str or an `os.PathLike` of one); "
-            f"received directory={value_repr(directory)}."
-        )
-    return os.path.abspath(path)
-
-
-# ----------------------------------------------------------------------------
-# Changing the directory: deleting and setting aside steps, atomically
-
-
-def _delete_step(directory: str, step: int) -> None:
-    """Deletes `<directory>/<step>`: renamed away first, so it vanishes in one step."""
-    trash = os.path.join(directory, f".{step}{_DELETING}")
-    try:
-        os.rename(os.path.join(directory, str(step)), trash)
-    except FileNotFoundError:
-        return
-    except OSError as err:  # e.g. a leftover of a crashed deletion of the same step
-        _log.warning("Could not delete checkpoint %d in %s: %s", step, directory, err)
-        return
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def _remove_deleting_leftovers(directory: str) -> None:
-    """Finishes deletions a crash interrupted (they are invisible already)."""
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return
-    for name in names:
-        if name.startswith(".") and name.endswith(_DELETING):
-            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
-
-
-def _quarantine(directory: str, step: int) -> str | None:
-    """Renames a damaged step to `<step>.corrupted-<time>`; returns the new path."""
-    target = os.path.join(directory, f"{step}{_CORRUPTED}{int(time.time())}")
-    suffix = 0
-    while os.path.exists(target):
-        suffix += 1
-        target = os.path.join(directory, f"{step}{_CORRUPTED}{int(time.time())}-{suffix}")
-    try:
-        os.rename(os.path.join(directory, str(step)), target)
-    except OSError:  # already gone (deleted by another process), or read-only
-        return None
-    return target
-
-
-# ----------------------------------------------------------------------------
-# Async saves survive a normal interpreter exit
-
-# Managers with an asynchronous save under way. Strong references: the save must
-# finish even if its manager is no longer referenced.
-_PENDING: set[CheckpointManager] = set()
-_exit_hook_installed = False
-
-
-def _wait_at_exit(manager: CheckpointManager) -> None:
-    """Makes interpreter shutdown wait for `manager`'s pending save."""
-    global _exit_hook_installed
-    _PENDING.add(manager)
-    if _exit_hook_installed:
-        return
-    # `atexit` is too late: concurrent.futures shuts its executors down first and
-    # orbax's commit then fails. Hooks registered here run before that, newest first
-    # (so after-registering is enough), when the main thread finishes.
-    register = getattr(threading, "_register_atexit", None)
-    if register is None:  # pragma: no cover - Python < 3.9 or another implementation
-        return
-    try:
-        register(_finish_pending_saves)
-    except RuntimeError:  # the interpreter is already shutting down
-        return
-    _exit_hook_installed = True
-
-
-def _finish_pending_saves() -> None:
-    for manager in list(_PENDING):
-        try:
-            manager.sync()
-        except Exception as err:  # an exit hook must not raise: report and go on
-            _log.error("An asynchronous checkpoint save failed at exit: %s", err)
 
 
 class CheckpointManager:
@@ -1013,233 +744,28 @@ class CheckpointManager:
 
 
 # ----------------------------------------------------------------------------
-# Multi-process runs (see `looproto.distributed`)
+# Checking the manager's arguments
 
 
-def _writes_checkpoints() -> bool:
-    """Whether this process calls orbax's save.
-
-    Under JAX every process does (orbax sees the processes and decides who writes
-    what). Under torch and TensorFlow orbax cannot see the other processes, so only
-    the chief writes; the others wait for it in `_share_save_outcome`.
-    """
-    engine = distributed.engine()
-    return engine is None or engine.collective_checkpoints or engine.process_index == 0
-
-
-def _check_replicas_agree(meta: dict[str, Any], step: int) -> None:
-    """Every process holds the same values: a checkpoint keeps one copy of each."""
-    values: dict[str, Any] = {path: spec["crc32"] for path, spec in meta["tree"].items()}
-    objects = json.dumps(meta["objects"], sort_keys=True).encode()
-    values["<object states>"] = zlib.crc32(objects)
-    values["<step>"] = step
-    distributed.check_same(
-        values,
-        f"the values of checkpoint {step} (CRC-32 of each array)",
-        hint=(
-            "A checkpoint holds one copy of every variable, so every process must hold the "
-            "same values (data-parallel replicas); per-process state cannot be checkpointed. "
-            "Nothing was written."
-        ),
-    )
-
-
-def _share_save_outcome(step: int, error: str | None) -> None:
-    """Waits for the chief's save (torch, TensorFlow) and fails if it failed."""
-    outcomes = distributed.all_gather(error, f"the end of checkpoint {step}")
-    if not distributed.is_chief() and outcomes[0] is not None:
-        raise CheckpointError(f"Process 0 failed to save checkpoint {step}: {outcomes[0]}")
-
-
-def _agree_on_restore(step: int | None) -> None:
-    if distributed.process_count() > 1:
-        chosen = -1 if step is None else step
-        distributed.check_same(
-            {"step": chosen},
-            "which checkpoint to restore (-1: none)",
-            hint="Every process must restore the same checkpoint; is the directory shared?",
-        )
-
-
-# ----------------------------------------------------------------------------
-# Restore checks
-
-
-def _json_crc32(meta: dict[str, Any]) -> int:
-    """CRC-32 of the canonical JSON of everything in `meta` but its own checksum."""
-    body = {key: value for key, value in meta.items() if key != "crc32"}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True)
-    return zlib.crc32(text.encode("utf-8"))
-
-
-def _parse_meta(meta: Any, where: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The array tree and object states of a JSON item, validated."""
-    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
-        raise _CorruptCheckpointError(
-            f"Checkpoint {where} has no valid looproto metadata item; received {value_repr(meta)}."
-        )
-    # Checkpoints of looproto before this checksum have none; they are checked as before.
-    if "crc32" in meta and meta["crc32"] != _json_crc32(meta):
-        raise _CorruptCheckpointError(
-            f"Checkpoint {where} has a damaged metadata item: its CRC-32 does not match "
-            f"the recorded {value_repr(meta['crc32'])}."
-        )
-    version = meta.get("version")
-    if version != _FORMAT_VERSION:
-        raise CheckpointError(
-            f"Checkpoint {where} has format version {version!r}; this looproto reads version "
-            f"{_FORMAT_VERSION}. Upgrade looproto to read it."
-        )
-    tree = meta.get("tree")
-    objects = meta.get("objects")
-    if not isinstance(tree, dict) or not isinstance(objects, dict):
-        raise _CorruptCheckpointError(f"Checkpoint {where} has a malformed metadata item.")
-    for path, spec in tree.items():
-        if not (
-            isinstance(spec, dict)
-            and isinstance(spec.get("shape"), list)
-            and isinstance(spec.get("dtype"), str)
-            and isinstance(spec.get("crc32"), int)
-        ):
-            raise _CorruptCheckpointError(
-                f"Checkpoint {where} has a malformed entry for {path!r}: {value_repr(spec)}."
-            )
-    for path, entry in objects.items():
-        if not (isinstance(entry, dict) and "state" in entry and "kind" in entry):
-            raise _CorruptCheckpointError(
-                f"Checkpoint {where} has a malformed state for {path!r}: {value_repr(entry)}."
-            )
-    return tree, objects
-
-
-def _check_matches(
-    tree: dict[str, Any],
-    objects: dict[str, Any],
-    variables: dict[str, Any],
-    live_objects: dict[str, Any],
-    where: str,
-) -> None:
-    """Raises `CheckpointError` listing every path where checkpoint and live tree differ."""
-    problems: list[str] = []
-    for path in sorted(set(variables) - set(tree)):
-        shape, dtype = _live_spec(variables[path])
-        problems.append(f"  {path!r}: not in the checkpoint (live {_spec_text(shape, dtype)})")
-    for path in sorted(set(tree) - set(variables)):
-        spec = tree[path]
-        problems.append(
-            f"  {path!r}: in the checkpoint ({_spec_text(spec['shape'], spec['dtype'])}) "
-            "but not a live variable"
-        )
-    for path in sorted(set(tree) & set(variables)):
-        spec = tree[path]
-        shape, dtype = _live_spec(variables[path])
-        if tuple(spec["shape"]) != shape or spec["dtype"] != dtype:
-            problems.append(
-                f"  {path!r}: checkpoint {_spec_text(spec['shape'], spec['dtype'])}, "
-                f"live {_spec_text(shape, dtype)}"
-            )
-    for path in sorted(set(live_objects) - set(objects)):
-        problems.append(f"  {path!r}: object state not in the checkpoint")
-    for path in sorted(set(objects) - set(live_objects)):
-        problems.append(f"  {path!r}: object state in the checkpoint but no live object")
-    for path in sorted(set(objects) & set(live_objects)):
-        live_kind = "numpy_generator" if _is_generator(live_objects[path]) else "state"
-        if objects[path]["kind"] != live_kind:
-            problems.append(
-                f"  {path!r}: checkpoint holds a {objects[path]['kind']!r} state, live object "
-                f"is a {live_kind!r}"
-            )
-    if problems:
-        raise CheckpointError(
-            f"Checkpoint {where} does not match the variables of `checkpoint` "
-            f"({len(problems)} difference(s)); nothing was restored:\n" + "\n".join(problems)
-        )
-
-
-def _set_object_state(obj: Any, state: Any, path: str | None = None) -> None:
-    """Sets `state`; from a checkpoint's JSON (`path` given) it is decoded first."""
-    if _is_generator(obj):
-        obj.bit_generator.state = state
-    else:
-        _state_adapter(obj).set_state(state if path is None else _from_json(state, path))
-
-
-def _get_object_state(obj: Any) -> Any:
-    return obj.bit_generator.state if _is_generator(obj) else _state_adapter(obj).get_state()
-
-
-def _write_all(
-    variables: dict[str, Any],
-    arrays: dict[str, Any],
-    live_objects: dict[str, Any],
-    objects: dict[str, Any],
-    where: str,
-) -> None:
-    """Writes a checked checkpoint into the live tree; undoes it all if any write fails.
-
-    A write can fail although the tree matched: an object may refuse a state of the
-    same kind but another type (an `ArrayIterator` handed a `tf.data` iterator's state,
-    from a checkpoint of another backend's pipeline; a Generator whose bit generator
-    changed). Object states go first (small, and the likeliest to refuse); each
-    variable's value is kept just before it is overwritten, so what was written can be
-    put back.
-
-    Raises:
-        CheckpointError: A write failed; the path and the reason are named.
-    """
-    written_objects: list[tuple[Any, Any]] = []
-    written_variables: list[tuple[Any, Any]] = []
-    current, rejected = "", ""
+def _as_int(value: Any) -> int:
     try:
-        for path, obj in live_objects.items():
-            current = path
-            rejected = (
-                f"; the live object at {path!r} ({type(obj).__name__}) rejected its saved "
-                "state (was its type changed?)"
-            )
-            previous = _get_object_state(obj)
-            _set_object_state(obj, objects[path]["state"], path)
-            written_objects.append((obj, previous))
-        rejected = ""
-        for path, variable in variables.items():
-            current = path
-            previous = variable_to_numpy(variable)
-            assign_variable(variable, arrays[path])
-            written_variables.append((variable, previous))
-    except Exception as err:
-        for variable, previous in reversed(written_variables):
-            assign_variable(variable, previous)
-        for obj, previous in reversed(written_objects):
-            _set_object_state(obj, previous)
-        raise CheckpointError(
-            f"Checkpoint {where} could not be restored: writing {current!r} failed "
-            f"({type(err).__name__}: {err}){rejected}. Nothing was restored."
-        ) from err
+        return int(value)
+    except TypeError:
+        return int(variable_to_numpy(value))
 
 
-def _check_arrays(arrays: dict[str, Any], tree: dict[str, Any], where: str) -> None:
-    """Raises `_CorruptCheckpointError` unless `arrays` are exactly what `tree` records."""
-    problems: list[str] = []
-    for path in sorted(set(tree) - set(arrays)):
-        problems.append(f"  {path!r}: missing from the array data")
-    for path in sorted(set(arrays) - set(tree)):
-        problems.append(f"  {path!r}: in the array data but not in the metadata")
-    for path in sorted(set(tree) & set(arrays)):
-        spec = tree[path]
-        array = arrays[path]
-        if not isinstance(array, np.ndarray):
-            problems.append(f"  {path!r}: read back as {type(array).__name__}, not an array")
-            continue
-        if tuple(array.shape) != tuple(spec["shape"]) or str(array.dtype) != spec["dtype"]:
-            problems.append(
-                f"  {path!r}: read {_spec_text(array.shape, array.dtype)}, recorded "
-                f"{_spec_text(spec['shape'], spec['dtype'])}"
-            )
-            continue
-        crc = _crc32(array)
-        if crc != spec["crc32"]:
-            problems.append(f"  {path!r}: CRC-32 {crc} does not match the recorded {spec['crc32']}")
-    if problems:
-        raise _CorruptCheckpointError(
-            f"Checkpoint {where} is corrupted ({len(problems)} problem(s)):\n" + "\n".join(problems)
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and bool(value > 0)
+
+
+def _check_directory(directory: Any) -> str:
+    try:
+        path = os.fspath(directory)
+    except TypeError:
+        path = None
+    if not isinstance(path, str) or not path:
+        raise ConfigError(
+            "`directory` must be a non-empty path (a str or an `os.PathLike` of one); "
+            f"received directory={value_repr(directory)}."
         )
+    return os.path.abspath(path)
