@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,9 +22,34 @@ from looproto.errors import BackendNotAvailableError, ConfigError, ProtocolError
 if TYPE_CHECKING:
     from looproto.module import Module
 
-__all__ = ["BACKEND", "NumpyBackend", "array_namespace", "python_loop"]
+__all__ = ["BACKEND", "NumpyBackend", "array_namespace", "python_loop", "run_python_loop"]
 
 _log = logging.getLogger("looproto")
+
+
+def run_python_loop(
+    call: Callable[[Any], Any],
+    iterator: Any,
+    num_steps: int,
+    state: Any = None,
+    reduce_fn: ReduceFn | None = None,
+    end_of_data: tuple[type[BaseException], ...] = (StopIteration,),
+) -> tuple[Any, int]:
+    """`call(iterator)` until `num_steps` (`-1`: no limit) or one of `end_of_data` is raised.
+
+    Returns `(state, steps_run)` as a `Loop` does. Backends whose data ends with their
+    own exception (TensorFlow's `OutOfRangeError`) pass it in `end_of_data`.
+    """
+    step = 0
+    try:
+        while num_steps < 0 or step < num_steps:
+            outputs = call(iterator)
+            if reduce_fn is not None:
+                state = reduce_fn(state, outputs)
+            step += 1
+    except end_of_data:
+        _log.debug("The data iterator is exhausted after %d steps.", step)
+    return state, step
 
 
 def python_loop(step_fn: StepFn) -> Loop:
@@ -36,16 +61,7 @@ def python_loop(step_fn: StepFn) -> Loop:
     def loop(
         iterator: Any, num_steps: int, state: Any = None, reduce_fn: ReduceFn | None = None
     ) -> tuple[Any, int]:
-        step = 0
-        try:
-            while num_steps < 0 or step < num_steps:
-                outputs = step_fn(iterator)
-                if reduce_fn is not None:
-                    state = reduce_fn(state, outputs)
-                step += 1
-        except StopIteration:
-            _log.debug("The data iterator is exhausted after %d steps.", step)
-        return state, step
+        return run_python_loop(step_fn, iterator, num_steps, state, reduce_fn)
 
     return loop
 

@@ -21,7 +21,6 @@ gradients).
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -275,21 +274,12 @@ def make_controller(
         backend, seed, batch_size, optimizer=optimizer, backend_options=backend_options
     )
     evaluator = make_evaluator(trainer, seed=seed, backend_options=backend_options)
-    checkpoints = looproto.CheckpointManager(
-        os.path.join(model_dir, "checkpoints"),
+    controller = _cli.controller(
+        model_dir,
         trainer,
-        max_to_keep=3,
-        checkpoint_interval=checkpoint_interval,
-        step_counter=trainer.global_step,
-    )
-    controller = looproto.Controller(
-        trainer=trainer,
-        evaluator=evaluator,
-        global_step=trainer.global_step,
+        evaluator,
         steps_per_loop=steps_per_loop,
-        checkpoint_manager=checkpoints,
-        summary_dir=os.path.join(model_dir, "summaries", "train"),
-        eval_summary_dir=os.path.join(model_dir, "summaries", "eval"),
+        checkpoint_interval=checkpoint_interval,
     )
     return controller, trainer
 

@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from looproto import distributed
 from looproto.backends.base import LoopOptions, ReduceFn, StepFn
+from looproto.backends.numpy import run_python_loop
 from looproto.backends.tensorflow.batches import (
     _is_tf_iterator,
     _iter_leaves,
@@ -61,6 +62,11 @@ def _looproto_error_in(err: BaseException) -> LooprotoError | None:
     return None
 
 
+# What ends a per-step loop: a Python iterator's StopIteration, a tf.data iterator's
+# OutOfRangeError.
+_END_OF_DATA = (StopIteration, tf.errors.OutOfRangeError)
+
+
 def _python_loop(
     call: Callable[[Any], Any],
     iterator: Any,
@@ -69,16 +75,7 @@ def _python_loop(
     reduce_fn: ReduceFn | None,
 ) -> tuple[Any, int]:
     """`call(iterator)` until `num_steps` or the data ends (StopIteration or OutOfRange)."""
-    step = 0
-    try:
-        while num_steps < 0 or step < num_steps:
-            outputs = call(iterator)
-            if reduce_fn is not None:
-                state = reduce_fn(state, outputs)
-            step += 1
-    except (StopIteration, tf.errors.OutOfRangeError):
-        _log.debug("The data iterator is exhausted after %d steps.", step)
-    return state, step
+    return run_python_loop(call, iterator, num_steps, state, reduce_fn, _END_OF_DATA)
 
 
 class TensorflowLoop:
