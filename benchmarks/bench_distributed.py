@@ -6,7 +6,7 @@ Workload B (MLP 512->1024->1024->10, softmax cross-entropy, SGD) at a *global* b
 the gradients (torch: gloo + DistributedDataParallel; JAX: `jax.distributed` + one
 global mesh; TensorFlow: `MultiWorkerMirroredStrategy`). Each configuration runs
 `looproto`'s `StandardTrainer` in fresh worker processes launched by
-`looproto.distributed.launch`; the chief times `--steps` steps between two barriers,
+`looproto.run.launch.launch`; the chief times `--steps` steps between two barriers,
 after a warm-up loop (compilation, first collectives).
 
 A 1-process and a 2-process run cannot share one process, so rounds alternate the two
@@ -229,7 +229,7 @@ def worker(backend: str, steps: int, threads: int, out: str) -> None:
 
 
 def _run(backend: str, processes: int, steps: int, tmp: str) -> Callable[[], float]:
-    from looproto import distributed
+    from looproto.run import launch
 
     threads = max(1, (os.cpu_count() or 1) // processes)
     out = os.path.join(tmp, f"{backend}-{processes}.json")
@@ -241,7 +241,7 @@ def _run(backend: str, processes: int, steps: int, tmp: str) -> Callable[[], flo
         if processes == 1:
             code = subprocess.run(command, env=env, check=False).returncode
         else:
-            code = distributed.launch(
+            code = launch.launch(
                 command, backend=backend, num_processes=processes, timeout=120, environ=env
             )
         if code:

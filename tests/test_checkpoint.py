@@ -20,10 +20,10 @@ import pytest
 
 from looproto.checkpoint import (
     CheckpointManager,
-    _json_crc32,
     checkpoints_iterator,
     latest_step,
 )
+from looproto.checkpoint._state import json_crc32
 from looproto.data import ArrayDataset
 from looproto.errors import CheckpointError, ConfigError
 from looproto.module import Module, Variable
@@ -610,7 +610,7 @@ def test_checksum_mismatch_is_reported_as_corruption(
     meta_file = tmp_path / "2" / "meta" / "metadata"
     meta = json.loads(meta_file.read_text())
     meta["tree"]["b"]["crc32"] ^= 1
-    meta["crc32"] = _json_crc32(meta)  # a consistent JSON item: the array data differs
+    meta["crc32"] = json_crc32(meta)  # a consistent JSON item: the array data differs
     meta_file.write_text(json.dumps(meta))
     with caplog.at_level(logging.WARNING), CheckpointManager(tmp_path, model) as manager:
         with pytest.raises(CheckpointError, match=r"'b': CRC-32 \d+ does not match"):

@@ -156,7 +156,7 @@ def test_backend_from_an_installed_third_party_package_is_found(tmp_path: Path) 
         f"""
         import looproto.examples.mlp as mlp
         mlp.IMPLEMENTATIONS["echo"] = mlp.IMPLEMENTATIONS["numpy"]
-        from looproto import cli
+        from looproto.run import cli
         raise SystemExit(cli.main(["train", {str(config)!r}, "--set", "train.steps=100"]))
         """
     )

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from looproto import backends, config
+from looproto import backends
 from looproto.errors import BackendNotAvailableError, ConfigError
+from looproto.run import config
 
 FULL = """
 backend = "numpy"
@@ -125,8 +126,8 @@ def test_uninstalled_backend_names_the_extra(tmp_path: Path, monkeypatch: Any) -
             "pip install 'looproto[fancy]'"
         )
 
-    monkeypatch.setitem(backends._registered, "fancy", missing)
-    monkeypatch.delitem(backends._loaded, "fancy", raising=False)
+    monkeypatch.setattr(backends, "_entries", dict(backends._entries))
+    backends.register("fancy", missing)
     with pytest.raises(ConfigError, match=r"backend = 'fancy'.*pip install 'looproto\[fancy\]'"):
         config.load(write(tmp_path, 'backend = "fancy"\n'), environ={})
 

@@ -29,12 +29,13 @@ import numpy as np
 import pytest
 
 import looproto
-from looproto import cli, portable
+from looproto import portable
 from looproto.checkpoint import CheckpointManager, read_metadata
 from looproto.data import ArrayDataset
 from looproto.errors import CheckpointError, ConfigError
 from looproto.examples import numpy_mlp, portable_mlp
 from looproto.module import variable_to_numpy, variables_by_path
+from looproto.run import cli
 
 
 def _installed(name: str) -> bool:
@@ -146,9 +147,9 @@ def test_each_backend_runs_its_compiled_inner_loop() -> None:
         trainer.train(5)
         loop = trainer._train_loop_fn
         if backend == "jax":
-            from looproto.backends import jax as jax_backend
+            from looproto.backends.jax._loop import JaxLoop
 
-            assert isinstance(loop, jax_backend._JaxLoop) and loop._scan
+            assert isinstance(loop, JaxLoop) and loop._scan
         elif backend == "tensorflow":
             from looproto.backends import tensorflow as tf_backend
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from looproto import backends, module
+from looproto import backends
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL_PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
@@ -120,21 +120,27 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     saved_environ = dict(os.environ)
     logger = logging.getLogger("looproto")
     saved_level = logger.level
-    # The registries a page may add to (`backends.register`, `register_framework`).
-    registries: list[dict[Any, Any]] = [
-        backends._registered,
-        backends._loaded,
-        module._FRAMEWORK_BACKENDS,
-        module._backends_for_type,
+    # The registry a page may add to (`backends.register`).
+    registries: list[Any] = [
+        backends._entries,
+        backends._aliases,
+        backends._by_type,
+        backends._waiting,
+        backends.assign_hooks,
+        backends._scope_hooks,
+        backends._gates,
     ]
-    saved = [dict(registry) for registry in registries]
+    saved = [registry.copy() for registry in registries]
     yield tmp_path
     logger.setLevel(saved_level)
     os.environ.clear()
     os.environ.update(saved_environ)
     for registry, contents in zip(registries, saved):
         registry.clear()
-        registry.update(contents)
+        if isinstance(registry, dict):
+            registry.update(contents)
+        else:
+            registry.extend(contents)
 
 
 def installed(name: str) -> bool:

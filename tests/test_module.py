@@ -1,7 +1,7 @@
 """Tests of `looproto.Module`, `Variable` and name scopes.
 
 Most cases are ports of TensorFlow's `tensorflow/python/module/module_test.py`
-(the `TF#n` comments number them as in the reference notes); the rest test what
+(a `TF#n` comment marks such a port, numbered in that file's order); the rest test what
 looproto adds (dataclass walking, `variables_by_path`, `Variable`'s own API, thread
 safety of name scopes). Variables are compared by identity only (`is` / `same`), so a
 numpy-style `__eq__` could never make a wrong answer pass.
@@ -30,6 +30,7 @@ from looproto import (
     ProtocolError,
     ShapeError,
     Variable,
+    backends,
     create_global_step,
     current_name_scope,
     name_scope,
@@ -1398,14 +1399,14 @@ class TestVariable:
                 return True
             return False
 
-        Variable._assign_hooks.append(hook)
+        backends.assign_hooks.append(hook)
         try:
             lifted = Variable(np.float32(0), name="lifted")
             plain = Variable(np.float32(0), name="plain")
             assert lifted.assign(np.float32(3)) is lifted
             assert plain.assign(np.float32(3)) is plain
         finally:
-            Variable._assign_hooks.remove(hook)
+            backends.assign_hooks.remove(hook)
         assert stored == [np.float32(3)]
         assert float(lifted) == 0.0  # the hook kept it; `assign` wrote nothing
         assert float(plain) == 3.0

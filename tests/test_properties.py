@@ -25,10 +25,10 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import looproto  # noqa: E402
-from looproto import config  # noqa: E402
 from looproto.checkpoint import CheckpointManager, read_metadata  # noqa: E402
 from looproto.data import ArrayDataset  # noqa: E402
 from looproto.errors import LooprotoError  # noqa: E402
+from looproto.run import config  # noqa: E402
 from tests.helpers import TestEvaluator, TestRunner  # noqa: E402
 
 # Examples are cheap but some build orbax managers: keep the suite to seconds.
@@ -575,11 +575,11 @@ def hostile_meta(draw: Any, good: dict[str, Any]) -> tuple[int, Any]:
         key = draw(st.sampled_from(sorted(meta[section])))
         meta[section][key] = draw(json_values)
     else:  # a state replaced, checksum recomputed: a consistent but wrong item
-        from looproto.checkpoint import _json_crc32
+        from looproto.checkpoint._state import json_crc32
 
         key = draw(st.sampled_from(sorted(meta["objects"])))
         meta["objects"][key]["state"] = draw(json_values)
-        meta["crc32"] = _json_crc32(meta)
+        meta["crc32"] = json_crc32(meta)
     return kind, meta
 
 

@@ -8,8 +8,6 @@ Importing looproto imports NumPy and the standard library only: frameworks,
 orbax and tensorboardX are imported where they are first used.
 """
 
-from importlib import metadata as _metadata
-
 from looproto import actions as actions
 from looproto import backends as backends
 from looproto import data as data
@@ -44,10 +42,9 @@ from looproto.standard_runner import StandardTrainer as StandardTrainer
 from looproto.standard_runner import StandardTrainerOptions as StandardTrainerOptions
 from looproto.summary import SummaryManager as SummaryManager
 
-try:
-    __version__ = _metadata.version("looproto")
-except _metadata.PackageNotFoundError:  # running from a source tree
-    __version__ = "0.0.0+unknown"
+# The one place the version is written (pyproject.toml reads it from here); a literal,
+# since `importlib.metadata` alone costs a quarter of `import looproto`.
+__version__ = "0.1.0"
 
 __all__ = [
     "AbstractEvaluator",

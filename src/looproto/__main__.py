@@ -1,5 +1,5 @@
-"""`python -m looproto`: the `looproto` command (see `looproto.cli`)."""
+"""`python -m looproto`: the `looproto` command (see `looproto.run.cli`)."""
 
-from looproto.cli import main
+from looproto.run.cli import main
 
 raise SystemExit(main())

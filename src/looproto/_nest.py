@@ -1,10 +1,10 @@
 """Private: walking nested containers the way `tf.nest` does, plus output helpers.
 
-`flatten_with_paths` decides what counts as a container when `Module` looks for
-variables and submodules: lists and tuples by index, mappings by sorted key,
-namedtuples, attrs classes and dataclass instances by field name, and framework
-containers (a `torch.nn.Module`, a Keras layer) through their backend's `expand`.
-Everything else is a leaf.
+`flatten_with_paths` decides what counts as a container: lists and tuples by index,
+mappings by sorted key, namedtuples, attrs classes and dataclass instances by field
+name. Everything else is a leaf, unless the caller says otherwise (`Module` discovery
+keeps Modules and Variables whole and has backends walk their frameworks' containers).
+No framework is named here.
 """
 
 from __future__ import annotations
@@ -17,25 +17,13 @@ from typing import Any
 
 import numpy as np
 
+from looproto import backends
 from looproto.errors import ProtocolError, value_repr
 
 Path = tuple[Any, ...]
 
 # Types that `collections.abc.Sequence` admits but that are values, not containers.
 _ATOMIC_SEQUENCES = (str, bytes, bytearray, memoryview, range)
-
-
-def _never_opaque(obj: Any) -> bool:
-    return False
-
-
-def _no_expansion(obj: Any) -> list[tuple[Path, Any]] | None:
-    return None
-
-
-# Replaced by `looproto.module` (which knows Modules and backends) to break the import cycle.
-is_opaque_leaf: Callable[[Any], bool] = _never_opaque
-expand_framework_container: Callable[[Any], list[tuple[Path, Any]] | None] = _no_expansion
 
 
 def sorted_keys(mapping: Mapping[Any, Any]) -> list[Any]:
@@ -65,8 +53,6 @@ def children(value: Any) -> list[tuple[Any, Any]] | None:
 
 
 def _children(value: Any) -> list[tuple[Any, Any]] | None:
-    if is_opaque_leaf(value):
-        return None
     if isinstance(value, list):
         return list(enumerate(value))
     if isinstance(value, tuple):
@@ -86,11 +72,24 @@ def _children(value: Any) -> list[tuple[Any, Any]] | None:
     return None
 
 
-def flatten_with_paths(value: Any, path: Path = ()) -> Iterator[tuple[Path, Any]]:
-    """Yields `(path, leaf)` for every leaf of `value`, in `tf.nest` order."""
-    kids = children(value)
+def flatten_with_paths(
+    value: Any,
+    path: Path = (),
+    *,
+    is_leaf: Callable[[Any], bool] | None = None,
+    expand: Callable[[Any], list[tuple[Path, Any]] | None] | None = None,
+) -> Iterator[tuple[Path, Any]]:
+    """Yields `(path, leaf)` for every leaf of `value`, in `tf.nest` order.
+
+    Args:
+        value: The nest.
+        path: The path of `value` itself.
+        is_leaf: True for objects kept whole even if they are containers.
+        expand: `(path, leaf)` pairs for other containers (None: a leaf).
+    """
+    kids = None if is_leaf is not None and is_leaf(value) else children(value)
     if kids is None:
-        expanded = expand_framework_container(value)
+        expanded = None if expand is None else expand(value)
         if expanded is None:
             yield path, value
         else:
@@ -98,7 +97,7 @@ def flatten_with_paths(value: Any, path: Path = ()) -> Iterator[tuple[Path, Any]
                 yield path + tuple(sub_path), leaf
         return
     for key, child in kids:
-        yield from flatten_with_paths(child, (*path, key))
+        yield from flatten_with_paths(child, (*path, key), is_leaf=is_leaf, expand=expand)
 
 
 def path_to_str(path: Path) -> str:
@@ -130,12 +129,11 @@ def to_numpy_leaf(value: Any) -> Any:
     if isinstance(value, (np.ndarray, np.generic)):
         array = np.asarray(value)
     else:
-        convert = getattr(value, "numpy", None)
-        if callable(convert):  # tf.Tensor, tf.Variable, looproto.Variable, torch (cpu)
-            try:
-                array = np.asarray(convert())
-            except (TypeError, RuntimeError):  # torch tensors that need detach/cpu
-                array = np.asarray(value.detach().cpu().numpy())
+        converted = backends.to_numpy(value)  # a framework's array, by its backend
+        if converted is not None:
+            array = converted
+        elif callable(getattr(value, "numpy", None)):  # looproto.Variable
+            array = np.asarray(value.numpy())
         elif hasattr(value, "__array__"):
             array = np.asarray(value)
         else:

@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 
 from looproto import preemption
+from looproto._validate import positive_int, positive_number
 from looproto.errors import ConfigError, ProtocolError, value_repr
-from looproto.module import Variable, variable_to_numpy
+from looproto.module import read_int
 from looproto.runner import Output
 
 __all__ = [
@@ -71,14 +72,6 @@ class ConditionalAction:
                 action(output)
 
 
-def _read_step(step: Any) -> int:
-    if isinstance(step, Variable):
-        return int(step.value)
-    if isinstance(step, (int, np.integer)):
-        return int(step)
-    return int(variable_to_numpy(step))
-
-
 class PeriodicAction:
     """Runs `action` every `every_n_steps` global steps and/or every `every_n_seconds`.
 
@@ -100,21 +93,9 @@ class PeriodicAction:
             raise ConfigError(f"`action` must be callable; received {value_repr(action)}.")
         if every_n_steps is None and every_n_seconds is None:
             raise ConfigError("Pass `every_n_steps`, `every_n_seconds`, or both.")
-        if every_n_steps is not None and (
-            isinstance(every_n_steps, bool)
-            or not isinstance(every_n_steps, int)
-            or every_n_steps < 1
-        ):
-            raise ConfigError(
-                f"`every_n_steps` must be a positive int; received every_n_steps={every_n_steps!r}."
-            )
-        if every_n_seconds is not None and not (
-            isinstance(every_n_seconds, (int, float)) and every_n_seconds > 0
-        ):
-            raise ConfigError(
-                "`every_n_seconds` must be a positive number; received "
-                f"every_n_seconds={every_n_seconds!r}."
-            )
+        positive_int(every_n_steps, "every_n_steps", allow_none=True)
+        if every_n_seconds is not None:
+            positive_number(every_n_seconds, "every_n_seconds")
         self.action = action
         self.global_step = global_step
         self.every_n_steps = every_n_steps
@@ -125,7 +106,7 @@ class PeriodicAction:
     def __call__(self, output: Output) -> None:
         fire = False
         if self.every_n_steps is not None:
-            step = _read_step(self.global_step)
+            step = read_int(self.global_step)
             bucket = math.floor(step / self.every_n_steps)
             if self._last_bucket is None:
                 fire = step % self.every_n_steps == 0
@@ -286,7 +267,7 @@ class SaveCheckpointIfPreempted:
         if not preemption.requested():
             return
         signal_number = preemption.signal_received()
-        number = None if self.checkpoint_number is None else _read_step(self.checkpoint_number)
+        number = None if self.checkpoint_number is None else read_int(self.checkpoint_number)
         manager = self.checkpoint_manager
         path = manager.save(checkpoint_number=number, check_interval=False)
         manager.sync()  # on disk before the process may end

@@ -12,6 +12,10 @@ This is Orbit's `Controller` (TensorFlow Models), framework-agnostic: the global
 step is any variable holding a scalar integer (`looproto.create_global_step()`),
 checkpoints go through orbax (`looproto.CheckpointManager`) and summaries through
 tensorboardX (`looproto.SummaryManager`).
+
+The file runs past 500 lines because the `Controller` is one concept whose public
+methods carry Orbit-length docstrings; its argument checks (`_controller_checks.py`) and
+its step timer (`_step_timer.py`) live apart.
 """
 
 from __future__ import annotations
@@ -20,16 +24,25 @@ import contextlib
 import logging
 import math
 import os
-import pprint
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Final, Protocol, runtime_checkable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Final
 
 import numpy as np
 
-from looproto import _nest, distributed, preemption
-from looproto.errors import ConfigError, ProtocolError, value_repr
-from looproto.module import Variable, is_variable, variable_to_numpy
+from looproto import _nest, preemption
+from looproto._controller_checks import (
+    CheckpointManagerLike,
+    check_actions,
+    check_global_step,
+    check_outputs,
+    check_runners,
+    check_step_agrees,
+    check_steps,
+)
+from looproto._step_timer import Formatted, StepTimer, eta
+from looproto.errors import ConfigError
+from looproto.module import read_int
 from looproto.runner import Evaluator, Output, Trainer
 from looproto.summary import SummaryManager
 
@@ -48,99 +61,6 @@ MSG_STEP_NOT_ADVANCED: Final = (
     "steps it ran, e.g. `self.global_step.assign_add(1)` in `train_step`. Training "
     "stops here rather than loop forever."
 )
-
-
-@runtime_checkable
-class CheckpointManagerLike(Protocol):
-    """What the `Controller` needs of a checkpoint manager (see `CheckpointManager`)."""
-
-    @property
-    def directory(self) -> str: ...
-
-    @property
-    def checkpoint_interval(self) -> int | None: ...
-
-    @property
-    def latest_checkpoint(self) -> str | None: ...
-
-    def save(self, checkpoint_number: int | None = None, check_interval: bool = True) -> Any: ...
-
-    def restore(self, checkpoint: Any) -> Any: ...
-
-    def restore_or_initialize(self) -> str | None: ...
-
-    def sync(self) -> None: ...
-
-
-def _read_step(global_step: Any) -> int:
-    if isinstance(global_step, Variable):
-        return int(global_step.value)
-    return int(variable_to_numpy(global_step))
-
-
-def _check_global_step(global_step: Any) -> None:
-    if global_step is None or not is_variable(global_step):
-        raise ConfigError(
-            "`global_step` must be a variable holding a scalar integer, e.g. "
-            "`looproto.create_global_step()` (or a `tf.Variable`/torch tensor the trainer "
-            f"advances); received global_step={value_repr(global_step)}."
-        )
-    value = np.asarray(variable_to_numpy(global_step))
-    if value.shape != () or not np.issubdtype(value.dtype, np.integer):
-        raise ConfigError(
-            "`global_step` must hold a scalar integer; received a variable of shape "
-            f"{value.shape} and dtype {value.dtype}."
-        )
-
-
-class _Formatted:
-    """`pprint` of an output, computed only if a log record is actually emitted."""
-
-    __slots__ = ("_output",)
-
-    def __init__(self, output: Any) -> None:
-        self._output = output
-
-    def __str__(self) -> str:
-        text = pprint.pformat(self._output)
-        if "\n" in text:
-            text = "\n" + "\n".join("    " + line for line in text.splitlines())
-        return text
-
-
-def _eta(remaining_steps: int | None, steps_per_second: float) -> str:
-    """`"0:01:05"` for the remaining steps at this rate; `"?"` when unknown."""
-    if remaining_steps is None or steps_per_second <= 0:
-        return "?"
-    seconds = round(max(remaining_steps, 0) / steps_per_second)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-class StepTimer:
-    """Measures steps per second between calls.
-
-    Each method takes the current step if the caller already read it: on a framework
-    variable a read is a device round trip (~25 µs on TensorFlow), and the outer
-    loop needs the step anyway.
-    """
-
-    def __init__(self, step: Any) -> None:
-        self.step = step
-        self.start()
-
-    def start(self, current_step: int | None = None) -> None:
-        """Restarts the measurement at the current step and time."""
-        self.last_iteration = _read_step(self.step) if current_step is None else current_step
-        self.last_time = time.perf_counter()
-
-    def steps_per_second(self, restart: bool = True, current_step: int | None = None) -> float:
-        """Steps per second since the last `start()`."""
-        now = time.perf_counter()
-        step = _read_step(self.step) if current_step is None else current_step
-        value = (step - self.last_iteration) / max(now - self.last_time, 1e-12)
-        if restart:
-            self.last_iteration, self.last_time = step, now
-        return value
 
 
 class Controller:
@@ -248,84 +168,17 @@ class Controller:
             ConfigError: An argument is invalid; the message says which and why.
             ProtocolError: `trainer`/`evaluator` do not have `train`/`evaluate`.
         """
-        if trainer is None and evaluator is None:
-            raise ConfigError("`trainer` and `evaluator` should not both be `None`.")
-        if trainer is not None:
-            if not isinstance(trainer, Trainer):
-                raise ProtocolError(
-                    "`trainer` must have a `train(num_steps)` method (the `Trainer` protocol); "
-                    f"received {value_repr(trainer)} of type {type(trainer).__name__}."
-                )
-            if steps_per_loop is None:
-                raise ConfigError("`steps_per_loop` is required when `trainer` is provided.")
-        # Checked even without a trainer (where Orbit ignores them): a wrong value is a
-        # mistake wherever it is passed.
-        if (
-            steps_per_loop is not None
-            and not callable(steps_per_loop)
-            and (
-                isinstance(steps_per_loop, bool)
-                or not isinstance(steps_per_loop, int)
-                or steps_per_loop < 1
-            )
-        ):
-            raise ConfigError(
-                "`steps_per_loop` must be a positive int or a callable of the global "
-                f"step; received steps_per_loop={value_repr(steps_per_loop)}."
-            )
-        if summary_interval is not None:
-            if (
-                isinstance(summary_interval, bool)
-                or not isinstance(summary_interval, int)
-                or summary_interval <= 0
-            ):
-                raise ConfigError(
-                    "`summary_interval` must be a positive int or None; received "
-                    f"summary_interval={value_repr(summary_interval)}."
-                )
-            if isinstance(steps_per_loop, int) and summary_interval % steps_per_loop != 0:
-                raise ConfigError(
-                    f"`summary_interval` ({summary_interval}) must be a multiple of "
-                    f"`steps_per_loop` ({steps_per_loop}), so that summaries fall on "
-                    "inner-loop boundaries."
-                )
-        if evaluator is not None and not isinstance(evaluator, Evaluator):
-            raise ProtocolError(
-                "`evaluator` must have an `evaluate(num_steps)` method (the `Evaluator` "
-                f"protocol); received {value_repr(evaluator)} of type {type(evaluator).__name__}."
-            )
-        _check_global_step(global_step)
-        self.train_actions: tuple[Action, ...] = _check_actions(train_actions, "train_actions")
-        self.eval_actions: tuple[Action, ...] = _check_actions(eval_actions, "eval_actions")
-        if checkpoint_manager is not None and not isinstance(
-            checkpoint_manager, CheckpointManagerLike
-        ):
-            raise ProtocolError(
-                "`checkpoint_manager` must be a `looproto.CheckpointManager` (or have its "
-                f"`save`/`restore_or_initialize`/`sync` methods); received "
-                f"{value_repr(checkpoint_manager)}."
-            )
-        for argument, value in (
-            ("summary_dir", summary_dir),
-            ("eval_summary_dir", eval_summary_dir),
-        ):
-            if value is not None and not isinstance(_fspath(value), str):
-                raise ConfigError(
-                    f"`{argument}` must be a path (a str or an `os.PathLike` of one) or None; "
-                    f"received {argument}={value_repr(value)}."
-                )
-        for argument, manager in (
-            ("summary_manager", summary_manager),
-            ("eval_summary_manager", eval_summary_manager),
-        ):
-            if manager is not None and not all(
-                callable(getattr(manager, name, None))
-                for name in ("write_summaries", "flush", "close")
-            ):
-                raise ProtocolError(
-                    f"`{argument}` must be a `looproto.SummaryManager` (or have its "
-                    f"`write_summaries`/`flush`/`close` methods); received {value_repr(manager)}."
-                )
+        check_runners(trainer, evaluator, steps_per_loop, summary_interval)
+        check_global_step(global_step)
+        self.train_actions: tuple[Action, ...] = check_actions(train_actions, "train_actions")
+        self.eval_actions: tuple[Action, ...] = check_actions(eval_actions, "eval_actions")
+        check_outputs(
+            checkpoint_manager=checkpoint_manager,
+            summary_dir=summary_dir,
+            eval_summary_dir=eval_summary_dir,
+            summary_manager=summary_manager,
+            eval_summary_manager=eval_summary_manager,
+        )
         self.preemption_signals = preemption.check_signals(preemption_signals)
 
         self.trainer = trainer
@@ -342,13 +195,13 @@ class Controller:
             restored_path = self.restore_checkpoint()
             if restored_path:
                 _log.info("restored from checkpoint: %s", restored_path)
-        _check_step_agrees(global_step, "the start")
+        check_step_agrees(global_step, "the start")
         # A training run that can resume rewrites every step after the step it starts
         # from: have TensorBoard drop what a crashed run wrote there (only in the
         # writers created here; an evaluation-only run never purges).
         purge_step = None
         if checkpoint_manager is not None and trainer is not None:
-            purge_step = _read_step(global_step) + 1
+            purge_step = read_int(global_step) + 1
         self.summary_manager = summary_manager or SummaryManager(
             summary_dir if trainer is not None else None,
             global_step=global_step,
@@ -370,10 +223,10 @@ class Controller:
         """Steps of the next inner loop (the callable form is evaluated now)."""
         spl = self._steps_per_loop
         if callable(spl):
-            value = spl(_read_step(self.global_step))
+            value = spl(read_int(self.global_step))
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ConfigError(
-                    f"`steps_per_loop` returned {value!r} at step {_read_step(self.global_step)}; "
+                    f"`steps_per_loop` returned {value!r} at step {read_int(self.global_step)}; "
                     "expected a positive int."
                 )
             return int(value)
@@ -389,9 +242,9 @@ class Controller:
                 interval says.
         """
         self._require("trainer", for_method="train")
-        steps = _check_steps(steps, "steps", allow_zero=True)
+        steps = check_steps(steps, "steps", allow_zero=True)
         with preemption.watch(self.preemption_signals), self._close_if_preempted():
-            current_step = _read_step(self.global_step)
+            current_step = read_int(self.global_step)
             target = "the end of the data" if steps == -1 else f"step {steps}"
             _log.info("train | step: %6d | training until %s...", current_step, target)
             self._train_target = None if steps == -1 else steps
@@ -412,7 +265,7 @@ class Controller:
                             num_steps,
                         )
                         break
-                _check_step_agrees(self.global_step, "the end of `train()`")
+                check_step_agrees(self.global_step, "the end of `train()`")
                 if checkpoint_at_completion:
                     self._maybe_save_checkpoint(check_interval=False)
             finally:
@@ -430,13 +283,13 @@ class Controller:
         """
         self._require("evaluator", for_method="evaluate")
         assert self.evaluator is not None
-        steps = _check_steps(steps, "steps", allow_zero=False)
+        steps = check_steps(steps, "steps", allow_zero=False)
         steps_msg = (
             f"running {steps} steps of evaluation..."
             if steps > 0
             else ("running complete evaluation...")
         )
-        current_step = _read_step(self.global_step)
+        current_step = read_int(self.global_step)
         _log.info(" eval | step: %6d | %s", current_step, steps_msg)
 
         start = time.perf_counter()
@@ -453,7 +306,7 @@ class Controller:
             " eval | step: %6d | eval time: %6.1f sec | output: %s",
             current_step,
             elapsed,
-            _Formatted(output),
+            Formatted(output),
         )
         self.eval_summary_manager.write_summaries(output)
         self.eval_summary_manager.flush()
@@ -474,15 +327,15 @@ class Controller:
         """
         self._require("trainer", for_method="train_and_evaluate")
         self._require("evaluator", for_method="train_and_evaluate")
-        train_steps = _check_steps(train_steps, "train_steps", allow_zero=True, allow_all=False)
+        train_steps = check_steps(train_steps, "train_steps", allow_zero=True, allow_all=False)
         # Checked now, not at the first evaluation: after a whole stretch of training,
         # or never when there is nothing to train.
-        eval_steps = _check_steps(eval_steps, "eval_steps", allow_zero=False)
+        eval_steps = check_steps(eval_steps, "eval_steps", allow_zero=False)
         if eval_interval is not None:
-            eval_interval = _check_steps(
+            eval_interval = check_steps(
                 eval_interval, "eval_interval", allow_zero=False, allow_all=False
             )
-        current_step = _read_step(self.global_step)
+        current_step = read_int(self.global_step)
         eval_interval = eval_interval or (train_steps - current_step)
         output = None
         with preemption.watch(self.preemption_signals), self._close_if_preempted():
@@ -493,7 +346,7 @@ class Controller:
                     self.train(steps=target, checkpoint_at_completion=False)
                     output = self.evaluate(steps=eval_steps)
                     self._stop_if_preempted()  # a signal during the evaluation
-                    reached = _read_step(self.global_step)
+                    reached = read_int(self.global_step)
                     if reached < target:  # the training data ended
                         break
                     current_step = reached
@@ -566,7 +419,7 @@ class Controller:
         if not preemption.requested():
             return
         signal_number = preemption.signal_received()
-        step = _read_step(self.global_step)
+        step = read_int(self.global_step)
         cause = "a preemption request" if signal_number is None else signal_number.name
         _log.warning(
             "train | step: %6d | %s received: saving a checkpoint and stopping.", step, cause
@@ -602,7 +455,7 @@ class Controller:
         self.step_timer.start(current_step)
         raw_output = self.trainer.train(num_steps)
         _nest.check_output(raw_output, "trainer.train")
-        new_step = _read_step(self.global_step)
+        new_step = read_int(self.global_step)
         steps_per_second = self.step_timer.steps_per_second(current_step=new_step)
         advanced = new_step - current_step
         if advanced == 0 and num_steps != 0:
@@ -624,8 +477,8 @@ class Controller:
             "train | step: %6d | steps/sec: %6.1f | ETA %s | output: %s",
             new_step,
             steps_per_second,
-            _eta(target - new_step if target is not None else None, steps_per_second),
-            _Formatted(output),
+            eta(target - new_step if target is not None else None, steps_per_second),
+            Formatted(output),
         )
         if self._summary_due(current_step, new_step):
             output["steps_per_second"] = steps_per_second
@@ -633,7 +486,7 @@ class Controller:
             self.summary_manager.flush()
         if self.train_actions:
             # An action may move the step (a restore, say): the loop goes on from there.
-            new_step = _read_step(self.global_step)
+            new_step = read_int(self.global_step)
         return new_step
 
     def _summary_due(self, old_step: int, new_step: int) -> bool:
@@ -650,7 +503,7 @@ class Controller:
         if check_interval and not manager.checkpoint_interval:
             return None
         path = manager.save(
-            checkpoint_number=_read_step(self.global_step), check_interval=check_interval
+            checkpoint_number=read_int(self.global_step), check_interval=check_interval
         )
         if path is not None:
             _log.info("saved checkpoint to %s.", path)
@@ -688,56 +541,5 @@ class Controller:
         self.close()
 
 
-def _check_step_agrees(global_step: Any, when: str) -> None:
-    """In a multi-process run, every process must be at the same global step."""
-    if distributed.process_count() > 1:
-        distributed.check_same(
-            {"global_step": _read_step(global_step)},
-            f"the global step at {when}",
-            hint=(
-                "Every process must run the same steps: did one restore another checkpoint, "
-                "or one trainer's data end earlier?"
-            ),
-        )
-
-
 def _null() -> Any:
     return contextlib.nullcontext()
-
-
-def _fspath(value: Any) -> Any:
-    try:
-        return os.fspath(value)
-    except TypeError:  # a `__fspath__` that returns neither str nor bytes
-        return None
-
-
-def _check_actions(actions: Iterable[Action] | None, argument: str) -> tuple[Action, ...]:
-    if actions is None:
-        return ()
-    if isinstance(actions, Mapping) or not isinstance(actions, Iterable):
-        raise ConfigError(
-            f"`{argument}` must be an iterable of callables; received {value_repr(actions)}."
-        )
-    result = tuple(actions)
-    for action in result:
-        if not callable(action):
-            raise ProtocolError(
-                f"Every entry of `{argument}` must be callable with the loop's output; "
-                f"received {value_repr(action)}."
-            )
-    return result
-
-
-def _check_steps(steps: Any, argument: str, *, allow_zero: bool, allow_all: bool = True) -> int:
-    if isinstance(steps, np.integer):
-        steps = int(steps)
-    if isinstance(steps, bool) or not isinstance(steps, int):
-        raise ConfigError(f"`{argument}` must be an int; received {argument}={steps!r}.")
-    if steps == -1 and allow_all:
-        return steps
-    if steps < 0 or (steps == 0 and not allow_zero):
-        expected = ">= 0" if allow_zero else "> 0"
-        also = ", or == -1 (until the data ends)" if allow_all else ""
-        raise ConfigError(f"`{argument}` ({steps}) should be {expected}{also}.")
-    return steps

@@ -26,6 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from looproto import _nest
+from looproto._validate import positive_int
 from looproto.errors import ConfigError, value_repr
 
 __all__ = ["ArrayDataset", "ArrayIterator", "StatefulIterator"]
@@ -82,12 +83,8 @@ class ArrayDataset:
                 `batch_size` must be divisible by `count`; a smaller last batch
                 (`drop_remainder=False`) is split as evenly as it goes.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"`batch_size` must be a positive int; received {batch_size!r}.")
-        if epochs is not None and (
-            isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1
-        ):
-            raise ConfigError(f"`epochs` must be a positive int or None; received {epochs!r}.")
+        batch_size = int(positive_int(batch_size, "batch_size"))
+        positive_int(epochs, "epochs", allow_none=True)
         leaves = _leaves(data)
         if not leaves:
             raise ConfigError(f"`data` holds no arrays; received {value_repr(data)}.")

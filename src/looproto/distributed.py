@@ -10,12 +10,13 @@ engine its users already run:
 * **tensorflow**: `tf.distribute.MultiWorkerMirroredStrategy` from `TF_CONFIG`.
 
 This module is the framework-neutral surface over them. `initialize(backend)` asks
-the backend for its engine (the backend's optional `initialize_distributed(timeout=)`
-method) and makes it the active one; after that `process_index()`,
+the backend for its engine (`looproto.backends.SupportsDistributed`) and makes it
+the active one; after that `process_index()`,
 `process_count()`, `is_chief()`, `barrier()`, `all_gather()` and `check_same()`
 work the same on every engine. Without `initialize` (or with one process) they
 describe a single process: index 0 of 1, the chief, and every collective is a
-no-op. Importing this module imports no framework.
+no-op. Importing this module imports no framework. The local launcher behind
+`looproto train --num-processes` is `looproto.run.launch`.
 
 What looproto does with it:
 
@@ -41,21 +42,19 @@ each engine detects, and how fast.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import json
 import logging
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
-from typing import Any, Final, Protocol, runtime_checkable
+from typing import Any, Final
 
-from looproto.errors import ConfigError, DistributedError, value_repr
+from looproto import backends
+from looproto._validate import positive_number
+from looproto.backends.base import Engine, SupportsDistributed, WorkerEnvironment
+from looproto.errors import BackendNotAvailableError, ConfigError, DistributedError, value_repr
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -65,19 +64,17 @@ __all__ = [
     "barrier",
     "check_same",
     "engine",
+    "engines",
     "environment",
-    "free_ports",
     "initialize",
     "is_chief",
     "is_initialized",
-    "launch",
     "peer_failure",
     "process_count",
     "process_index",
     "scope",
     "shard",
     "shutdown",
-    "worker_environment",
 ]
 
 _log = logging.getLogger("looproto")
@@ -85,61 +82,11 @@ _log = logging.getLogger("looproto")
 DEFAULT_TIMEOUT: Final = 300.0
 """Seconds a process waits for the others (start-up, barriers, collectives) by default."""
 
-# The environment `looproto train --num-processes` gives a JAX worker (JAX itself
-# reads only `JAX_COORDINATOR_ADDRESS`, and detects clusters such as SLURM or Cloud TPU).
-ENV_COORDINATOR: Final = "LOOPROTO_COORDINATOR_ADDRESS"
-ENV_NUM_PROCESSES: Final = "LOOPROTO_NUM_PROCESSES"
-ENV_PROCESS_ID: Final = "LOOPROTO_PROCESS_ID"
-
-# Backends with a distributed engine, and how many ports a local launch needs.
-_PORTS: Final = {"torch": 1, "jax": 1, "tensorflow": None}  # None: one per process
-
 MSG_PEER_FAILURE: Final = (
     "Process {index} of {count}: {where} failed, so another process has died or stopped "
     "responding (the run's timeout is {timeout:g} s, `[distributed] timeout`). Look at the "
     "other processes' output for the first error. Cause: {cause}"
 )
-
-
-@runtime_checkable
-class Engine(Protocol):
-    """What a backend's distributed engine supplies (see `initialize`).
-
-    Attributes:
-        backend: The backend's name (`"torch"`, `"jax"`, `"tensorflow"`).
-        process_index: This process's index, `0 <= process_index < process_count`.
-        process_count: How many processes take part.
-        timeout: Seconds to wait for another process before giving up.
-        collective_checkpoints: Whether orbax sees the processes (JAX): then every
-            process calls orbax's save and orbax decides who writes what. False: the
-            chief writes and the others wait for it.
-    """
-
-    backend: str
-    process_index: int
-    process_count: int
-    timeout: float
-    collective_checkpoints: bool
-
-    def key_value_set(self, key: str, value: str) -> None:
-        """Publishes `value` under `key` in the engine's key-value store."""
-        ...
-
-    def key_value_get(self, key: str, timeout: float) -> str:
-        """Waits up to `timeout` seconds for `key`; raises if it does not appear."""
-        ...
-
-    def key_value_delete(self, key: str) -> None:
-        """Removes `key` (it was read by every process)."""
-        ...
-
-    def scope(self) -> AbstractContextManager[Any]:
-        """Entered while the trainer is built (`strategy.scope()` on TensorFlow)."""
-        ...
-
-    def shutdown(self) -> None:
-        """Leaves the process group (a clean exit; every process calls it)."""
-        ...
 
 
 _engine: Engine | None = None
@@ -176,12 +123,7 @@ def initialize(backend: str | None = None, *, timeout: float = DEFAULT_TIMEOUT) 
         DistributedError: The other processes did not join within `timeout`.
     """
     global _engine
-    from looproto import backends
-
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise ConfigError(
-            f"`timeout` must be a positive number of seconds; received timeout={timeout!r}."
-        )
+    positive_number(timeout, "timeout", unit=" of seconds")
     name = backends.default_name() if backend is None else backend
     adapter = backends.get(name)
     if _engine is not None:
@@ -191,13 +133,12 @@ def initialize(backend: str | None = None, *, timeout: float = DEFAULT_TIMEOUT) 
                 "already active in this process; one process runs one engine."
             )
         return _engine
-    start = getattr(adapter, "initialize_distributed", None)
-    if start is None:
+    if not isinstance(adapter, SupportsDistributed):
         raise ConfigError(
             f"The {adapter.name!r} backend has no distributed engine; multi-process "
-            f"training runs on {sorted(_PORTS)}."
+            f"training runs on {engines()}."
         )
-    started = start(timeout=float(timeout))
+    started = adapter.initialize_distributed(timeout=float(timeout))
     if not isinstance(started, Engine):
         raise ConfigError(
             f"`{adapter.name}` backend's `initialize_distributed` returned "
@@ -383,293 +324,30 @@ def check_same(values: Mapping[str, Any], what: str, hint: str = "") -> None:
 # The environment of a worker process
 
 
-@dataclasses.dataclass(frozen=True)
-class WorkerEnvironment:
-    """Where a process sits in a multi-process run, as its environment says.
-
-    Attributes:
-        process_index: This process's index.
-        process_count: How many processes the run has.
-        coordinator: `host:port` of the coordinator (torch's `MASTER_ADDR:MASTER_PORT`,
-            JAX's coordinator, TensorFlow's first task), or None where it is not set.
-    """
-
-    process_index: int
-    process_count: int
-    coordinator: str | None
-
-
-def _env_int(environ: Mapping[str, str], key: str) -> int:
-    text = environ.get(key, "")
-    try:
-        return int(text)
-    except ValueError:
-        raise ConfigError(
-            f"The environment variable `{key}` must be an integer; received {text!r}."
-        ) from None
-
-
-def _checked(index: int, count: int, source: str) -> None:
-    if count < 1 or not 0 <= index < count:
-        raise ConfigError(
-            f"{source}: the process index must satisfy 0 <= index < count; received "
-            f"index={index}, count={count}."
-        )
-
-
 def environment(backend: str, environ: Mapping[str, str] | None = None) -> WorkerEnvironment | None:
     """This process's place in a multi-process run of `backend`, or None (not launched so).
 
-    Reads the variables the backend's engine reads: torch `RANK`, `WORLD_SIZE`,
-    `MASTER_ADDR`, `MASTER_PORT` (as `torchrun` sets them); JAX
-    `LOOPROTO_PROCESS_ID`, `LOOPROTO_NUM_PROCESSES`, `LOOPROTO_COORDINATOR_ADDRESS`;
+    Reads the variables the backend's engine reads (its `looproto.backends.Launcher`):
+    torch `RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT` (as `torchrun` sets them);
+    JAX `LOOPROTO_PROCESS_ID`, `LOOPROTO_NUM_PROCESSES`, `LOOPROTO_COORDINATOR_ADDRESS`;
     TensorFlow `TF_CONFIG`. No framework is imported.
 
     Raises:
-        ConfigError: The variables are there but malformed.
+        ConfigError: The variables are there but malformed, or no backend has that name.
     """
-    env = os.environ if environ is None else environ
-    backend = _canonical(backend)
-    if backend == "torch":
-        if "WORLD_SIZE" not in env:
-            return None
-        index, count = _env_int(env, "RANK"), _env_int(env, "WORLD_SIZE")
-        _checked(index, count, "`RANK`/`WORLD_SIZE`")
-        host, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
-        return WorkerEnvironment(index, count, f"{host}:{port}" if host and port else None)
-    if backend == "jax":
-        if ENV_NUM_PROCESSES not in env:
-            return None
-        index, count = _env_int(env, ENV_PROCESS_ID), _env_int(env, ENV_NUM_PROCESSES)
-        _checked(index, count, f"`{ENV_PROCESS_ID}`/`{ENV_NUM_PROCESSES}`")
-        coordinator = env.get(ENV_COORDINATOR) or env.get("JAX_COORDINATOR_ADDRESS")
-        if not coordinator:
-            raise ConfigError(
-                f"`{ENV_NUM_PROCESSES}` is set but `{ENV_COORDINATOR}` is not; set it to the "
-                "`host:port` process 0 listens on."
-            )
-        return WorkerEnvironment(index, count, coordinator)
-    if backend == "tensorflow":
-        text = env.get("TF_CONFIG")
-        if not text:
-            return None
-        return _tf_config_environment(text)
-    return None
+    launcher = backends.launcher(backend)
+    if launcher is None:
+        return None
+    return launcher.environment(os.environ if environ is None else environ)
 
 
-def _canonical(backend: str) -> str:
-    from looproto import backends
+def engines() -> list[str]:
+    """The backends that have a multi-process engine (a registered `Launcher`)."""
+    return [name for name in backends.available() if _has_launcher(name)]
 
-    return backends._ALIASES.get(backend, backend)
 
-
-def _tf_config_environment(text: str) -> WorkerEnvironment:
+def _has_launcher(name: str) -> bool:
     try:
-        config = json.loads(text)
-        cluster = config["cluster"]
-        task = config["task"]
-        chiefs = list(cluster.get("chief", []))
-        workers = list(cluster.get("worker", []))
-        task_type, task_index = str(task["type"]), int(task["index"])
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise ConfigError(
-            "`TF_CONFIG` must be JSON like "
-            '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": 0}}; '
-            f"received {value_repr(text)} ({type(err).__name__}: {err})."
-        ) from None
-    if task_type not in ("chief", "worker"):
-        raise ConfigError(
-            f"`TF_CONFIG` task type {task_type!r}: looproto runs `MultiWorkerMirroredStrategy` "
-            "tasks of type 'chief' or 'worker'."
-        )
-    # MultiWorkerMirroredStrategy's numbering: the chief first, then the workers.
-    index = task_index if task_type == "chief" else task_index + len(chiefs)
-    count = len(chiefs) + len(workers)
-    _checked(index, count, "`TF_CONFIG`")
-    leader = (chiefs or workers)[0]
-    return WorkerEnvironment(index, count, str(leader))
-
-
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """`count` TCP ports free on `host` right now (the OS picks them)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
-            sockets.append(s)
-        return [int(s.getsockname()[1]) for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def worker_environment(
-    backend: str, process_index: int, num_processes: int, ports: Sequence[int], host: str
-) -> dict[str, str]:
-    """The environment variables of local worker `process_index` (see `launch`).
-
-    Args:
-        backend: `"torch"`, `"jax"` or `"tensorflow"`.
-        process_index: The worker's index.
-        num_processes: How many workers there are.
-        ports: Free ports: one for torch and JAX, one per worker for TensorFlow.
-        host: The address the workers reach each other at.
-
-    Raises:
-        ConfigError: The backend has no distributed engine, or too few ports.
-    """
-    backend = _canonical(backend)
-    needed = _ports_needed(backend, num_processes)
-    if len(ports) < needed:
-        raise ConfigError(
-            f"A {backend} launch of {num_processes} processes needs {needed} port(s); "
-            f"received {list(ports)}."
-        )
-    if backend == "torch":
-        # What `torchrun --nproc-per-node=N` gives each worker on one node.
-        env = {
-            "RANK": str(process_index),
-            "LOCAL_RANK": str(process_index),
-            "GROUP_RANK": "0",
-            "WORLD_SIZE": str(num_processes),
-            "LOCAL_WORLD_SIZE": str(num_processes),
-            "MASTER_ADDR": host,
-            "MASTER_PORT": str(ports[0]),
-        }
-        if "OMP_NUM_THREADS" not in os.environ:  # torchrun's default, for the same reason:
-            env["OMP_NUM_THREADS"] = "1"  # N processes must not each use every core
-        return env
-    if backend == "jax":
-        return {
-            ENV_COORDINATOR: f"{host}:{ports[0]}",
-            ENV_NUM_PROCESSES: str(num_processes),
-            ENV_PROCESS_ID: str(process_index),
-        }
-    config = {
-        "cluster": {"worker": [f"{host}:{port}" for port in ports[:num_processes]]},
-        "task": {"type": "worker", "index": process_index},
-    }
-    return {"TF_CONFIG": json.dumps(config)}
-
-
-def _ports_needed(backend: str, num_processes: int) -> int:
-    if backend not in _PORTS:
-        raise ConfigError(
-            f"The {backend!r} backend has no distributed engine; multi-process training "
-            f"runs on {sorted(_PORTS)}."
-        )
-    return _PORTS[backend] or num_processes
-
-
-# ----------------------------------------------------------------------------
-# The local launcher
-
-
-def launch(
-    command: Sequence[str],
-    *,
-    backend: str,
-    num_processes: int,
-    timeout: float = DEFAULT_TIMEOUT,
-    host: str = "127.0.0.1",
-    environ: Mapping[str, str] | None = None,
-    grace: float | None = None,
-) -> int:
-    """Runs `command` as `num_processes` local workers of `backend`; returns an exit status.
-
-    Each worker gets its place in the run through the environment
-    (`worker_environment`), with ports chosen free at launch. The launcher waits for
-    all of them. When one fails, the others should fail on their own (they lose
-    their peer, within `timeout`); any still running `grace` seconds later are
-    killed (SIGKILL: JAX's and TensorFlow's runtimes catch SIGTERM). Ctrl-C stops
-    every worker. The exit status of each worker that failed is printed.
-
-    Args:
-        command: The worker's command line (the same for every worker).
-        backend: Whose environment the workers get: `"torch"`, `"jax"`, `"tensorflow"`.
-        num_processes: How many workers.
-        timeout: The run's timeout (`[distributed] timeout`).
-        host: The address the workers reach each other at.
-        environ: The environment the workers start from (default: `os.environ`).
-        grace: Seconds the other workers get to stop after one failed; default
-            `timeout + 30`.
-
-    Returns:
-        0 if every worker succeeded, else the exit status of the first that failed
-        (1 if it was killed by a signal).
-    """
-    if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
-        raise ConfigError(
-            f"`num_processes` must be a positive int; received num_processes={num_processes!r}."
-        )
-    base = dict(os.environ if environ is None else environ)
-    backend = _canonical(backend)
-    ports = free_ports(_ports_needed(backend, num_processes), host)
-    workers: list[subprocess.Popen[bytes]] = []
-    try:
-        for index in range(num_processes):
-            env = {**base, **worker_environment(backend, index, num_processes, ports, host)}
-            workers.append(subprocess.Popen(list(command), env=env))
-        pids = ", ".join(f"{i}: {w.pid}" for i, w in enumerate(workers))
-        _log.info("launched %d %s workers (pids %s)", num_processes, backend, pids)
-        return _supervise(workers, grace=timeout + 30.0 if grace is None else grace)
-    except KeyboardInterrupt:
-        _stop(workers)
-        return 130
-    finally:
-        _stop(workers)
-
-
-def _supervise(workers: list[subprocess.Popen[bytes]], grace: float) -> int:
-    failure: tuple[int, int] | None = None
-    deadline: float | None = None
-    while True:
-        codes = [w.poll() for w in workers]
-        if failure is None:
-            for index, code in enumerate(codes):
-                if code:
-                    failure = (index, code)
-                    deadline = time.monotonic() + grace
-                    if any(c is None for c in codes):
-                        print(
-                            f"looproto: worker {index} exited with status {code}; waiting up "
-                            f"to {grace:g} s for the other workers to stop",
-                            file=sys.stderr,
-                            flush=True,
-                        )
-                    break
-        if all(code is not None for code in codes):
-            break
-        if deadline is not None and time.monotonic() > deadline:
-            running = [i for i, code in enumerate(codes) if code is None]
-            print(
-                f"looproto: killing workers {running}, still running {grace:g} s after "
-                "another worker failed",
-                file=sys.stderr,
-                flush=True,
-            )
-            _stop(workers)
-            break
-        time.sleep(0.05)
-    if failure is None:
-        return 0
-    for index, worker in enumerate(workers):
-        if worker.returncode:
-            print(
-                f"looproto: worker {index} exited with status {worker.returncode}",
-                file=sys.stderr,
-                flush=True,
-            )
-    return failure[1] if failure[1] > 0 else 1
-
-
-def _stop(workers: list[subprocess.Popen[bytes]]) -> None:
-    # SIGKILL: JAX's and TensorFlow's runtimes catch SIGTERM (to sync preemptions).
-    for worker in workers:
-        if worker.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                worker.send_signal(signal.SIGKILL)
-    for worker in workers:
-        with contextlib.suppress(Exception):
-            worker.wait(timeout=10)
+        return backends.launcher(name) is not None
+    except (ConfigError, BackendNotAvailableError):
+        return False

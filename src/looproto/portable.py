@@ -38,12 +38,11 @@ from typing import Any, ClassVar
 import numpy as np
 
 from looproto import backends
-from looproto.backends.base import Backend
-from looproto.errors import ConfigError, ProtocolError, value_repr
+from looproto.backends.base import Backend, SupportsArrayAPI, SupportsGradients
+from looproto.errors import BackendNotAvailableError, ConfigError, ProtocolError, value_repr
 from looproto.module import (
     Module,
     Variable,
-    framework_backends,
     is_trainable,
     variable_to_numpy,
     variables_by_path,
@@ -51,62 +50,38 @@ from looproto.module import (
 
 __all__ = ["SGD", "Adam", "Optimizer", "array_namespace", "value_and_grad"]
 
-# The builtin backends by the top-level package of an array's type. A constant: inside
-# `torch.compile`d code a lookup in a dict that changes would add a guard on its size,
-# and every new entry would recompile every compiled step.
-_BUILTIN = {
-    "numpy": "numpy",
-    "jax": "jax",
-    "jaxlib": "jax",
-    "tensorflow": "tensorflow",
-    "torch": "torch",
-}
-# Other array types -> namespace (third-party backends), filled on first sight of a type.
-_OTHERS: dict[type, Any] = {}
+_NAMESPACES: dict[type, Any] = {}
 _NUMBERS = (bool, int, float, complex)
 
 
-def _builtin_namespace(x: Any) -> Any:
-    """The namespace of a NumPy/JAX/torch/TensorFlow array from its backend, else None.
+def _namespace(x: Any) -> Any:
+    """The array API namespace of one array, from its backend, cached by type.
 
-    No cache and no mutable state, so that compilers tracing it (torch.compile) see
-    constants only; the backend module is imported already whenever its arrays exist.
+    Plain Python that AutoGraph can convert (no for/else, no annotated names in
+    branches), should `tf.function` ever trace it. A compiled torch step meets only
+    types seen before it was traced (its tensors), so the cache does not change under it.
     """
-    backend = _BUILTIN.get(type(x).__module__.partition(".")[0])
-    if backend == "torch":
-        from looproto.backends import torch as module
-    elif backend == "numpy":
-        from looproto.backends import numpy as module  # type: ignore[no-redef]
-    elif backend == "jax":
-        from looproto.backends import jax as module  # type: ignore[no-redef]
-    elif backend == "tensorflow":
-        from looproto.backends import tensorflow as module  # type: ignore[no-redef]
-    else:
-        return None
-    return module.array_namespace()
-
-
-def _other_namespace(x: Any) -> Any:
-    # Plain Python that AutoGraph can convert (no for/else, no annotated names in
-    # branches), should `tf.function` ever trace it.
     cls = type(x)
-    found = _OTHERS.get(cls)
+    found = _NAMESPACES.get(cls)
     if found is not None:
         return found
-    makers = [getattr(b, "array_namespace", None) for b in framework_backends(x)]
-    make = next((m for m in makers if m is not None), None)
-    if make is not None:
-        xp = make()
+    if isinstance(x, (np.ndarray, np.generic)):
+        xp = backends.get("numpy").array_namespace()  # type: ignore[attr-defined]
     else:
-        own = getattr(x, "__array_namespace__", None)
-        if not callable(own):
-            raise ProtocolError(
-                f"No array API namespace is known for {value_repr(x)} of type "
-                f"{cls.__module__}.{cls.__qualname__}; expected a NumPy, JAX, PyTorch or "
-                "TensorFlow array (or an array with `__array_namespace__`)."
-            )
-        xp = own()
-    _OTHERS[cls] = xp
+        able = [b for b in backends.for_object(x) if isinstance(b, SupportsArrayAPI)]
+        if able:
+            xp = able[0].array_namespace()
+        else:
+            own = getattr(x, "__array_namespace__", None)
+            if not callable(own):
+                raise ProtocolError(
+                    f"No array API namespace is known for {value_repr(x)} of type "
+                    f"{cls.__module__}.{cls.__qualname__}; expected an array of a backend "
+                    "that supports the array API (NumPy, JAX, PyTorch, TensorFlow), or an "
+                    "array with `__array_namespace__`."
+                )
+            xp = own()
+    _NAMESPACES[cls] = xp
     return xp
 
 
@@ -132,9 +107,7 @@ def array_namespace(*arrays: Any) -> Any:
             x = x.value
         if x is None or isinstance(x, _NUMBERS):
             continue
-        found = _builtin_namespace(x)
-        if found is None:
-            found = _other_namespace(x)
+        found = _namespace(x)
         if xp is None:
             xp = found
         elif found is not xp:
@@ -180,26 +153,26 @@ def value_and_grad(
         ConfigError: The backend cannot differentiate (the NumPy backend).
     """
     resolved = backends.get(backend) if isinstance(backend, str) else backend
-    differentiate = getattr(resolved, "value_and_grad", None)
-    if differentiate is None:
-        able = [n for n in ("jax", "tensorflow", "torch") if n in backends.available()]
+    if not isinstance(resolved, SupportsGradients):
         raise ConfigError(
             f"The `{resolved.name}` backend cannot differentiate (it has no "
             f"`value_and_grad`), so it cannot train a portable model; train on one of "
-            f"{able}. The `{resolved.name}` backend can still evaluate the model and restore "
-            "its checkpoints."
+            f"{_differentiating_backends()}. The `{resolved.name}` backend can still evaluate "
+            "the model and restore its checkpoints."
         )
-    result: tuple[Any, dict[str, Any]] = differentiate(fn, module, has_aux=has_aux)
-    return result
+    return resolved.value_and_grad(fn, module, has_aux=has_aux)
 
 
-# AutoGraph (`tf.function`) would convert these plain-Python dispatchers and everything
-# they call on a cache miss, warning about code it cannot convert; the attribute it
-# reads to recognise its own artifacts makes it call them as they are. (No import of
-# TensorFlow: it is just an attribute.)
-_AUTOGRAPH_ARTIFACT = "autograph_info__"
-for _function in (array_namespace, value_and_grad):
-    setattr(_function, _AUTOGRAPH_ARTIFACT, None)
+def _differentiating_backends() -> list[str]:
+    # Only for an error message: loading each backend imports its framework.
+    able = []
+    for name in backends.available():
+        try:
+            if isinstance(backends.get(name), SupportsGradients):
+                able.append(name)
+        except (BackendNotAvailableError, ConfigError):
+            continue
+    return able
 
 
 # ----------------------------------------------------------------------------

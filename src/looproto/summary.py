@@ -11,9 +11,9 @@ file, visible to TensorBoard and safe from the process being killed; after
 `sync()` (or `close()`) it is also `fsync`ed, safe from the machine going down.
 The Controller flushes after every inner loop and syncs whenever it saves a
 checkpoint, so the summaries a checkpoint's steps produced outlive a crash with it.
-(An `fsync` costs 0.1 ms on an idle disk and was measured at 5 ms under load here:
-too much for every loop of a fast inner loop.) tensorboardX is imported on the first write, not when
-this module is imported: it imports torch when torch is installed (about 1-2 s).
+(An `fsync` costs about 0.1 ms on an idle disk and several ms on a busy one: too much
+for every loop of a fast inner loop.) tensorboardX is imported on the first write, not
+when this module is imported: it imports torch when torch is installed (about 1-2 s).
 """
 
 from __future__ import annotations

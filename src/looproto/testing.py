@@ -22,7 +22,18 @@ import numpy as np
 
 from looproto import _nest
 from looproto._events import read_events
-from looproto.backends.base import Backend, LoopOptions
+from looproto.backends.base import (
+    Backend,
+    LoopOptions,
+    SupportsArrayAPI,
+    SupportsAssignHook,
+    SupportsDistributed,
+    SupportsDtypes,
+    SupportsGradients,
+    SupportsHookGate,
+    SupportsIteratorState,
+    SupportsStateJSON,
+)
 from looproto.errors import ConfigError, LooprotoError, ShapeError
 from looproto.module import Module, Variable
 from looproto.runner import Evaluator, Trainer
@@ -96,18 +107,38 @@ class _Counter(Module):
         self.seen: list[Any] = []
 
 
+_CAPABILITIES: dict[str, type] = {
+    protocol.__name__: protocol
+    for protocol in (
+        SupportsArrayAPI,
+        SupportsAssignHook,
+        SupportsDistributed,
+        SupportsDtypes,
+        SupportsGradients,
+        SupportsHookGate,
+        SupportsIteratorState,
+        SupportsStateJSON,
+    )
+}
+
+
 def check_backend(
     backend: Backend,
     make_variable: Callable[[np.ndarray[Any, Any]], Any] | None = None,
-) -> None:
+) -> list[str]:
     """Checks the framework-independent parts of the backend contract.
 
     Covers: identity and version; discovery answers for foreign objects; the eager
     loop (`compile_step=False`): step counting, `num_steps=-1`, end of data,
     reduce state; unknown `backend_options` rejected; `to_host` of NumPy trees;
-    `name_scope` usable as a context manager. With `make_variable` (a function
-    building one of the backend's variables from a NumPy array) also: discovery,
-    `to_numpy`, `assign` round trips, and `ShapeError` on a wrong shape.
+    `name_scope` usable as a context manager; the optional protocols the backend
+    follows, on objects of no framework. With `make_variable` (a function building one
+    of the backend's variables from a NumPy array) also: discovery, `to_numpy`,
+    `assign` round trips, and `ShapeError` on a wrong shape.
+
+    Returns:
+        The names of the optional protocols the backend follows
+        (`looproto.backends.SupportsGradients`, ...), sorted.
 
     Raises:
         AssertionError: The contract is broken; the message says how.
@@ -165,6 +196,25 @@ def check_backend(
 
     if make_variable is not None:
         _check_variables(backend, make_variable)
+    return _check_capabilities(backend)
+
+
+def _check_capabilities(backend: Backend) -> list[str]:
+    foreign = object()
+    if isinstance(backend, SupportsArrayAPI) and not hasattr(backend.array_namespace(), "asarray"):
+        raise _fail("`array_namespace()` must return an array API namespace (with `asarray`).")
+    if isinstance(backend, SupportsIteratorState) and backend.iterator_state(foreign) is not None:
+        raise _fail("`iterator_state` must be None for an object of no framework.")
+    if isinstance(backend, SupportsStateJSON) and backend.state_to_json(foreign) is not None:
+        raise _fail("`state_to_json` must be None for an object of no framework.")
+    if isinstance(backend, SupportsHookGate) and not isinstance(backend.hooks_gated(), bool):
+        raise _fail("`hooks_gated()` must return a bool.")
+    if (
+        isinstance(backend, SupportsDtypes)
+        and backend.numpy_dtype(np.dtype("float32")) != np.float32
+    ):
+        raise _fail("`numpy_dtype` must return NumPy dtypes unchanged.")
+    return sorted(name for name, protocol in _CAPABILITIES.items() if isinstance(backend, protocol))
 
 
 def _check_variables(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable
 from typing import Any
@@ -41,6 +42,33 @@ FACTORIES: dict[str, tuple[str | None, Callable[[np.ndarray], Any]]] = {
     "tensorflow": ("tensorflow", _tf_variable),
     "torch": ("torch", _torch_parameter),
 }
+# The optional protocols each shipped backend follows (`looproto.backends.Supports*`).
+CAPABILITIES = {
+    "numpy": ["SupportsArrayAPI"],
+    "jax": [
+        "SupportsArrayAPI",
+        "SupportsAssignHook",
+        "SupportsDistributed",
+        "SupportsGradients",
+    ],
+    "tensorflow": [
+        "SupportsArrayAPI",
+        "SupportsAssignHook",
+        "SupportsDistributed",
+        "SupportsDtypes",
+        "SupportsGradients",
+        "SupportsIteratorState",
+    ],
+    "torch": [
+        "SupportsArrayAPI",
+        "SupportsDistributed",
+        "SupportsDtypes",
+        "SupportsGradients",
+        "SupportsHookGate",
+        "SupportsIteratorState",
+        "SupportsStateJSON",
+    ],
+}
 
 
 @pytest.mark.parametrize("name", sorted(FACTORIES))
@@ -52,7 +80,7 @@ def test_backend_follows_the_contract(name):
         pytest.skip(f"the {name} adapter is not part of this install")
     backend = backends.get(name)
     assert backend.name == name
-    testing.check_backend(backend, make_variable=factory)
+    assert testing.check_backend(backend, make_variable=factory) == CAPABILITIES[name]
 
 
 def test_registry_knows_the_builtin_backends_and_default():
@@ -88,8 +116,8 @@ def test_registered_backend_is_used_by_standard_trainer(monkeypatch):
             calls.append(type(module).__name__)
             return numpy_backend.make_loop(step_fn, module=module, options=options)
 
-    monkeypatch.setattr(backends, "_registered", {"recording": Recording})
-    monkeypatch.setattr(backends, "_loaded", {})
+    monkeypatch.setattr(backends, "_entries", dict(backends._entries))
+    backends.register("recording", Recording)
 
     class Trainer(looproto.StandardTrainer):
         def __init__(self) -> None:
@@ -109,13 +137,13 @@ def test_missing_framework_names_the_extra(monkeypatch):
     real_import = importlib.import_module
 
     def fake_import(name: str, *args: Any) -> Any:
-        if name == "looproto.backends.torch":
+        if name == "looproto.backends.torch._backend":
             raise ImportError("No module named 'torch'")
         return real_import(name, *args)
 
     monkeypatch.setattr(backends.importlib, "import_module", fake_import)
-    monkeypatch.setattr(backends, "_loaded", {})
-    monkeypatch.setattr(backends, "_builtin_names", lambda: ["numpy", "torch"])
+    unloaded = {n: dataclasses.replace(e, backend=None) for n, e in backends._entries.items()}
+    monkeypatch.setattr(backends, "_entries", unloaded)
     with pytest.raises(looproto.BackendNotAvailableError, match=r"pip install 'looproto\[torch\]'"):
         backends.get("torch")
 
@@ -133,8 +161,7 @@ def test_entry_point_may_name_an_instance_a_class_or_a_factory(monkeypatch, kind
     entry = metadata.EntryPoint("plugged", "plugged_pkg:obj", backends.ENTRY_POINT_GROUP)
     monkeypatch.setattr(metadata.EntryPoint, "load", lambda self: target)
     monkeypatch.setattr(backends, "_entry_points", lambda: {"plugged": entry})
-    monkeypatch.delitem(backends._loaded, "plugged", raising=False)
+    monkeypatch.setattr(backends, "_entries", dict(backends._entries))
     backend = backends.get("plugged")
     assert isinstance(backend, Plugged)
     assert backends.get("plugged") is backend  # loaded once
-    monkeypatch.delitem(backends._loaded, "plugged")

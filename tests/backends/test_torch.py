@@ -22,8 +22,8 @@ import looproto  # noqa: E402
 from looproto import backends, testing  # noqa: E402
 from looproto.backends import LoopOptions  # noqa: E402
 from looproto.backends import torch as torch_backend  # noqa: E402
-from looproto.backends.torch import device as torch_device  # noqa: E402
-from looproto.backends.torch import loop as torch_loop  # noqa: E402
+from looproto.backends.torch import _device as torch_device  # noqa: E402
+from looproto.backends.torch import _loop as torch_loop  # noqa: E402
 from looproto.data import ArrayDataset  # noqa: E402
 from looproto.errors import (  # noqa: E402
     BackendNotAvailableError,
@@ -828,7 +828,7 @@ def test_xla_path_marks_each_step_and_fetches_once(monkeypatch: Any) -> None:
     # The XLA device ops, on CPU tensors standing in for XLA ones.
     monkeypatch.setattr(
         torch_loop,
-        "_device_ops",
+        "device_ops",
         lambda device, mode: torch_device._XlaOps(device),
     )
     trainer = Trainer(
@@ -841,10 +841,10 @@ def test_xla_path_marks_each_step_and_fetches_once(monkeypatch: Any) -> None:
 
 
 def test_reduce_overhead_on_cuda_marks_cudagraph_steps() -> None:
-    ops = torch_device._device_ops(torch.device("cuda", 0), "reduce-overhead")
+    ops = torch_device.device_ops(torch.device("cuda", 0), "reduce-overhead")
     assert ops.cudagraph_steps
-    assert not torch_device._device_ops(torch.device("cuda", 0), None).cudagraph_steps
-    assert not torch_device._device_ops(torch.device("cpu"), "reduce-overhead").cudagraph_steps
+    assert not torch_device.device_ops(torch.device("cuda", 0), None).cudagraph_steps
+    assert not torch_device.device_ops(torch.device("cpu"), "reduce-overhead").cudagraph_steps
 
 
 def test_the_loop_accepts_any_iterable_of_batches() -> None:

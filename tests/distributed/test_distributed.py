@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 
 import looproto
-from looproto import cli, config, distributed
+from looproto import distributed
 from looproto.checkpoint import CheckpointManager, latest_step
 from looproto.data import ArrayDataset
 from looproto.errors import CheckpointError, ConfigError, DistributedError
+from looproto.run import cli, config, launch
 from looproto.testing import read_events
 
 Peer = Callable[[str, Any], Any]
@@ -119,10 +120,10 @@ def test_a_backend_without_an_engine_is_refused() -> None:
 
 @pytest.mark.parametrize("backend", ["torch", "jax", "tensorflow"])
 def test_worker_environment_is_what_each_engine_reads_back(backend: str) -> None:
-    ports = distributed.free_ports(3)
+    ports = launch.free_ports(3)
     assert len(set(ports)) == 3
     for index in range(3):
-        env = distributed.worker_environment(backend, index, 3, ports, "127.0.0.1")
+        env = launch.worker_environment(backend, index, 3, ports, "127.0.0.1")
         found = distributed.environment(backend, env)
         assert found is not None
         assert (found.process_index, found.process_count) == (index, 3)
@@ -133,7 +134,7 @@ def test_worker_environment_is_what_each_engine_reads_back(backend: str) -> None
 
 
 def test_torch_environment_is_torchruns() -> None:
-    env = distributed.worker_environment("pytorch", 1, 2, [29500], "10.0.0.1")
+    env = launch.worker_environment("pytorch", 1, 2, [29500], "10.0.0.1")
     assert env["RANK"] == env["LOCAL_RANK"] == "1"
     assert env["WORLD_SIZE"] == "2" and env["MASTER_ADDR"] == "10.0.0.1"
     assert env["MASTER_PORT"] == "29500"
@@ -173,9 +174,9 @@ def test_malformed_environments_are_config_errors(
 
 def test_worker_environment_needs_its_ports() -> None:
     with pytest.raises(ConfigError, match=r"tensorflow launch of 2 processes needs 2 port"):
-        distributed.worker_environment("tensorflow", 0, 2, [1234], "127.0.0.1")
+        launch.worker_environment("tensorflow", 0, 2, [1234], "127.0.0.1")
     with pytest.raises(ConfigError, match=r"'numpy' backend has no distributed engine"):
-        distributed.worker_environment("numpy", 0, 2, [1234], "127.0.0.1")
+        launch.worker_environment("numpy", 0, 2, [1234], "127.0.0.1")
 
 
 # ----------------------------------------------------------------------------
@@ -438,7 +439,7 @@ def test_launch_gives_each_worker_its_place(tmp_path: Path) -> None:
         text = count + " " + os.environ["LOOPROTO_COORDINATOR_ADDRESS"]
         pathlib.Path({str(tmp_path)!r}, i).write_text(text)
     """
-    assert distributed.launch(_python(code), backend="jax", num_processes=3, timeout=5) == 0
+    assert launch.launch(_python(code), backend="jax", num_processes=3, timeout=5) == 0
     seen = {p.name: p.read_text().split() for p in tmp_path.iterdir()}
     assert sorted(seen) == ["0", "1", "2"]
     assert {count for count, _ in seen.values()} == {"3"}
@@ -453,7 +454,7 @@ def test_launch_stops_the_others_once_one_failed(capfd: pytest.CaptureFixture[st
         time.sleep(60)  # a worker that never notices
     """
     start = time.monotonic()
-    code_ = distributed.launch(_python(code), backend="torch", num_processes=2, timeout=1, grace=1)
+    code_ = launch.launch(_python(code), backend="torch", num_processes=2, timeout=1, grace=1)
     assert code_ == 5
     assert time.monotonic() - start < 20
     err = capfd.readouterr().err
@@ -464,7 +465,7 @@ def test_launch_stops_the_others_once_one_failed(capfd: pytest.CaptureFixture[st
 
 def test_launch_rejects_a_bad_count() -> None:
     with pytest.raises(ConfigError, match=r"`num_processes` must be a positive int"):
-        distributed.launch(["true"], backend="torch", num_processes=0)
+        launch.launch(["true"], backend="torch", num_processes=0)
 
 
 def test_importing_distributed_imports_no_framework() -> None:
@@ -489,7 +490,7 @@ def test_cli_launches_the_configured_number_of_workers(
         calls.append({"command": command, **kwargs})
         return 0
 
-    monkeypatch.setattr(distributed, "launch", fake_launch)
+    monkeypatch.setattr(launch, "launch", fake_launch)
     path = Path(_config(tmp_path, "torch"))
     path.write_text(path.read_text() + "\n[distributed]\nnum_processes = 2\ntimeout = 45\n")
     assert cli.main(["train", str(path), "--set", "train.steps=5"]) == 0

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from looproto import cli
 from looproto.checkpoint import read_metadata
+from looproto.run import cli
 from looproto.testing import read_events
 
 pytestmark = pytest.mark.slow

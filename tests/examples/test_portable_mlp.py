@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from looproto import cli, config
 from looproto.errors import ConfigError
 from looproto.examples import numpy_mlp, portable_mlp
+from looproto.run import cli, config
 from tests.helpers import scalars
 
 CONFIGS = Path(portable_mlp.__file__).parent / "configs"

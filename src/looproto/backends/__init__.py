@@ -1,86 +1,263 @@
-"""Backends by name: `get("jax")`, `available()`, `default_name()`.
+"""The backend registry: backends by name, and what the core asks about frameworks.
 
-Importing this package imports no framework. A backend's module (and so its
-framework) is imported when the backend is first asked for. Backends come from
-three places, in this order of precedence:
+This is the one place where looproto's core meets frameworks. A backend is
+registered with one call, `register(...)`, which says everything looproto must know
+before the framework is imported: its name, which packages' objects it understands,
+how to install it, how its processes find each other, its JSON tags. The backend
+object itself is loaded when it is first needed (`get("jax")`, or an object of its
+framework met in a module tree); its optional hooks (`SupportsAssignHook`,
+`SupportsHookGate`) and its name scope are installed then. The core asks the registry --
+`for_object`, `hooks_gated`, `scope_hooks` -- and never names a framework.
 
-1. `register(name, factory)` at run time;
-2. the ones shipped with looproto (`numpy`, `jax`, `tensorflow`, `torch`);
+Backends come from three places, in this order of precedence:
+
+1. `register(...)` called by a program or a package it imports;
+2. the ones shipped with looproto (`numpy`, `jax`, `tensorflow`, `torch`), each of
+   which registers itself in its own package (`looproto/backends/<name>/`);
 3. the `looproto.backends` entry-point group, whose entries point at a backend
    instance, a backend class or a zero-argument factory function
-   (`"my_pkg.backend:make_backend"`).
+   (`"my_pkg.backend:make_backend"`), looked up when a name is not otherwise known.
 
-The default backend is `LOOPROTO_BACKEND` from the environment, else `numpy`.
+Importing this package imports no framework. The default backend is
+`LOOPROTO_BACKEND` from the environment, else `numpy`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-import importlib.util
 import os
-from collections.abc import Callable
-from importlib import metadata
+import sys
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
-from looproto.backends.base import Backend, Loop, LoopOptions, ReduceFn, StepFn
+import numpy as np
+
+from looproto.backends.base import (
+    Backend,
+    Engine,
+    IteratorState,
+    Launcher,
+    Loop,
+    LoopOptions,
+    ReduceFn,
+    StepFn,
+    SupportsArrayAPI,
+    SupportsAssignHook,
+    SupportsDistributed,
+    SupportsDtypes,
+    SupportsGradients,
+    SupportsHookGate,
+    SupportsIteratorState,
+    SupportsStateJSON,
+    WorkerEnvironment,
+)
 from looproto.errors import BackendNotAvailableError, ConfigError
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
+    "ENV_VAR",
     "Backend",
+    "Engine",
+    "IteratorState",
+    "Launcher",
     "Loop",
     "LoopOptions",
     "ReduceFn",
     "StepFn",
+    "SupportsArrayAPI",
+    "SupportsDistributed",
+    "SupportsDtypes",
+    "SupportsGradients",
+    "SupportsAssignHook",
+    "SupportsHookGate",
+    "SupportsIteratorState",
+    "SupportsStateJSON",
+    "WorkerEnvironment",
+    "assign_hooks",
     "available",
+    "canonical_name",
     "default_name",
+    "for_object",
     "get",
+    "hooks_gated",
     "installed",
+    "json_tag_owner",
+    "launcher",
+    "numpy_dtype",
     "register",
+    "scope_hooks",
+    "to_numpy",
 ]
 
 ENTRY_POINT_GROUP = "looproto.backends"
 ENV_VAR = "LOOPROTO_BACKEND"
 
-_BUILTIN: dict[str, str] = {
-    "numpy": "looproto.backends.numpy",
-    "jax": "looproto.backends.jax",
-    "tensorflow": "looproto.backends.tensorflow",
-    "torch": "looproto.backends.torch",
-}
-_ALIASES = {"np": "numpy", "tf": "tensorflow", "pytorch": "torch"}
-# What to `pip install` for a builtin backend whose framework is missing.
-_EXTRAS = {"jax": "jax", "tensorflow": "tensorflow", "torch": "torch"}
-
-_registered: dict[str, Callable[[], Backend]] = {}
-_loaded: dict[str, Backend] = {}
+# The packages of the backends that ship with looproto. Importing one imports no
+# framework: it only registers its backend. The order is the order in which backends
+# are asked about a package several understand (Keras: TensorFlow first).
+_SHIPPED = ("numpy", "tensorflow", "jax", "torch")
 
 
-def _builtin_names() -> list[str]:
-    # A builtin counts only if its adapter ships in this install.
-    return [name for name, mod in _BUILTIN.items() if importlib.util.find_spec(mod) is not None]
+@dataclasses.dataclass
+class _Entry:
+    name: str
+    factory: Callable[[], Any] | str | Backend
+    packages: tuple[str, ...]
+    install: str | None
+    launcher: Launcher | None
+    json_tags: tuple[str, ...]
+    backend: Backend | None = None
 
 
-def _entry_points() -> dict[str, metadata.EntryPoint]:
-    return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+_entries: dict[str, _Entry] = {}
+_aliases: dict[str, str] = {}
+_shipped_registered = False
+# Backends whose framework may be imported at any time; loaded once it is (`scope_hooks`).
+_waiting: list[_Entry] = []
+_by_type: dict[type, tuple[Backend, ...]] = {}
+
+assign_hooks: list[Callable[[Any, Any], bool | None]] = []
+"""The loaded backends' `on_assign` hooks, which `Variable.assign` calls (read-only)."""
+_scope_hooks: list[Callable[[str], AbstractContextManager[Any]]] = []
+_gates: list[Callable[[], bool]] = []
 
 
-def available() -> list[str]:
-    """Names of all backends that can be asked for (installed framework or not)."""
-    names = set(_registered) | set(_builtin_names()) | set(_entry_points())
-    return sorted(names)
+# ----------------------------------------------------------------------------
+# Registering
 
 
-def register(name: str, factory: Callable[[], Backend]) -> None:
-    """Registers a backend under `name`; `factory()` is called on first `get(name)`."""
+def register(
+    backend: Backend | str,
+    factory: Callable[[], Backend] | str | None = None,
+    *,
+    packages: Sequence[str] = (),
+    aliases: Sequence[str] = (),
+    install: str | None = None,
+    launcher: Launcher | None = None,
+    json_tags: Sequence[str] = (),
+) -> None:
+    """Registers a backend: everything looproto must know about a framework, in one call.
+
+    Either `register(backend_object, ...)`, or `register(name, factory, ...)` where
+    `factory` is a zero-argument callable or a `"module:attribute"` string naming the
+    backend object, loaded on first use so that the framework is imported only then.
+    A name registered again replaces the earlier registration.
+
+    Example:
+        >>> from looproto.backends.numpy import NumpyBackend
+        >>> class Strict(NumpyBackend):
+        ...     name = "strict"
+        >>> register(Strict(), aliases=("strict_numpy",))
+        >>> get("strict_numpy").name
+        'strict'
+
+    Args:
+        backend: The backend object, or the name to register a `factory` under.
+        factory: With a name: what makes the backend when it is first needed.
+        packages: The top-level packages whose objects this backend understands, the
+            framework's own first (e.g. `("torch", "torch_xla", "torchdata")`). Objects
+            of these packages found in a `Module` are asked of this backend, and once
+            the first package is imported the backend is loaded at the next name scope,
+            so that its scopes mirror looproto's.
+        aliases: Other names `get` accepts for it (`"pytorch"`).
+        install: What to `pip install` when the framework is missing.
+        launcher: How its processes find each other (`Launcher`), for multi-process runs.
+        json_tags: The tags of `SupportsStateJSON` values it writes into checkpoints.
+
+    Raises:
+        ConfigError: An argument has the wrong type.
+    """
+    if isinstance(backend, str):
+        name = backend
+        if factory is None:
+            raise ConfigError(
+                f"`register({name!r})` needs a `factory` (a callable or a 'module:attribute' "
+                "string), or pass the backend object itself."
+            )
+        made: Callable[[], Any] | str | Backend = factory
+    else:
+        if factory is not None:
+            raise ConfigError(
+                "`register(backend, factory)`: pass a backend object alone, or a name and a "
+                f"factory; received backend={backend!r}."
+            )
+        if not isinstance(backend, Backend):
+            raise ConfigError(
+                f"`backend` must follow `looproto.backends.Backend`; received {backend!r}."
+            )
+        name, made = backend.name, backend
     if not isinstance(name, str) or not name:
         raise ConfigError(f"`name` must be a non-empty string; received {name!r}.")
-    _registered[name] = factory
-    _loaded.pop(name, None)
+    _register_shipped()
+    _unregister(name)
+    entry = _Entry(
+        name=name,
+        factory=made,
+        packages=_strings(packages, "packages"),
+        install=install,
+        launcher=launcher,
+        json_tags=_strings(json_tags, "json_tags"),
+    )
+    _entries[name] = entry
+    for alias in _strings(aliases, "aliases"):
+        _aliases[alias] = name
+    if entry.packages:
+        _waiting.append(entry)
+    _by_type.clear()
+    if not isinstance(made, (str, type)) and isinstance(made, Backend):
+        _load(entry)
+
+
+def _strings(values: Sequence[str], argument: str) -> tuple[str, ...]:
+    if isinstance(values, str) or not all(isinstance(v, str) and v for v in values):
+        raise ConfigError(
+            f"`{argument}` must be a sequence of non-empty strings; received {values!r}."
+        )
+    return tuple(values)
+
+
+def _unregister(name: str) -> None:
+    old = _entries.pop(name, None)
+    if old is None:
+        return
+    for alias in [a for a, target in _aliases.items() if target == name]:
+        del _aliases[alias]
+    if old in _waiting:
+        _waiting.remove(old)
+    if old.backend is not None:
+        _uninstall(old.backend)
+
+
+def _register_shipped() -> None:
+    global _shipped_registered
+    if _shipped_registered:
+        return
+    _shipped_registered = True
+    for name in _SHIPPED:
+        importlib.import_module(f"looproto.backends.{name}")
+
+
+# ----------------------------------------------------------------------------
+# Looking backends up
 
 
 def default_name() -> str:
     """`LOOPROTO_BACKEND` if set, else `"numpy"`."""
     return os.environ.get(ENV_VAR) or "numpy"
+
+
+def canonical_name(name: str) -> str:
+    """The registered name for `name` or one of its aliases (`"tf"` -> `"tensorflow"`)."""
+    _register_shipped()
+    return _aliases.get(name, name)
+
+
+def available() -> list[str]:
+    """Names of all backends that can be asked for (installed framework or not)."""
+    _register_shipped()
+    return sorted(set(_entries) | set(_entry_points()))
 
 
 def get(name: str | None = None) -> Backend:
@@ -89,57 +266,19 @@ def get(name: str | None = None) -> Backend:
     Raises:
         ConfigError: No backend has that name; the message lists `available()`.
         BackendNotAvailableError: The backend exists but its framework is not
-            installed; the message names the pip extra to install.
+            installed; the message names what to install.
     """
     if name is None:
         name = default_name()
     if not isinstance(name, str):
         raise ConfigError(f"`backend` must be a string; received {name!r}.")
-    name = _ALIASES.get(name, name)
-    try:
-        return _loaded[name]
-    except KeyError:
-        pass
-    backend = _load(name)
-    _loaded[name] = backend
-    return backend
-
-
-def _load(name: str) -> Backend:
-    if name in _registered:
-        return _registered[name]()
-    if name in _BUILTIN and name in _builtin_names():
-        try:
-            module = importlib.import_module(_BUILTIN[name])
-        except ImportError as err:
-            extra = _EXTRAS.get(name, name)
-            raise BackendNotAvailableError(
-                f"The `{name}` backend needs a framework that is not installed ({err}). "
-                f"Install it with: pip install 'looproto[{extra}]'"
-            ) from err
-        backend: Backend = module.BACKEND
-        return backend
-    eps = _entry_points()
-    if name in eps:
-        try:
-            obj: Any = eps[name].load()
-        except ImportError as err:
-            raise BackendNotAvailableError(
-                f"The `{name}` backend (entry point {eps[name].value!r}) failed to import: {err}"
-            ) from err
-        # A factory function or a backend class is called; a backend instance is used.
-        is_instance = isinstance(obj, Backend) and not isinstance(obj, type)
-        backend = obj() if callable(obj) and not is_instance else obj
-        if not isinstance(backend, Backend):
-            raise ConfigError(
-                f"Entry point {eps[name].value!r} for backend `{name}` did not give an "
-                "object following `looproto.backends.Backend`."
-            )
-        return backend
-    raise ConfigError(
-        f"Unknown backend {name!r}; expected one of {available()} "
-        f"(set by argument or the `{ENV_VAR}` environment variable)."
-    )
+    name = canonical_name(name)
+    entry = _entries.get(name)
+    if entry is None:
+        entry = _from_entry_point(name)
+    if entry.backend is not None:
+        return entry.backend
+    return _load(entry)
 
 
 def installed() -> dict[str, str]:
@@ -151,3 +290,190 @@ def installed() -> dict[str, str]:
         except (BackendNotAvailableError, ConfigError) as err:
             report[name] = f"not usable: {err}"
     return report
+
+
+def launcher(name: str) -> Launcher | None:
+    """The `Launcher` registered for backend `name` (None: it has no multi-process engine).
+
+    Loads no framework.
+
+    Raises:
+        ConfigError: No backend has that name.
+    """
+    entry = _entries.get(canonical_name(name))
+    if entry is None:
+        entry = _from_entry_point(name)
+    return entry.launcher
+
+
+def json_tag_owner(tag: str) -> str | None:
+    """The name of the backend registered with JSON tag `tag`, else None."""
+    _register_shipped()
+    for entry in _entries.values():
+        if tag in entry.json_tags:
+            return entry.name
+    return None
+
+
+def _load(entry: _Entry) -> Backend:
+    made = entry.factory
+    if isinstance(made, str):
+        module_name, _, attribute = made.partition(":")
+        try:
+            made = getattr(importlib.import_module(module_name), attribute)
+        except ImportError as err:
+            install = entry.install or entry.name
+            raise BackendNotAvailableError(
+                f"The `{entry.name}` backend needs a framework that is not installed ({err}). "
+                f"Install it with: pip install '{install}'"
+            ) from err
+    # A factory function or a backend class is called; a backend instance is used.
+    is_instance = isinstance(made, Backend) and not isinstance(made, type)
+    backend = made() if callable(made) and not is_instance else made
+    if not isinstance(backend, Backend):
+        raise ConfigError(
+            f"The factory of backend `{entry.name}` gave {backend!r}, which does not follow "
+            "`looproto.backends.Backend`."
+        )
+    entry.backend = backend
+    if entry in _waiting:
+        _waiting.remove(entry)
+    _install(backend)
+    _by_type.clear()
+    return backend
+
+
+def _entry_points() -> dict[str, Any]:
+    from importlib import metadata  # ~80 ms: only when a name is not otherwise known
+
+    return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def _from_entry_point(name: str) -> _Entry:
+    point = _entry_points().get(name)
+    if point is None:
+        raise ConfigError(
+            f"Unknown backend {name!r}; expected one of {available()} "
+            f"(set by argument or the `{ENV_VAR}` environment variable)."
+        )
+    try:
+        obj = point.load()
+    except ImportError as err:
+        raise BackendNotAvailableError(
+            f"The `{name}` backend (entry point {point.value!r}) failed to import: {err}"
+        ) from err
+    # The entry point's module may have registered the backend itself on import.
+    entry = _entries.get(name)
+    if entry is None:
+        entry = _Entry(name, obj, (), None, None, ())
+        _entries[name] = entry
+    return entry
+
+
+# ----------------------------------------------------------------------------
+# What the core asks about objects
+
+
+def for_object(obj: Any) -> tuple[Backend, ...]:
+    """The backends that understand objects of `obj`'s framework (maybe none).
+
+    The first base class of `obj`'s type that comes from a registered package decides
+    (a user's `class MLP(torch.nn.Module)` lives in the user's package, but is understood
+    by the torch backend). Never imports a framework that `obj` does not come from: the
+    object exists, so its framework is imported already; a backend that fails to load
+    simply does not recognise it.
+    """
+    cls = type(obj)
+    try:
+        return _by_type[cls]
+    except KeyError:
+        pass
+    _register_shipped()
+    found: list[Backend] = []
+    for base in cls.__mro__:
+        package = getattr(base, "__module__", "").partition(".")[0]
+        names = [e.name for e in _entries.values() if package in e.packages]
+        if names:
+            for name in names:
+                try:
+                    found.append(get(name))
+                except BackendNotAvailableError:
+                    continue
+            break
+    result = tuple(found)
+    _by_type[cls] = result
+    return result
+
+
+def to_numpy(value: Any) -> np.ndarray[Any, Any] | None:
+    """A host NumPy copy of a framework array by its backend, else None (no backend knows it)."""
+    for backend in for_object(value):
+        return backend.to_numpy(value)
+    return None
+
+
+def numpy_dtype(dtype: Any) -> np.dtype[Any]:
+    """NumPy's dtype for any framework's dtype (`torch.float32` -> `float32`)."""
+    if isinstance(dtype, np.dtype):
+        return dtype
+    for backend in for_object(dtype):
+        if isinstance(backend, SupportsDtypes):
+            return backend.numpy_dtype(dtype)
+    result: np.dtype[Any] = np.dtype(dtype)
+    return result
+
+
+# ----------------------------------------------------------------------------
+# Hooks of the loaded backends
+
+
+def scope_hooks() -> list[Callable[[str], AbstractContextManager[Any]]]:
+    """The framework scopes every `NameScope` enters: one per loaded backend.
+
+    A backend whose framework has been imported since the last call is loaded first,
+    so a `tf.Variable` made in a module's scope is named like the module even when
+    no one asked for the TensorFlow backend.
+    """
+    if not _shipped_registered:
+        _register_shipped()
+    if _waiting:
+        _load_imported()
+    return _scope_hooks
+
+
+def _load_imported() -> None:
+    for entry in list(_waiting):
+        if entry.packages[0] in sys.modules:
+            try:
+                _load(entry)
+            except BackendNotAvailableError:
+                _waiting.remove(entry)
+
+
+def hooks_gated() -> bool:
+    """True while a loaded backend says no framework hook may run (`SupportsHookGate`).
+
+    Inside `torch.compile`, for example: Dynamo cannot trace other frameworks' hook
+    code, and what those hooks guard cannot happen there. Name scopes check it
+    themselves; an `on_assign` hook that calls into its framework checks it first.
+    """
+    return any(gate() for gate in _gates)
+
+
+def _install(backend: Backend) -> None:
+    if backend.name_scope not in _scope_hooks:
+        _scope_hooks.append(backend.name_scope)
+    if isinstance(backend, SupportsAssignHook) and backend.on_assign not in assign_hooks:
+        assign_hooks.append(backend.on_assign)
+    if isinstance(backend, SupportsHookGate) and backend.hooks_gated not in _gates:
+        _gates.append(backend.hooks_gated)
+
+
+def _uninstall(backend: Backend) -> None:
+    for hooks, hook in (
+        (_scope_hooks, backend.name_scope),
+        (assign_hooks, getattr(backend, "on_assign", None)),
+        (_gates, getattr(backend, "hooks_gated", None)),
+    ):
+        if hook in hooks:
+            hooks.remove(hook)  # type: ignore[arg-type]

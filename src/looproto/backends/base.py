@@ -14,41 +14,53 @@ A backend is a small object. The core asks it four kinds of question:
 * **Loops** -- `make_loop`: the compiled inner loop. It runs `num_steps` calls of
   a step function in as few host round-trips as the framework allows.
 
-Optionally, a backend may also define `iterator_state(obj)`: for an iterator of its
-framework (a `tf.data` iterator, say) an object with `get_state()` / `set_state(state)`
-(JSON data) that reads and moves that iterator's position, else None. Checkpoints then
-save the position with the variables, so a resumed run sees the batches an uninterrupted
-run would have seen.
+What a backend may supply beyond that is a set of small protocols, each checked with
+`isinstance` where the core needs it and reported by `looproto.testing.check_backend`:
 
-Two more optional methods make a backend run `looproto.portable` models, written
-once against the Python array API: `array_namespace()`, the array API namespace
-of its framework's arrays (`jax.numpy`, `array_api_compat.torch`, ...), and
-`value_and_grad(fn, module, has_aux=False)`, `fn()` and its gradient with respect
-to `module`'s trainable variables, keyed by their paths (`variables_by_path`).
+* `SupportsGradients` -- `value_and_grad` and `grad` over a module's trainable
+  variables (what a `looproto.portable` model trains with);
+* `SupportsArrayAPI` -- `array_namespace()`, the Python array API on its arrays;
+* `SupportsIteratorState` -- `iterator_state(obj)`: the position of one of its
+  framework's data iterators, saved in checkpoints;
+* `SupportsStateJSON` -- its framework's values inside such a position, as JSON;
+* `SupportsDistributed` -- `initialize_distributed(timeout=...)`, its multi-process
+  `Engine`;
+* `SupportsAssignHook` -- `on_assign`, called before every `Variable.assign`;
+* `SupportsHookGate` -- `hooks_gated()`: while it says so, no framework hook runs;
+* `SupportsDtypes` -- `numpy_dtype(dtype)` for its framework's dtypes.
 
-Optionally, a backend may also define `initialize_distributed(timeout=...)`: it starts
-(or adopts) its framework's multi-process engine and returns a
-`looproto.distributed.Engine`; `looproto.distributed.initialize` calls it.
-
-Only the backend's own module imports its framework. `looproto.testing.check_backend`
-runs the whole contract against any backend, including third-party ones.
+Facts needed before a framework is imported -- which packages' objects a backend
+understands, how to install it, how its processes find each other (a `Launcher`) --
+are given to `looproto.backends.register`. Only the backend's own folder imports its
+framework.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from looproto.errors import ProtocolError, value_repr
-
-if TYPE_CHECKING:
-    from looproto.module import Module
-
-__all__ = ["Backend", "Loop", "LoopOptions", "ReduceFn", "StepFn", "split_aux"]
+__all__ = [
+    "Backend",
+    "Engine",
+    "IteratorState",
+    "Launcher",
+    "Loop",
+    "LoopOptions",
+    "ReduceFn",
+    "StepFn",
+    "SupportsArrayAPI",
+    "SupportsDistributed",
+    "SupportsDtypes",
+    "SupportsGradients",
+    "SupportsIteratorState",
+    "SupportsStateJSON",
+    "WorkerEnvironment",
+]
 
 StepFn = Callable[[Any], Any]
 """One step: takes the data iterator, returns the step's outputs (or None)."""
@@ -99,7 +111,7 @@ class Loop(Protocol):
 
 @runtime_checkable
 class Backend(Protocol):
-    """The adapter contract. See the module docstring."""
+    """The adapter contract (see the module docstring for the optional protocols)."""
 
     name: str
 
@@ -139,12 +151,12 @@ class Backend(Protocol):
         """The framework's own scope for the full looproto scope `scope` (ends in `/`)."""
         ...
 
-    def make_loop(self, step_fn: StepFn, *, module: Module, options: LoopOptions) -> Loop:
+    def make_loop(self, step_fn: StepFn, *, module: Any, options: LoopOptions) -> Loop:
         """Builds the inner loop that calls `step_fn(iterator)` repeatedly.
 
         Args:
             step_fn: The step (usually the bound `train_step`/`eval_step`).
-            module: The module whose variables the step reads and writes. Backends
+            module: The `looproto.Module` whose variables the step reads and writes. Backends
                 that compile pure functions (JAX) lift these variables into the
                 compiled call and write them back before the loop returns.
             options: See `LoopOptions`.
@@ -152,16 +164,199 @@ class Backend(Protocol):
         ...
 
 
-def split_aux(out: Any, has_aux: bool) -> tuple[Any, Any]:
-    """`(loss, aux)` of what a `value_and_grad` function returned (`aux` None without aux).
+# ----------------------------------------------------------------------------
+# Optional capabilities
 
-    Raises:
-        ProtocolError: `has_aux` is set and `out` is not a `(loss, aux)` pair.
+
+@runtime_checkable
+class SupportsGradients(Protocol):
+    """A backend that differentiates with respect to a module's trainable variables."""
+
+    def value_and_grad(
+        self, fn: Callable[[], Any], module: Any, has_aux: bool = False
+    ) -> tuple[Any, dict[str, Any]]:
+        """`(fn(), grads)`, the gradients keyed by variable path (`variables_by_path`).
+
+        With `has_aux`, `fn` returns `(loss, aux)` and the result is `((loss, aux), grads)`.
+        """
+        ...
+
+    def grad(self, fn: Callable[[], Any], module: Any, has_aux: bool = False) -> Any:
+        """The gradients of `value_and_grad` alone (`(grads, aux)` with `has_aux`)."""
+        ...
+
+
+@runtime_checkable
+class SupportsArrayAPI(Protocol):
+    """A backend whose arrays have a Python array API namespace (`looproto.portable`)."""
+
+    def array_namespace(self) -> Any:
+        """The namespace (`jax.numpy`, `array_api_compat.torch`, ...)."""
+        ...
+
+
+@runtime_checkable
+class IteratorState(Protocol):
+    """Reads and moves a data iterator's position (JSON data): the iterator-state protocol."""
+
+    def get_state(self) -> Any:
+        """The position, as JSON data."""
+        ...
+
+    def set_state(self, state: Any) -> None:
+        """Moves the iterator to a position `get_state` returned."""
+        ...
+
+
+@runtime_checkable
+class SupportsIteratorState(Protocol):
+    """A backend that saves the position of its framework's data iterators in checkpoints."""
+
+    def iterator_state(self, obj: Any) -> IteratorState | None:
+        """An `IteratorState` for `obj` (a `tf.data` iterator, say), else None."""
+        ...
+
+
+@runtime_checkable
+class SupportsStateJSON(Protocol):
+    """A backend whose framework's values may sit inside an iterator's state.
+
+    Checkpoints keep iterator states as JSON; a torch tensor inside a data loader's
+    sampler state, say, is written by `state_to_json` and read back by `state_from_json`
+    under one of the JSON tags the backend was registered with (`register(json_tags=...)`).
     """
-    if not has_aux:
-        return out, None
-    if not isinstance(out, tuple) or len(out) != 2:
-        raise ProtocolError(
-            f"With `has_aux=True`, `fn` must return `(loss, aux)`; received {value_repr(out)}."
-        )
-    return out
+
+    def state_to_json(self, value: Any) -> tuple[str, Any] | None:
+        """`(tag, JSON payload)` for one of this framework's values, else None."""
+        ...
+
+    def state_from_json(self, tag: str, payload: Any) -> Any:
+        """The value `state_to_json` wrote as `(tag, payload)`."""
+        ...
+
+
+@runtime_checkable
+class SupportsAssignHook(Protocol):
+    """A backend that takes part in every `looproto.Variable.assign`."""
+
+    def on_assign(self, variable: Any, value: Any) -> bool | None:
+        """Called before `variable.assign(value)`; True: the backend stored the value itself.
+
+        It may also refuse the value (a JAX tracer outside a trace, say) by raising.
+        """
+        ...
+
+
+@runtime_checkable
+class SupportsHookGate(Protocol):
+    """A backend that pauses every framework hook (scopes, `on_assign`) at times."""
+
+    def hooks_gated(self) -> bool:
+        """True while no framework hook may run (inside its compiler, say)."""
+        ...
+
+
+@runtime_checkable
+class SupportsDtypes(Protocol):
+    """A backend whose dtypes are not NumPy's (`torch.float32`, `tf.float32`)."""
+
+    def numpy_dtype(self, dtype: Any) -> np.dtype[Any]:
+        """NumPy's dtype for one of this framework's dtypes."""
+        ...
+
+
+# ----------------------------------------------------------------------------
+# Multi-process
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerEnvironment:
+    """Where a process sits in a multi-process run, as its environment says.
+
+    Attributes:
+        process_index: This process's index.
+        process_count: How many processes the run has.
+        coordinator: `host:port` of the coordinator (torch's `MASTER_ADDR:MASTER_PORT`,
+            JAX's coordinator, TensorFlow's first task), or None where it is not set.
+    """
+
+    process_index: int
+    process_count: int
+    coordinator: str | None
+
+
+@runtime_checkable
+class Launcher(Protocol):
+    """How a backend's processes find each other, read from and written to the environment.
+
+    Framework-free: `looproto train --num-processes` launches workers, and a worker
+    learns its place, before any framework is imported.
+    """
+
+    def environment(self, environ: Mapping[str, str]) -> WorkerEnvironment | None:
+        """This process's place in a run as `environ` gives it, or None (not launched so).
+
+        Raises:
+            ConfigError: The variables are there but malformed.
+        """
+        ...
+
+    def ports_needed(self, num_processes: int) -> int:
+        """How many free ports a local launch of `num_processes` workers needs."""
+        ...
+
+    def worker_environment(
+        self, process_index: int, num_processes: int, ports: Sequence[int], host: str
+    ) -> dict[str, str]:
+        """The environment variables of local worker `process_index`."""
+        ...
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What a backend's distributed engine supplies (see `looproto.distributed.initialize`).
+
+    Attributes:
+        backend: The backend's name.
+        process_index: This process's index, `0 <= process_index < process_count`.
+        process_count: How many processes take part.
+        timeout: Seconds to wait for another process before giving up.
+        collective_checkpoints: Whether orbax sees the processes (then every process
+            calls orbax's save and orbax decides who writes what). False: the chief
+            writes and the others wait for it.
+    """
+
+    backend: str
+    process_index: int
+    process_count: int
+    timeout: float
+    collective_checkpoints: bool
+
+    def key_value_set(self, key: str, value: str) -> None:
+        """Publishes `value` under `key` in the engine's key-value store."""
+        ...
+
+    def key_value_get(self, key: str, timeout: float) -> str:
+        """Waits up to `timeout` seconds for `key`; raises if it does not appear."""
+        ...
+
+    def key_value_delete(self, key: str) -> None:
+        """Removes `key` (it was read by every process)."""
+        ...
+
+    def scope(self) -> AbstractContextManager[Any]:
+        """Entered while the trainer is built (`strategy.scope()` on TensorFlow)."""
+        ...
+
+    def shutdown(self) -> None:
+        """Leaves the process group (a clean exit; every process calls it)."""
+        ...
+
+
+@runtime_checkable
+class SupportsDistributed(Protocol):
+    """A backend with a multi-process engine (`looproto.distributed.initialize`)."""
+
+    def initialize_distributed(self, timeout: float = ...) -> Engine:
+        """Starts (or adopts) the framework's multi-process engine."""
+        ...

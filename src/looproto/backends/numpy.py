@@ -9,61 +9,18 @@ runs unchanged under it, just without compilation. Variables are
 from __future__ import annotations
 
 import contextlib
-import logging
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
-from looproto import _nest
-from looproto.backends.base import Loop, LoopOptions, ReduceFn, StepFn
+from looproto import _nest, backends
+from looproto.backends._common import python_loop
+from looproto.backends.base import Loop, LoopOptions, StepFn
 from looproto.errors import BackendNotAvailableError, ConfigError, ProtocolError, ShapeError
+from looproto.module import Module, Variable
 
-if TYPE_CHECKING:
-    from looproto.module import Module
-
-__all__ = ["BACKEND", "NumpyBackend", "array_namespace", "python_loop", "run_python_loop"]
-
-_log = logging.getLogger("looproto")
-
-
-def run_python_loop(
-    call: Callable[[Any], Any],
-    iterator: Any,
-    num_steps: int,
-    state: Any = None,
-    reduce_fn: ReduceFn | None = None,
-    end_of_data: tuple[type[BaseException], ...] = (StopIteration,),
-) -> tuple[Any, int]:
-    """`call(iterator)` until `num_steps` (`-1`: no limit) or one of `end_of_data` is raised.
-
-    Returns `(state, steps_run)` as a `Loop` does. Backends whose data ends with their
-    own exception (TensorFlow's `OutOfRangeError`) pass it in `end_of_data`.
-    """
-    step = 0
-    try:
-        while num_steps < 0 or step < num_steps:
-            outputs = call(iterator)
-            if reduce_fn is not None:
-                state = reduce_fn(state, outputs)
-            step += 1
-    except end_of_data:
-        _log.debug("The data iterator is exhausted after %d steps.", step)
-    return state, step
-
-
-def python_loop(step_fn: StepFn) -> Loop:
-    """An eager loop calling `step_fn(iterator)` until `num_steps` or `StopIteration`.
-
-    Other backends reuse it for their non-compiled paths.
-    """
-
-    def loop(
-        iterator: Any, num_steps: int, state: Any = None, reduce_fn: ReduceFn | None = None
-    ) -> tuple[Any, int]:
-        return run_python_loop(step_fn, iterator, num_steps, state, reduce_fn)
-
-    return loop
+__all__ = ["BACKEND", "NumpyBackend", "array_namespace", "python_loop"]
 
 
 def array_namespace() -> Any:
@@ -100,8 +57,6 @@ class NumpyBackend:
 
     def is_variable(self, obj: Any) -> bool:
         """See base class. (Only `looproto.Variable`, which the core knows itself.)"""
-        from looproto.module import Variable
-
         return isinstance(obj, Variable)
 
     def is_trainable(self, obj: Any) -> bool:
@@ -151,3 +106,4 @@ class NumpyBackend:
 
 
 BACKEND = NumpyBackend()
+backends.register(BACKEND, aliases=("np",))

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 import looproto
-from looproto.module import variable_to_numpy
+from looproto.module import read_int
 
 
 def controller(
@@ -77,7 +77,7 @@ def run(
     controller, trainer = make_controller(
         args.model_dir, steps_per_loop=args.steps_per_loop, **extra
     )
-    start = int(variable_to_numpy(trainer.global_step))
+    start = read_int(trainer.global_step)
     with controller:
         output = controller.train_and_evaluate(
             train_steps=args.steps, eval_steps=-1, eval_interval=args.eval_interval
@@ -86,7 +86,7 @@ def run(
         print(f"Already trained to step {start}; pass a larger --steps to continue.")
     else:
         print(
-            f"Trained steps {start} -> {int(variable_to_numpy(trainer.global_step))}; "
+            f"Trained steps {start} -> {read_int(trainer.global_step)}; "
             f"eval_loss {float(np.asarray(output['eval_loss'])):.4f}. "
             f"TensorBoard: tensorboard --logdir {os.path.join(args.model_dir, 'summaries')}"
         )

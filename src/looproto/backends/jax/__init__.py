@@ -23,22 +23,36 @@ Flax NNX modules held in a `Module` are walked (`JaxBackend.expand`): their
 
 See `docs/backends/jax.md` for what runs where and the traps.
 
-The package holds one concept a file: `backend.py` (`JaxBackend`), `loop.py` (the
-compiled loop), `batches.py` (pulling and stacking batches), `binding.py` (binding
-Variables to tracers; `TracerLeakError`), `variables.py` (which Variables are lifted),
-`nnx.py` (Flax NNX interop), `gradients.py` (`value_and_grad`, `grad`, `array_namespace`),
-`options.py` (`BACKEND_OPTIONS`) and `distributed.py` (`jax.distributed`).
+The package holds one concept a file: `_backend.py` (`JaxBackend`), `_loop.py` (the
+compiled loop), `_batches.py` (pulling and stacking batches), `_binding.py` (binding
+Variables to tracers; `TracerLeakError`), `_variables.py` (which Variables are lifted),
+`_nnx.py` (Flax NNX interop), `_gradients.py` (`value_and_grad`, `grad`,
+`array_namespace`), `_options.py` (`BACKEND_OPTIONS`), `_distributed.py`
+(`jax.distributed`) and `_launch.py` (the workers' environment, framework-free). This
+file imports no JAX: it registers the backend, and each public name imports its file
+(and JAX) when it is first read.
 """
 
 from __future__ import annotations
 
-from looproto.backends.jax.backend import JaxBackend
-from looproto.backends.jax.binding import TracerLeakError
-from looproto.backends.jax.distributed import JaxEngine, initialize_distributed
-from looproto.backends.jax.gradients import array_namespace, grad, value_and_grad
-from looproto.backends.jax.loop import _JaxLoop as _JaxLoop
-from looproto.backends.jax.options import BACKEND_OPTIONS
-from looproto.module import register_name_scope_hook
+from typing import TYPE_CHECKING
+
+from looproto import backends
+from looproto.backends._common import lazy_exports
+from looproto.backends.jax._launch import LAUNCHER
+
+if TYPE_CHECKING:
+    from looproto.backends.jax._backend import BACKEND as BACKEND
+    from looproto.backends.jax._backend import JaxBackend as JaxBackend
+    from looproto.backends.jax._binding import TracerLeakError as TracerLeakError
+    from looproto.backends.jax._distributed import JaxEngine as JaxEngine
+    from looproto.backends.jax._distributed import (
+        initialize_distributed as initialize_distributed,
+    )
+    from looproto.backends.jax._gradients import array_namespace as array_namespace
+    from looproto.backends.jax._gradients import grad as grad
+    from looproto.backends.jax._gradients import value_and_grad as value_and_grad
+    from looproto.backends.jax._options import BACKEND_OPTIONS as BACKEND_OPTIONS
 
 __all__ = [
     "BACKEND",
@@ -52,5 +66,25 @@ __all__ = [
     "value_and_grad",
 ]
 
-BACKEND = JaxBackend()
-register_name_scope_hook(BACKEND.name_scope)
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "BACKEND": "_backend",
+        "BACKEND_OPTIONS": "_options",
+        "JaxBackend": "_backend",
+        "JaxEngine": "_distributed",
+        "TracerLeakError": "_binding",
+        "array_namespace": "_gradients",
+        "grad": "_gradients",
+        "initialize_distributed": "_distributed",
+        "value_and_grad": "_gradients",
+    },
+)
+
+backends.register(
+    "jax",
+    "looproto.backends.jax._backend:BACKEND",
+    packages=("jax", "jaxlib", "flax", "keras"),
+    install="looproto[jax]",
+    launcher=LAUNCHER,
+)

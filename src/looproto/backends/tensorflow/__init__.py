@@ -68,35 +68,54 @@ Backend options (`StandardTrainerOptions(backend_options={...})`):
   (`tf.data` iterators are always read inside the graph.)
 """
 
+# The package's files, one concept each (see each file's docstring):
+#   _backend.py      `TensorflowBackend`, the `looproto.backends.Backend` of this package
+#   _options.py      the `backend_options` and their validation
+#   _variables.py    `tf.Variable` and Keras 3 variable discovery
+#   _lifting.py      NumPy `looproto.Variable`s bound to `tf.Variable` twins while a loop
+#                    runs, and the assign hook that writes through to them
+#   _side_effects.py Python state a compiled step changes at trace time
+#   _batches.py      how the loop pulls batches from (nested) iterators
+#   _loop.py         `TensorflowLoop`, the inner loop `make_loop` builds
+#   _gradients.py    `value_and_grad` and `grad` over a module's variables
+#   _array_api.py    `array_namespace`, the Python array API on TensorFlow tensors
+#   _checkpoints.py  `tf.data` iterator positions in checkpoints
+#   _distributed.py  `MultiWorkerMirroredStrategy`: the engine and `distribute_dataset`
+#   _launch.py       `TF_CONFIG`: where a worker sits (framework-free)
+# This file imports no TensorFlow: it registers the backend, and each public name below
+# imports its file (and TensorFlow) when it is first read.
 from __future__ import annotations
 
-# The package's modules, one concept each (see each module's docstring):
-#   backend.py      `TensorflowBackend`, the `looproto.backends.Backend` of this package
-#   options.py      the `backend_options` and their validation
-#   variables.py    `tf.Variable` and Keras 3 variable discovery
-#   lifting.py      NumPy `looproto.Variable`s bound to `tf.Variable` twins while a loop
-#                   runs; importing it registers the `Variable` assign hook (once)
-#   side_effects.py Python state a compiled step changes at trace time
-#   batches.py      how the loop pulls batches from (nested) iterators
-#   loop.py         `TensorflowLoop`, the inner loop `make_loop` builds
-#   gradients.py    `value_and_grad` and `grad` over a module's variables
-#   array_api.py    `array_namespace`, the Python array API on TensorFlow tensors
-#   checkpoints.py  `tf.data` iterator positions in checkpoints
-#   multi_worker.py `MultiWorkerMirroredStrategy`: the engine and `distribute_dataset`
-from looproto.backends.tensorflow.array_api import array_namespace
-from looproto.backends.tensorflow.backend import TensorflowBackend
-from looproto.backends.tensorflow.checkpoints import TfDataIteratorState, iterator_state
-from looproto.backends.tensorflow.gradients import grad, value_and_grad
-from looproto.backends.tensorflow.loop import TensorflowLoop
-from looproto.backends.tensorflow.multi_worker import (
-    TensorflowEngine,
-    distribute_dataset,
-    initialize_distributed,
-)
-from looproto.backends.tensorflow.side_effects import (
-    MSG_TRACE_SIDE_EFFECT as MSG_TRACE_SIDE_EFFECT,
-)
-from looproto.backends.tensorflow.side_effects import TraceSideEffectWarning
+from typing import TYPE_CHECKING
+
+from looproto import backends
+from looproto.backends._common import lazy_exports
+from looproto.backends.tensorflow._launch import LAUNCHER
+
+if TYPE_CHECKING:
+    from looproto.backends.tensorflow._array_api import array_namespace as array_namespace
+    from looproto.backends.tensorflow._backend import BACKEND as BACKEND
+    from looproto.backends.tensorflow._backend import TensorflowBackend as TensorflowBackend
+    from looproto.backends.tensorflow._checkpoints import (
+        TfDataIteratorState as TfDataIteratorState,
+    )
+    from looproto.backends.tensorflow._checkpoints import iterator_state as iterator_state
+    from looproto.backends.tensorflow._distributed import TensorflowEngine as TensorflowEngine
+    from looproto.backends.tensorflow._distributed import (
+        distribute_dataset as distribute_dataset,
+    )
+    from looproto.backends.tensorflow._distributed import (
+        initialize_distributed as initialize_distributed,
+    )
+    from looproto.backends.tensorflow._gradients import grad as grad
+    from looproto.backends.tensorflow._gradients import value_and_grad as value_and_grad
+    from looproto.backends.tensorflow._loop import TensorflowLoop as TensorflowLoop
+    from looproto.backends.tensorflow._side_effects import (
+        MSG_TRACE_SIDE_EFFECT as MSG_TRACE_SIDE_EFFECT,
+    )
+    from looproto.backends.tensorflow._side_effects import (
+        TraceSideEffectWarning as TraceSideEffectWarning,
+    )
 
 __all__ = [
     "BACKEND",
@@ -113,4 +132,30 @@ __all__ = [
     "value_and_grad",
 ]
 
-BACKEND = TensorflowBackend()
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "BACKEND": "_backend",
+        "MSG_TRACE_SIDE_EFFECT": "_side_effects",
+        "TensorflowBackend": "_backend",
+        "TensorflowEngine": "_distributed",
+        "TensorflowLoop": "_loop",
+        "TfDataIteratorState": "_checkpoints",
+        "TraceSideEffectWarning": "_side_effects",
+        "array_namespace": "_array_api",
+        "distribute_dataset": "_distributed",
+        "grad": "_gradients",
+        "initialize_distributed": "_distributed",
+        "iterator_state": "_checkpoints",
+        "value_and_grad": "_gradients",
+    },
+)
+
+backends.register(
+    "tensorflow",
+    "looproto.backends.tensorflow._backend:BACKEND",
+    packages=("tensorflow", "tf_keras", "keras"),
+    aliases=("tf",),
+    install="looproto[tensorflow]",
+    launcher=LAUNCHER,
+)

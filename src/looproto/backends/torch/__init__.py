@@ -42,27 +42,37 @@ absent when the checkpoint says `has_state=False`.
 like `looproto.backends.jax.value_and_grad`.
 """
 
-# The package's files, one concept each (the backend object last, as it uses the rest):
-# tensors (tensor <-> NumPy conversions and in-place writes), views (Variables for state
-# torch keeps in its own containers), discovery (walking modules, optimizers, schedulers),
-# gradients, device (data movement and the one transfer back), errors, options, loop
-# (the compiled inner loop), distributed (torch.distributed), backend (`TorchBackend`).
+# The package's files, one concept each: _tensors (tensor <-> NumPy conversions and
+# in-place writes), _views (Variables for state torch keeps in its own containers),
+# _discovery (walking modules, optimizers, schedulers), _gradients, _device (data
+# movement and the one transfer back), _errors, _options, _loop (the compiled inner
+# loop), _distributed (torch.distributed), _data (torchdata loaders and tensors in
+# checkpoints' JSON), _launch (torchrun's environment, framework-free), _backend
+# (`TorchBackend`). This file imports no torch: it registers the backend, and each
+# public name below imports its file (and torch) when it is first read.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from looproto.backends.torch.backend import TorchBackend
-from looproto.backends.torch.distributed import (
-    TorchEngine,
-    data_parallel,
-    initialize_distributed,
-    process_group_size,
-)
-from looproto.backends.torch.errors import NonFiniteError
-from looproto.backends.torch.gradients import array_namespace, grad, value_and_grad
-from looproto.backends.torch.options import BACKEND_OPTIONS
-from looproto.module import register_hook_gate, register_name_scope_hook
+from looproto import backends
+from looproto.backends._common import lazy_exports
+from looproto.backends.torch._launch import LAUNCHER
+
+if TYPE_CHECKING:
+    from looproto.backends.torch._backend import BACKEND as BACKEND
+    from looproto.backends.torch._backend import TorchBackend as TorchBackend
+    from looproto.backends.torch._distributed import TorchEngine as TorchEngine
+    from looproto.backends.torch._distributed import data_parallel as data_parallel
+    from looproto.backends.torch._distributed import (
+        initialize_distributed as initialize_distributed,
+    )
+    from looproto.backends.torch._distributed import process_group_size as process_group_size
+    from looproto.backends.torch._errors import NonFiniteError as NonFiniteError
+    from looproto.backends.torch._gradients import array_namespace as array_namespace
+    from looproto.backends.torch._gradients import grad as grad
+    from looproto.backends.torch._gradients import value_and_grad as value_and_grad
+    from looproto.backends.torch._options import BACKEND_OPTIONS as BACKEND_OPTIONS
 
 __all__ = [
     "BACKEND",
@@ -78,6 +88,29 @@ __all__ = [
     "value_and_grad",
 ]
 
-BACKEND = TorchBackend()
-register_name_scope_hook(BACKEND.name_scope)
-register_hook_gate(torch.compiler.is_compiling)
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "BACKEND": "_backend",
+        "BACKEND_OPTIONS": "_options",
+        "NonFiniteError": "_errors",
+        "TorchBackend": "_backend",
+        "TorchEngine": "_distributed",
+        "array_namespace": "_gradients",
+        "data_parallel": "_distributed",
+        "grad": "_gradients",
+        "initialize_distributed": "_distributed",
+        "process_group_size": "_distributed",
+        "value_and_grad": "_gradients",
+    },
+)
+
+backends.register(
+    "torch",
+    "looproto.backends.torch._backend:BACKEND",
+    packages=("torch", "torch_xla", "torchdata", "keras"),
+    aliases=("pytorch",),
+    install="looproto[torch]",
+    launcher=LAUNCHER,
+    json_tags=("__looproto_tensor__",),
+)

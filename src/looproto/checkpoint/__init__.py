@@ -1,0 +1,53 @@
+"""Checkpoints: `CheckpointManager` (`tf.train.CheckpointManager`'s surface on orbax).
+
+A checkpoint of a root object (a `Module`, a variable, or a dict/list of them)
+holds every variable reachable from it, keyed by its path from
+`variables_by_path` (e.g. `"model/layers/0/w"`), plus the JSON state of every
+reachable object that follows the iterator-state protocol (callable
+`get_state()` / `set_state(state)` with JSON-serialisable data) and of every
+`numpy.random.Generator`. No pickle is used anywhere.
+
+On disk, `<directory>/<step>/` is an orbax checkpoint with two items: `state`
+(the arrays, OCDBT; left out when there are none) and `meta` (human-readable
+JSON: format version, step, each array's shape, dtype and CRC-32, and the
+objects' states). A step directory appears only when complete (orbax renames a
+temporary directory on commit), and temporary directories left by a crash are
+deleted when a manager opens the directory.
+
+Restores are all-or-nothing: the stored tree is compared with the live one and
+every array is read and checked against its recorded shape, dtype and CRC-32
+before any variable is written, because orbax silently returns garbage for
+overwritten bytes and an empty tree for a deleted item directory. A checkpoint
+that `restore_or_initialize()` finds damaged is renamed to
+`<step>.corrupted-<time>` (kept for inspection, never listed or deleted) and the
+one before it is restored.
+
+`max_to_keep` is applied by looproto, not orbax: older checkpoints are deleted
+only once the newer ones being kept have been committed and pass a metadata check
+(their JSON item and array index are complete), so a failed or damaged save never
+costs the checkpoint before it. A deletion renames the step directory away first,
+so a crash during it never leaves a half-deleted step that looks committed.
+
+Asynchronous saves (`enable_async=True`) are waited for when the interpreter
+exits normally (end of the script, `sys.exit`, an uncaught exception), before
+Python shuts down the thread pools orbax needs; orbax alone loses them there.
+`os._exit` and signals that kill the process still lose a save that is under
+way (the previous checkpoint stays the newest). The `Controller` also waits for
+them (`sync()`) at the end of every `train()`.
+
+orbax (and through it JAX) is imported only when a manager is created.
+
+The package's files: `_manager.py` (`CheckpointManager`), `_state.py` (what a
+checkpoint holds: arrays, object states as JSON, CRC-32s, and the all-or-nothing
+restore checks), `_files.py` (the directory layout: listing, deletion, quarantine),
+`_reading.py` (`latest_step`, `read_metadata`, `checkpoints_iterator`),
+`_processes.py` (agreement between the processes of a multi-process run) and
+`_exit.py` (asynchronous saves waited for at exit).
+"""
+
+from looproto.checkpoint._manager import CheckpointManager as CheckpointManager
+from looproto.checkpoint._reading import checkpoints_iterator as checkpoints_iterator
+from looproto.checkpoint._reading import latest_step as latest_step
+from looproto.checkpoint._reading import read_metadata as read_metadata
+
+__all__ = ["CheckpointManager", "checkpoints_iterator", "latest_step", "read_metadata"]

@@ -1,0 +1,555 @@
+"""`CheckpointManager`: `tf.train.CheckpointManager`'s surface on orbax-checkpoint.
+
+How checkpoints are laid out, checked and kept is described in `looproto.checkpoint`;
+this file holds the manager that saves, prunes and restores them. It runs past 500
+lines because the manager is one class whose public methods carry the full rules of
+`tf.train.CheckpointManager` in their docstrings; its helpers live in the other files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from looproto import distributed
+from looproto._validate import positive_int
+from looproto.checkpoint._exit import PENDING, wait_at_exit
+from looproto.checkpoint._files import (
+    META_ITEM,
+    READ_ERRORS,
+    STATE_ITEM,
+    STEP_NAME,
+    committed_steps,
+    delete_step,
+    looks_complete,
+    quarantine,
+    remove_deleting_leftovers,
+)
+from looproto.checkpoint._processes import (
+    agree_on_restore,
+    check_replicas_agree,
+    share_save_outcome,
+    writes_checkpoints,
+)
+from looproto.checkpoint._reading import latest_step
+from looproto.checkpoint._state import (
+    CorruptCheckpointError,
+    check_arrays,
+    check_matches,
+    collect,
+    is_stateful,
+    parse_meta,
+    write_all,
+)
+from looproto.errors import CheckpointError, ConfigError, value_repr
+from looproto.module import read_int, variables_by_path
+
+__all__ = ["CheckpointManager"]
+
+_log = logging.getLogger("looproto")
+
+
+class CheckpointManager:
+    """Saves and restores a root object's variables and state; keeps the newest N.
+
+    The surface of `tf.train.CheckpointManager`, with orbax-checkpoint underneath.
+    Checkpoints live at `<directory>/<step>/`.
+
+    Example:
+        >>> import tempfile
+        >>> from looproto.module import Variable
+        >>> w = Variable(np.zeros(3, np.float32), name="w")
+        >>> manager = CheckpointManager(tempfile.mkdtemp(), {"w": w}, max_to_keep=3)
+        >>> manager.restore_or_initialize() is None  # nothing saved yet
+        True
+        >>> os.path.basename(manager.save(checkpoint_number=100))
+        '100'
+        >>> manager.close()
+
+    Args:
+        directory: Where checkpoints go; created if missing. Stored as an absolute path.
+        checkpoint: The root: a `Module`, a variable, or a mapping/list of them.
+        max_to_keep: How many checkpoints to keep (older ones, including those of
+            earlier runs, are deleted once a save is complete and the newest
+            `max_to_keep` pass a metadata check); None keeps all.
+        checkpoint_interval: Least number of steps between two saves; needs
+            `step_counter`. None saves on every `save()` call.
+        step_counter: A scalar variable (or anything `int()` accepts) holding the
+            current step; `save()` numbers checkpoints by it.
+        init_fn: Called by `restore_or_initialize()` when there is nothing to restore.
+        enable_async: Write in a background thread: `save()` returns once the arrays
+            are copied. Call `sync()` or `close()` before the process exits.
+
+    Raises:
+        ConfigError: An argument has the wrong type or value: `max_to_keep` or
+            `checkpoint_interval` not a positive int (or None), `checkpoint_interval`
+            without `step_counter`, a `step_counter` that is not an integer, a
+            non-callable `init_fn`, a non-bool `enable_async`, or a `directory`
+            that is not a path.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        checkpoint: Any,
+        *,
+        max_to_keep: int | None = 5,
+        checkpoint_interval: int | None = None,
+        step_counter: Any = None,
+        init_fn: Callable[[], None] | None = None,
+        enable_async: bool = False,
+    ) -> None:
+        path = _check_directory(directory)
+        positive_int(max_to_keep, "max_to_keep", allow_none=True, hint=" (keep all)")
+        if checkpoint_interval is not None:
+            positive_int(checkpoint_interval, "checkpoint_interval", allow_none=True)
+            if step_counter is None:
+                raise ConfigError(
+                    f"`checkpoint_interval` is {checkpoint_interval!r} but `step_counter` is "
+                    "None: an interval needs a step counter to measure it (pass "
+                    "`step_counter=global_step`)."
+                )
+        if step_counter is not None:
+            try:
+                if isinstance(step_counter, (str, bytes)):
+                    raise TypeError("a string is not a step counter")
+                read_int(step_counter)
+            except (TypeError, ValueError) as err:
+                raise ConfigError(
+                    "`step_counter` must be a scalar integer variable (or anything `int()` "
+                    f"accepts); received step_counter={value_repr(step_counter)}."
+                ) from err
+        if init_fn is not None and not callable(init_fn):
+            raise ConfigError(
+                f"`init_fn` must be callable or None; received init_fn={value_repr(init_fn)}."
+            )
+        if not isinstance(enable_async, bool):
+            raise ConfigError(
+                f"`enable_async` must be a bool; received enable_async={value_repr(enable_async)}."
+            )
+        import orbax.checkpoint as ocp
+
+        self._ocp: Any = ocp
+        self._directory = path
+        self._checkpoint = checkpoint
+        self._max_to_keep = max_to_keep
+        self._checkpoint_interval = checkpoint_interval
+        self._step_counter = step_counter
+        self._init_fn = init_fn
+        self._enable_async = enable_async
+        self._last_checkpoint_step: int | None = None
+        self._pending_step: int | None = None
+        # Steps whose metadata check passed (files of a committed step do not change).
+        self._verified: set[int] = set()
+        self._closed = False
+        remove_deleting_leftovers(self._directory)
+        options = ocp.CheckpointManagerOptions(
+            # Retention is looproto's (`_prune`): orbax would delete old steps even
+            # when the new save failed in its background thread.
+            max_to_keep=None,
+            # Only a process that writes may delete what an unfinished save left behind.
+            cleanup_tmp_directories=writes_checkpoints(),
+            enable_async_checkpointing=enable_async,
+        )
+        self._manager: Any = ocp.CheckpointManager(
+            self._directory, options=options, item_handlers=self._item_handlers()
+        )
+
+    def _item_handlers(self) -> dict[str, Any]:
+        return {
+            STATE_ITEM: self._ocp.StandardCheckpointHandler(),
+            META_ITEM: self._ocp.JsonCheckpointHandler(),
+        }
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def directory(self) -> str:
+        """The absolute checkpoint directory."""
+        return self._directory
+
+    @property
+    def checkpoint(self) -> Any:
+        """The root object whose state is saved."""
+        return self._checkpoint
+
+    @property
+    def checkpoint_interval(self) -> int | None:
+        """Least number of steps between saves, or None."""
+        return self._checkpoint_interval
+
+    @property
+    def max_to_keep(self) -> int | None:
+        """How many checkpoints are kept; None keeps all."""
+        return self._max_to_keep
+
+    @property
+    def checkpoints(self) -> list[str]:
+        """Paths of the committed checkpoints on disk, oldest first."""
+        return [self._path(step) for step in committed_steps(self._directory)]
+
+    @property
+    def latest_checkpoint(self) -> str | None:
+        """Path of the newest committed checkpoint, or None."""
+        step = latest_step(self._directory)
+        return None if step is None else self._path(step)
+
+    def _path(self, step: int) -> str:
+        return os.path.join(self._directory, str(step))
+
+    # ------------------------------------------------------------------ save
+
+    def save(self, checkpoint_number: int | None = None, check_interval: bool = True) -> str | None:
+        """Saves a checkpoint unless the interval says not to; returns its path or None.
+
+        `tf.train.CheckpointManager.save`'s rules: with a `checkpoint_interval`, a
+        save at the step of the last save is skipped, and so (if `check_interval`)
+        is a save fewer than `checkpoint_interval` steps after it; the first save
+        always happens. A step that already exists on disk, or one lower than the
+        newest on disk, is skipped with a logged warning (nothing is overwritten).
+
+        Args:
+            checkpoint_number: The step to number the checkpoint by; defaults to
+                `int(step_counter)`, or the newest step on disk + 1 without one.
+            check_interval: False saves even if less than `checkpoint_interval` steps
+                passed (still never twice at the same step).
+
+        Raises:
+            CheckpointError: The manager is closed, a value cannot be stored, or an
+                earlier asynchronous save failed.
+        """
+        if self._closed:
+            raise CheckpointError(
+                f"`save()` called on a closed CheckpointManager ({self._directory})."
+            )
+        if self._checkpoint_interval is not None:
+            current = read_int(self._step_counter)
+            if self._last_checkpoint_step is not None:
+                if current == self._last_checkpoint_step:
+                    return None
+                if (
+                    check_interval
+                    and current < self._last_checkpoint_step + self._checkpoint_interval
+                ):
+                    return None
+            self._last_checkpoint_step = current
+        on_disk = set(committed_steps(self._directory)) | set(self._manager.all_steps())
+        if distributed.process_count() > 1:
+            # Every process must take the same decision: on what the chief sees on disk
+            # (another process may look after the chief already wrote this step).
+            on_disk = set(distributed.all_gather(sorted(on_disk), "a checkpoint save")[0])
+        if checkpoint_number is not None:
+            step = read_int(checkpoint_number)
+        elif self._step_counter is not None:
+            step = read_int(self._step_counter)
+        else:
+            step = max(on_disk, default=0) + 1
+        if step < 0:
+            raise CheckpointError(f"`checkpoint_number` must be >= 0; received {step}.")
+        if step in on_disk:
+            _log.warning(
+                "Not saving checkpoint %d: %s already exists (from an earlier save or run); "
+                "checkpoints are never overwritten.",
+                step,
+                self._path(step),
+            )
+            return None
+        newest = max(on_disk, default=None)
+        if newest is not None and step < newest:
+            _log.warning(
+                "Not saving checkpoint %d: it is older than the newest checkpoint %d in %s; "
+                "checkpoint steps must increase.",
+                step,
+                newest,
+                self._directory,
+            )
+            return None
+        arrays, meta = self._collect(step)
+        ocp = self._ocp
+        items: dict[str, Any] = {META_ITEM: ocp.args.JsonSave(meta)}
+        if arrays:
+            items[STATE_ITEM] = ocp.args.StandardSave(arrays)
+        self._check_async_errors()
+        multi = distributed.process_count() > 1
+        if multi:
+            check_replicas_agree(meta, step)
+        try:
+            if writes_checkpoints():
+                saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+            else:
+                saved = True
+        except Exception as err:
+            error = CheckpointError(f"Saving checkpoint {step} to {self._directory} failed: {err}")
+            if multi:
+                share_save_outcome(step, str(error))
+            raise error from err
+        if multi:
+            share_save_outcome(step, None if saved else "orbax declined to save it")
+        if not saved:
+            _log.warning("orbax declined to save checkpoint %d in %s.", step, self._directory)
+            return None
+        if self._enable_async:
+            self._pending_step = step
+            wait_at_exit(self)
+        else:
+            self._prune()
+        return self._path(step)
+
+    def _collect(self, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Host copies of the root's arrays and the JSON item (`_state.collect`)."""
+        return collect(self._checkpoint, step)
+
+    # ------------------------------------------------------------------ async
+
+    def _check_async_errors(self) -> None:
+        if self._pending_step is None:
+            return
+        step, self._pending_step = self._pending_step, None
+        PENDING.discard(self)
+        try:
+            self._manager.wait_until_finished()
+            # orbax logs a failed background commit instead of raising it.
+            self._manager.check_for_errors()
+        except Exception as err:
+            raise CheckpointError(
+                f"The asynchronous save of checkpoint {step} to {self._directory} failed: {err}"
+            ) from err
+        if step not in committed_steps(self._directory):
+            raise CheckpointError(
+                f"The asynchronous save of checkpoint {step} to {self._directory} did not "
+                "commit (see orbax's log above); older checkpoints were kept."
+            )
+        self._prune()
+
+    # ------------------------------------------------------------------ retention
+
+    def _prune(self) -> None:
+        """Deletes the checkpoints older than the newest `max_to_keep` good ones.
+
+        Only checkpoints that pass `_looks_complete` count; if fewer than
+        `max_to_keep` do, nothing is deleted, so the last good checkpoint survives a
+        save that came out damaged.
+        """
+        if self._max_to_keep is None or not distributed.is_chief():
+            return  # In a multi-process run the chief alone deletes (plain file operations).
+        steps = committed_steps(self._directory)
+        good: list[int] = []
+        for step in reversed(steps):
+            if self._looks_complete(step):
+                good.append(step)
+                if len(good) == self._max_to_keep:
+                    break
+            else:
+                _log.warning(
+                    "Checkpoint %s is incomplete (its metadata or array index is missing or "
+                    "malformed); it does not count towards `max_to_keep`, and older "
+                    "checkpoints are kept in its place.",
+                    self._path(step),
+                )
+        if len(good) < self._max_to_keep:
+            return
+        doomed = [step for step in steps if step < good[-1]]
+        for step in doomed:
+            delete_step(self._directory, step)
+            self._verified.discard(step)
+        if doomed:
+            self._manager.reload()
+
+    def _looks_complete(self, step: int) -> bool:
+        """Cheap check of a committed step: JSON item valid, array index lists every path.
+
+        Reads two small JSON files, no array data (the CRC-32s are checked on restore).
+        """
+        if step in self._verified:
+            return True
+        if not looks_complete(self._path(step)):
+            return False
+        self._verified.add(step)
+        return True
+
+    def sync(self) -> None:
+        """Waits for an asynchronous save to finish.
+
+        Raises:
+            CheckpointError: That save failed (the original error is its cause).
+        """
+        if self._closed:
+            return
+        self._check_async_errors()
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases orbax's resources. Idempotent.
+
+        Raises:
+            CheckpointError: A pending asynchronous save failed.
+        """
+        if self._closed:
+            return
+        try:
+            self.sync()
+        finally:
+            self._closed = True
+            PENDING.discard(self)
+            self._manager.close()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ restore
+
+    def restore(self, checkpoint: str | int | os.PathLike[str]) -> str:
+        """Restores every variable and object state from a checkpoint; returns its path.
+
+        Nothing is written unless the whole checkpoint matches the live tree and
+        passes its integrity checks.
+
+        Args:
+            checkpoint: A step number, or a checkpoint path `<dir>/<step>` (which may
+                be in another directory).
+
+        Raises:
+            CheckpointError: There is no such checkpoint; it does not match the live
+                variables (every differing path is listed); or it is unreadable or
+                corrupted.
+        """
+        if self._closed:
+            raise CheckpointError(
+                f"`restore()` called on a closed CheckpointManager ({self._directory})."
+            )
+        directory, step = self._locate(checkpoint)
+        self.sync()
+        self._restore_step(directory, step)
+        return os.path.join(directory, str(step))
+
+    def _locate(self, checkpoint: str | int | os.PathLike[str]) -> tuple[str, int]:
+        if isinstance(checkpoint, (int, np.integer)) and not isinstance(checkpoint, bool):
+            directory, step = self._directory, int(checkpoint)
+        elif isinstance(checkpoint, (str, os.PathLike)):
+            path = os.path.abspath(os.fspath(checkpoint))
+            directory, name = os.path.split(path)
+            if not STEP_NAME.fullmatch(name):
+                raise CheckpointError(
+                    f"`checkpoint` must be a step number or a path `<directory>/<step>`; "
+                    f"received {value_repr(checkpoint)}."
+                )
+            step = int(name)
+        else:
+            raise CheckpointError(
+                f"`checkpoint` must be a step number or a path `<directory>/<step>`; "
+                f"received {value_repr(checkpoint)} of type {type(checkpoint).__name__}."
+            )
+        if step not in committed_steps(directory):
+            raise CheckpointError(
+                f"No checkpoint {step} in {directory}; committed steps there: "
+                f"{committed_steps(directory)}."
+            )
+        return directory, step
+
+    def _read(self, directory: str, step: int, **items: Any) -> Any:
+        """One orbax restore; read failures become `CorruptCheckpointError`."""
+        try:
+            return self._manager.restore(
+                step, directory=directory, args=self._ocp.args.Composite(**items)
+            )
+        except READ_ERRORS as err:
+            raise CorruptCheckpointError(
+                f"Checkpoint {os.path.join(directory, str(step))} is unreadable: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+
+    def _restore_step(self, directory: str, step: int) -> None:
+        where = os.path.join(directory, str(step))
+        meta = self._read(directory, step, **{META_ITEM: self._ocp.args.JsonRestore()})[META_ITEM]
+        tree, objects = parse_meta(meta, where)
+
+        variables = variables_by_path(self._checkpoint)
+        live_objects = variables_by_path(self._checkpoint, predicate=is_stateful)
+        check_matches(tree, objects, variables, live_objects, where)
+
+        arrays: dict[str, Any] = {}
+        if tree:
+            arrays = dict(
+                self._read(directory, step, **{STATE_ITEM: self._ocp.args.StandardRestore()})[
+                    STATE_ITEM
+                ]
+            )
+        check_arrays(arrays, tree, where)
+
+        write_all(variables, arrays, live_objects, objects, where)
+
+    def restore_or_initialize(self) -> str | None:
+        """Restores the newest good checkpoint, or calls `init_fn` if there is none.
+
+        A checkpoint that is unreadable or fails its integrity checks is renamed to
+        `<step>.corrupted-<unix time>` (kept, but no longer listed, so later saves
+        may reuse its step) with a warning naming it and the reason, and the one
+        before it is tried. A checkpoint that does not match the live variables
+        raises instead (that is a code change, not damage). After a restore, the
+        save interval counts from the restored step.
+
+        Returns:
+            The restored checkpoint's path, or None if `init_fn` ran (or nothing did).
+
+        Raises:
+            CheckpointError: The newest readable checkpoint does not match the live tree.
+        """
+        self.sync()
+        for step in reversed(committed_steps(self._directory)):
+            try:
+                self._restore_step(self._directory, step)
+            except CorruptCheckpointError as err:
+                moved = quarantine(self._directory, step)
+                self._verified.discard(step)
+                self._manager.reload()
+                _log.warning(
+                    "Skipping corrupted checkpoint %d in %s and trying the previous one%s: %s",
+                    step,
+                    self._directory,
+                    f" (moved it to {moved})" if moved else "",
+                    err,
+                )
+                continue
+            agree_on_restore(step)
+            self._last_checkpoint_step = step
+            return self._path(step)
+        agree_on_restore(None)
+        if self._init_fn is not None:
+            self._init_fn()
+        return None
+
+    def __repr__(self) -> str:
+        return (
+            f"CheckpointManager(directory={self._directory!r}, max_to_keep={self._max_to_keep}, "
+            f"checkpoint_interval={self._checkpoint_interval})"
+        )
+
+
+# ----------------------------------------------------------------------------
+# Checking the manager's arguments
+
+
+def _check_directory(directory: Any) -> str:
+    try:
+        path = os.fspath(directory)
+    except TypeError:
+        path = None
+    if not isinstance(path, str) or not path:
+        raise ConfigError(
+            "`directory` must be a non-empty path (a str or an `os.PathLike` of one); "
+            f"received directory={value_repr(directory)}."
+        )
+    return os.path.abspath(path)

@@ -1,0 +1,387 @@
+"""The checkpoint format: what a checkpoint holds and how it is checked.
+
+Which reachable objects have a state to save (NumPy Generators, a backend's
+`iterator_state` adapter, anything with `get_state()` / `set_state(state)`), how
+their states become JSON (bytes, and framework values through their backend's
+`SupportsStateJSON`, behind tagged keys) and back, the CRC-32s of arrays and of the
+JSON item itself, and the
+restore-side helpers: parsing and validating the JSON item, comparing it with the
+live tree, checking the arrays read back, and writing everything into the live tree
+all-or-nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import zlib
+from typing import Any
+
+import numpy as np
+
+from looproto import backends
+from looproto.backends.base import SupportsIteratorState, SupportsStateJSON
+from looproto.errors import CheckpointError, value_repr
+from looproto.module import assign_variable, variable_to_numpy, variables_by_path
+
+_log = logging.getLogger("looproto")
+
+FORMAT = "looproto.checkpoint"
+FORMAT_VERSION = 1
+# The marker of bytes inside object states (a grain iterator's). A framework's values
+# (the tensors of a torch data loader's sampler state) have their backend's tags.
+_BYTES_KEY = "__looproto_bytes__"
+# Dtype kinds orbax/tensorstore cannot store: objects, strings, bytes.
+UNSUPPORTED_KINDS = frozenset("OUS")
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint on disk is unreadable or fails its integrity checks."""
+
+
+# ----------------------------------------------------------------------------
+# What is saved
+
+
+def is_generator(obj: Any) -> bool:
+    return isinstance(obj, np.random.Generator)
+
+
+def state_adapter(obj: Any) -> Any:
+    """What saves `obj`'s position: its backend's adapter, or `obj` itself, or None.
+
+    A framework's objects are adapted by their backend first
+    (`looproto.backends.SupportsIteratorState`: `tf.data` iterators, torchdata's
+    loaders), since a framework object with `get_state()` (a `torch.Generator`) may
+    return framework values; then any object following the iterator-state protocol
+    (callable `get_state()` and `set_state(state)`), such as grain's iterators and
+    `looproto.data.ArrayIterator`. None when `obj` has no position to save.
+    """
+    if isinstance(obj, type):
+        return None
+    for backend in backends.for_object(obj):
+        if isinstance(backend, SupportsIteratorState):
+            adapter = backend.iterator_state(obj)
+            if adapter is not None:
+                return adapter
+    if callable(getattr(obj, "get_state", None)) and callable(getattr(obj, "set_state", None)):
+        return obj
+    return None
+
+
+def is_stateful(obj: Any) -> bool:
+    return is_generator(obj) or state_adapter(obj) is not None
+
+
+def to_json(value: Any, where: str) -> Any:
+    """`value` with NumPy scalars/arrays and tuples turned into JSON types.
+
+    Raises:
+        CheckpointError: Something is left that JSON cannot hold.
+    """
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (bytes, bytearray)):
+        return {_BYTES_KEY: base64.b64encode(bytes(value)).decode("ascii")}
+    for backend in backends.for_object(value):
+        if isinstance(backend, SupportsStateJSON):
+            tagged = backend.state_to_json(value)
+            if tagged is not None:
+                tag, payload = tagged
+                return {tag: payload}
+    if isinstance(value, (list, tuple)):
+        return [to_json(item, where) for item in value]
+    if isinstance(value, dict):
+        converted: dict[str, Any] = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise CheckpointError(
+                    f"The state of {where!r} has a dict key {key!r} of type "
+                    f"{type(key).__name__}; expected string keys (JSON objects)."
+                )
+            converted[key] = to_json(item, where)
+        return converted
+    raise CheckpointError(
+        f"The state of {where!r} holds {value_repr(value)} of type {type(value).__name__}; "
+        "expected JSON data (None, bool, int, float, str, lists, dicts with string keys, "
+        "NumPy scalars or arrays, bytes, a framework's tensors)."
+    )
+
+
+def _from_json(value: Any, where: str) -> Any:
+    """Undoes `to_json`'s markers for bytes and torch tensors."""
+    if isinstance(value, list):
+        return [_from_json(item, where) for item in value]
+    if not isinstance(value, dict):
+        return value
+    if len(value) == 1 and _BYTES_KEY in value:
+        return base64.b64decode(value[_BYTES_KEY])
+    if len(value) == 1:
+        (tag,) = value
+        owner = backends.json_tag_owner(tag)
+        if owner is not None:
+            backend = backends.get(owner)
+            if not isinstance(backend, SupportsStateJSON):
+                raise CheckpointError(
+                    f"The state of {where!r} holds a value tagged {tag!r}, but the "
+                    f"`{owner}` backend cannot read it back (no `state_from_json`)."
+                )
+            return backend.state_from_json(tag, value[tag])
+    return {key: _from_json(item, where) for key, item in value.items()}
+
+
+def array_crc32(array: np.ndarray[Any, Any]) -> int:
+    raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    return zlib.crc32(raw.data)
+
+
+def _spec_text(shape: Any, dtype: Any) -> str:
+    return f"shape={tuple(shape)} dtype={dtype}"
+
+
+def _live_spec(variable: Any) -> tuple[tuple[int, ...], str]:
+    """Shape and NumPy dtype name of a live variable, without copying when possible."""
+    try:
+        return tuple(int(d) for d in variable.shape), str(np.dtype(variable.dtype))
+    except (AttributeError, TypeError):
+        array = variable_to_numpy(variable)
+        return tuple(array.shape), str(array.dtype)
+
+
+# ----------------------------------------------------------------------------
+# Saving
+
+
+def collect(root: Any, step: int) -> tuple[dict[str, np.ndarray[Any, Any]], dict[str, Any]]:
+    """Host copies of all arrays reachable from `root`, and the JSON item describing them.
+
+    Raises:
+    CheckpointError: A variable has a dtype checkpoints cannot store, or a state
+        is not JSON data.
+    """
+    arrays: dict[str, np.ndarray[Any, Any]] = {}
+    tree: dict[str, Any] = {}
+    for path, variable in variables_by_path(root).items():
+        array = np.asarray(variable_to_numpy(variable))
+        if array.dtype.kind in UNSUPPORTED_KINDS:
+            raise CheckpointError(
+                f"Variable {path!r} has dtype {array.dtype}, which checkpoints cannot "
+                "store; expected a numeric or bool dtype."
+            )
+        arrays[path] = array
+        tree[path] = {
+            "shape": list(array.shape),
+            "dtype": str(array.dtype),
+            "crc32": array_crc32(array),
+        }
+    objects: dict[str, Any] = {}
+    for path, obj in variables_by_path(root, predicate=is_stateful).items():
+        if is_generator(obj):
+            state = to_json(obj.bit_generator.state, path)
+            objects[path] = {"kind": "numpy_generator", "state": state}
+        else:
+            state = to_json(state_adapter(obj).get_state(), path)
+            objects[path] = {"kind": "state", "state": state}
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "step": step,
+        "tree": tree,
+        "objects": objects,
+    }
+    try:
+        # The JSON item's own checksum: a flipped digit in a shape or an iterator
+        # position would otherwise restore silently.
+        meta["crc32"] = json_crc32(meta)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"Checkpoint {step}: state is not JSON data: {err}") from err
+    return arrays, meta
+
+
+# ----------------------------------------------------------------------------
+# Restore checks
+
+
+def json_crc32(meta: dict[str, Any]) -> int:
+    """CRC-32 of the canonical JSON of everything in `meta` but its own checksum."""
+    body = {key: value for key, value in meta.items() if key != "crc32"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return zlib.crc32(text.encode("utf-8"))
+
+
+def parse_meta(meta: Any, where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The array tree and object states of a JSON item, validated."""
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CorruptCheckpointError(
+            f"Checkpoint {where} has no valid looproto metadata item; received {value_repr(meta)}."
+        )
+    # Checkpoints of looproto before this checksum have none; they are checked as before.
+    if "crc32" in meta and meta["crc32"] != json_crc32(meta):
+        raise CorruptCheckpointError(
+            f"Checkpoint {where} has a damaged metadata item: its CRC-32 does not match "
+            f"the recorded {value_repr(meta['crc32'])}."
+        )
+    version = meta.get("version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"Checkpoint {where} has format version {version!r}; this looproto reads version "
+            f"{FORMAT_VERSION}. Upgrade looproto to read it."
+        )
+    tree = meta.get("tree")
+    objects = meta.get("objects")
+    if not isinstance(tree, dict) or not isinstance(objects, dict):
+        raise CorruptCheckpointError(f"Checkpoint {where} has a malformed metadata item.")
+    for path, spec in tree.items():
+        if not (
+            isinstance(spec, dict)
+            and isinstance(spec.get("shape"), list)
+            and isinstance(spec.get("dtype"), str)
+            and isinstance(spec.get("crc32"), int)
+        ):
+            raise CorruptCheckpointError(
+                f"Checkpoint {where} has a malformed entry for {path!r}: {value_repr(spec)}."
+            )
+    for path, entry in objects.items():
+        if not (isinstance(entry, dict) and "state" in entry and "kind" in entry):
+            raise CorruptCheckpointError(
+                f"Checkpoint {where} has a malformed state for {path!r}: {value_repr(entry)}."
+            )
+    return tree, objects
+
+
+def check_matches(
+    tree: dict[str, Any],
+    objects: dict[str, Any],
+    variables: dict[str, Any],
+    live_objects: dict[str, Any],
+    where: str,
+) -> None:
+    """Raises `CheckpointError` listing every path where checkpoint and live tree differ."""
+    problems: list[str] = []
+    for path in sorted(set(variables) - set(tree)):
+        shape, dtype = _live_spec(variables[path])
+        problems.append(f"  {path!r}: not in the checkpoint (live {_spec_text(shape, dtype)})")
+    for path in sorted(set(tree) - set(variables)):
+        spec = tree[path]
+        problems.append(
+            f"  {path!r}: in the checkpoint ({_spec_text(spec['shape'], spec['dtype'])}) "
+            "but not a live variable"
+        )
+    for path in sorted(set(tree) & set(variables)):
+        spec = tree[path]
+        shape, dtype = _live_spec(variables[path])
+        if tuple(spec["shape"]) != shape or spec["dtype"] != dtype:
+            problems.append(
+                f"  {path!r}: checkpoint {_spec_text(spec['shape'], spec['dtype'])}, "
+                f"live {_spec_text(shape, dtype)}"
+            )
+    for path in sorted(set(live_objects) - set(objects)):
+        problems.append(f"  {path!r}: object state not in the checkpoint")
+    for path in sorted(set(objects) - set(live_objects)):
+        problems.append(f"  {path!r}: object state in the checkpoint but no live object")
+    for path in sorted(set(objects) & set(live_objects)):
+        live_kind = "numpy_generator" if is_generator(live_objects[path]) else "state"
+        if objects[path]["kind"] != live_kind:
+            problems.append(
+                f"  {path!r}: checkpoint holds a {objects[path]['kind']!r} state, live object "
+                f"is a {live_kind!r}"
+            )
+    if problems:
+        raise CheckpointError(
+            f"Checkpoint {where} does not match the variables of `checkpoint` "
+            f"({len(problems)} difference(s)); nothing was restored:\n" + "\n".join(problems)
+        )
+
+
+def _set_object_state(obj: Any, state: Any, path: str | None = None) -> None:
+    """Sets `state`; from a checkpoint's JSON (`path` given) it is decoded first."""
+    if is_generator(obj):
+        obj.bit_generator.state = state
+    else:
+        state_adapter(obj).set_state(state if path is None else _from_json(state, path))
+
+
+def _get_object_state(obj: Any) -> Any:
+    return obj.bit_generator.state if is_generator(obj) else state_adapter(obj).get_state()
+
+
+def write_all(
+    variables: dict[str, Any],
+    arrays: dict[str, Any],
+    live_objects: dict[str, Any],
+    objects: dict[str, Any],
+    where: str,
+) -> None:
+    """Writes a checked checkpoint into the live tree; undoes it all if any write fails.
+
+    A write can fail although the tree matched: an object may refuse a state of the
+    same kind but another type (an `ArrayIterator` handed a `tf.data` iterator's state,
+    from a checkpoint of another backend's pipeline; a Generator whose bit generator
+    changed). Object states go first (small, and the likeliest to refuse); each
+    variable's value is kept just before it is overwritten, so what was written can be
+    put back.
+
+    Raises:
+        CheckpointError: A write failed; the path and the reason are named.
+    """
+    written_objects: list[tuple[Any, Any]] = []
+    written_variables: list[tuple[Any, Any]] = []
+    current, rejected = "", ""
+    try:
+        for path, obj in live_objects.items():
+            current = path
+            rejected = (
+                f"; the live object at {path!r} ({type(obj).__name__}) rejected its saved "
+                "state (was its type changed?)"
+            )
+            previous = _get_object_state(obj)
+            _set_object_state(obj, objects[path]["state"], path)
+            written_objects.append((obj, previous))
+        rejected = ""
+        for path, variable in variables.items():
+            current = path
+            previous = variable_to_numpy(variable)
+            assign_variable(variable, arrays[path])
+            written_variables.append((variable, previous))
+    except Exception as err:
+        for variable, previous in reversed(written_variables):
+            assign_variable(variable, previous)
+        for obj, previous in reversed(written_objects):
+            _set_object_state(obj, previous)
+        raise CheckpointError(
+            f"Checkpoint {where} could not be restored: writing {current!r} failed "
+            f"({type(err).__name__}: {err}){rejected}. Nothing was restored."
+        ) from err
+
+
+def check_arrays(arrays: dict[str, Any], tree: dict[str, Any], where: str) -> None:
+    """Raises `CorruptCheckpointError` unless `arrays` are exactly what `tree` records."""
+    problems: list[str] = []
+    for path in sorted(set(tree) - set(arrays)):
+        problems.append(f"  {path!r}: missing from the array data")
+    for path in sorted(set(arrays) - set(tree)):
+        problems.append(f"  {path!r}: in the array data but not in the metadata")
+    for path in sorted(set(tree) & set(arrays)):
+        spec = tree[path]
+        array = arrays[path]
+        if not isinstance(array, np.ndarray):
+            problems.append(f"  {path!r}: read back as {type(array).__name__}, not an array")
+            continue
+        if tuple(array.shape) != tuple(spec["shape"]) or str(array.dtype) != spec["dtype"]:
+            problems.append(
+                f"  {path!r}: read {_spec_text(array.shape, array.dtype)}, recorded "
+                f"{_spec_text(spec['shape'], spec['dtype'])}"
+            )
+            continue
+        crc = array_crc32(array)
+        if crc != spec["crc32"]:
+            problems.append(f"  {path!r}: CRC-32 {crc} does not match the recorded {spec['crc32']}")
+    if problems:
+        raise CorruptCheckpointError(
+            f"Checkpoint {where} is corrupted ({len(problems)} problem(s)):\n" + "\n".join(problems)
+        )

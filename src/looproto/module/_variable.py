@@ -1,0 +1,306 @@
+"""`Variable`, and the questions the core asks about any framework's variables.
+
+`Variable` is looproto's own named, mutable array (NumPy by default; JAX and torch
+arrays inside their backends' loops). `is_variable`, `is_trainable`,
+`variable_to_numpy` and `assign_variable` answer for every framework's variables,
+through the backend registry (`looproto.backends.for_object`).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from looproto import backends
+from looproto.backends.base import Backend
+from looproto.errors import ProtocolError, ShapeError, value_repr
+from looproto.module._scope import current_name_scope
+
+_assign_hooks = backends.assign_hooks
+
+__all__ = [
+    "Variable",
+    "assign_variable",
+    "backend_for_variable",
+    "create_global_step",
+    "is_trainable",
+    "is_variable",
+    "read_int",
+    "variable_to_numpy",
+]
+
+
+def is_variable(obj: Any) -> bool:
+    """Returns True for a `looproto.Variable` or any framework's variable."""
+    if isinstance(obj, Variable):
+        return True
+    return any(backend.is_variable(obj) for backend in backends.for_object(obj))
+
+
+def is_trainable(obj: Any) -> bool:
+    """Returns True for a variable whose `trainable` flag (or `requires_grad`) is set."""
+    if isinstance(obj, Variable):
+        return obj.trainable
+    return any(
+        backend.is_variable(obj) and backend.is_trainable(obj)
+        for backend in backends.for_object(obj)
+    )
+
+
+def backend_for_variable(variable: Any) -> Backend:
+    """The backend that reads and writes `variable` (by the type of array it holds).
+
+    Raises:
+        ProtocolError: No loaded backend understands `variable`.
+    """
+    target = variable.value if isinstance(variable, Variable) else variable
+    if isinstance(target, (np.ndarray, np.generic)):
+        return backends.get("numpy")
+    found = backends.for_object(target)
+    if found:
+        return found[0]
+    if isinstance(variable, Variable):
+        return backends.get("numpy")
+    raise ProtocolError(
+        f"No backend understands {value_repr(variable)} of type {type(variable).__name__}; "
+        f"registered backends: {backends.available()}."
+    )
+
+
+def variable_to_numpy(variable: Any) -> np.ndarray[Any, Any]:
+    """A host NumPy copy of any framework's variable."""
+    return backend_for_variable(variable).to_numpy(variable)
+
+
+def assign_variable(variable: Any, array: np.ndarray[Any, Any]) -> None:
+    """Writes the NumPy `array` into any framework's variable, in place."""
+    backend_for_variable(variable).assign(variable, array)
+
+
+# ----------------------------------------------------------------------------
+# Variable
+
+
+def _as_array(value: Any, dtype: Any = None) -> Any:
+    """NumPy for Python values and NumPy input; framework arrays are kept as they are."""
+    if isinstance(value, Variable):
+        value = value.value
+    if dtype is not None:
+        if isinstance(value, np.ndarray) or not hasattr(value, "dtype"):
+            return np.array(value, dtype=dtype)
+        return value.astype(dtype)
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    if isinstance(value, np.generic) or not (hasattr(value, "shape") and hasattr(value, "dtype")):
+        array = np.asarray(value)
+        if array.dtype == object:
+            raise ProtocolError(
+                f"`initial_value` must be a number or an array; received {value_repr(value)}."
+            )
+        return array
+    return value  # jax.Array, a tracer, or another framework's array
+
+
+class Variable:
+    """A named, mutable array: the state `Module` discovers and checkpoints save.
+
+    It holds a NumPy array by default; the JAX backend keeps `jax.Array`s in it.
+    Its name is taken from the active name scope when it is created, so a variable
+    made inside a module's `name_scope` is named like `"my_module/w:0"`.
+
+    `assign` (and setting `.value`) keeps the variable's shape and dtype: an array
+    of another shape or dtype raises `ShapeError` instead of silently changing the
+    model. Python numbers are cast to the variable's dtype when that is safe.
+
+    Example:
+        >>> w = Variable(np.zeros((2, 3), np.float32), name="w")
+        >>> w.name, w.shape, w.dtype
+        ('w:0', (2, 3), dtype('float32'))
+        >>> _ = w.assign(np.ones((2, 3), np.float32))
+        >>> float(w.numpy().sum())
+        6.0
+    """
+
+    __slots__ = ("__weakref__", "_name", "_trainable", "_value")
+
+    def __init__(
+        self,
+        initial_value: Any,
+        trainable: bool = True,
+        name: str | None = None,
+        dtype: Any = None,
+    ) -> None:
+        if name is not None and not isinstance(name, str):
+            raise ProtocolError(
+                f"`name` must be a string or None; received {value_repr(name)} "
+                f"of type {type(name).__name__}."
+            )
+        if not isinstance(trainable, (bool, np.bool_)):
+            raise ProtocolError(
+                f"`trainable` must be a bool; received {value_repr(trainable)} "
+                f"of type {type(trainable).__name__}."
+            )
+        self._value = _as_array(initial_value, dtype)
+        self._trainable = bool(trainable)
+        self._name = f"{current_name_scope()}{name or 'Variable'}:0"
+
+    @property
+    def name(self) -> str:
+        """The full name, with the name scope it was created in, e.g. `"mlp/w:0"`."""
+        return self._name
+
+    @property
+    def trainable(self) -> bool:
+        """Whether optimisers should update this variable."""
+        return self._trainable
+
+    @property
+    def value(self) -> Any:
+        """The current array. Setting it is `assign`."""
+        return self._value
+
+    @value.setter
+    def value(self, new_value: Any) -> None:
+        self.assign(new_value)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the held array."""
+        return tuple(self._value.shape)
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        """The NumPy dtype of the held array (`torch.float32` reads as `float32`)."""
+        return backends.numpy_dtype(self._value.dtype)
+
+    def numpy(self) -> np.ndarray[Any, Any]:
+        """Returns the value as a NumPy array (a host copy for device arrays)."""
+        if isinstance(self._value, (np.ndarray, np.generic)):
+            return np.array(self._value)
+        return variable_to_numpy(self)  # The framework's backend copies it to the host.
+
+    def assign(self, value: Any) -> Variable:
+        """Replaces the value, keeping shape and dtype. Returns the variable.
+
+        Raises:
+            ShapeError: `value` has another shape, or a dtype that is not the variable's.
+        """
+        # The loaded backends' `on_assign` hooks (`looproto.backends.SupportsHooks`): they
+        # catch values that must not be stored (a JAX tracer outside a compiled loop), and
+        # one that returns True has stored the value itself (the TensorFlow backend writes
+        # a lifted Variable through to its `tf.Variable`).
+        if _assign_hooks:
+            for hook in _assign_hooks:
+                if hook(self, value):
+                    return self
+        current = self._value
+        # Fast path, once per step in most trainers (`step.assign_add(1)`, a loss): a
+        # NumPy scalar of exactly the dtype of a NumPy scalar variable.
+        if type(current) is np.ndarray and current.ndim == 0:
+            if isinstance(value, np.generic) and value.dtype == current.dtype:
+                self._value = np.asarray(value)
+                return self
+            if type(value) is float and current.dtype.kind == "f":
+                self._value = np.asarray(value, dtype=current.dtype)
+                return self
+        if isinstance(value, Variable):
+            value = value.value
+        if isinstance(value, np.ndarray):
+            value = value.copy()  # Never alias the caller's (or another variable's) buffer.
+        elif not hasattr(value, "dtype") or isinstance(value, np.generic):
+            if not isinstance(current.dtype, np.dtype):
+                # A framework array whose dtypes are not NumPy's (a torch tensor): its
+                # backend checks the number and writes it in place, on the array's
+                # device, without NumPy (so torch.compile can trace it).
+                backend_for_variable(self).assign(self, value)
+                return self
+            array = np.asarray(value)
+            if not np.can_cast(array.dtype, self.dtype, casting="same_kind"):
+                raise ShapeError(
+                    f"Cannot assign {value_repr(value)} (dtype {array.dtype}) to variable "
+                    f"{self._name!r} of dtype {self.dtype}: expected a value of that dtype."
+                )
+            value = np.asarray(array, dtype=current.dtype)
+        if tuple(value.shape) != tuple(current.shape):
+            raise ShapeError(
+                f"Cannot assign a value of shape {tuple(value.shape)} to variable "
+                f"{self._name!r} of shape {tuple(current.shape)}: the shape of a variable "
+                "is fixed when it is created."
+            )
+        if value.dtype != current.dtype:
+            raise ShapeError(
+                f"Cannot assign a value of dtype {value.dtype} to variable {self._name!r} "
+                f"of dtype {current.dtype}: cast it first (e.g. `value.astype(var.dtype)`)."
+            )
+        self._value = value
+        return self
+
+    def assign_add(self, delta: Any) -> Variable:
+        """Adds `delta` to the value (same rules as `assign`). Returns the variable."""
+        return self.assign(self._combine(operator.add, delta))
+
+    def assign_sub(self, delta: Any) -> Variable:
+        """Subtracts `delta` from the value (same rules as `assign`). Returns the variable."""
+        return self.assign(self._combine(operator.sub, delta))
+
+    def _combine(self, op: Callable[[Any, Any], Any], delta: Any) -> Any:
+        if isinstance(delta, Variable):
+            delta = delta.value
+        try:
+            return op(self._value, delta)
+        except ValueError as err:  # shapes that do not broadcast
+            raise ShapeError(
+                f"Cannot update variable {self._name!r} of shape {self.shape} with a value of "
+                f"shape {tuple(np.shape(delta))}: {err}"
+            ) from err
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray[Any, Any]:
+        array = np.asarray(self._value)
+        if dtype is not None and array.dtype != np.dtype(dtype):
+            return array.astype(dtype)
+        # NumPy 2 trusts `copy`: `np.array(var)` asks for a copy and must not get
+        # the variable's own buffer.
+        return array.copy() if copy else array
+
+    def __int__(self) -> int:
+        return int(np.asarray(self._value))
+
+    def __float__(self) -> float:
+        return float(np.asarray(self._value))
+
+    def __index__(self) -> int:
+        return int(np.asarray(self._value))
+
+    def __repr__(self) -> str:
+        return (
+            f"<looproto.Variable {self._name!r} shape={self.shape} dtype={self.dtype} "
+            f"trainable={self._trainable} value={value_repr(self._value, 60)}>"
+        )
+
+
+def create_global_step() -> Variable:
+    """Returns a new non-trainable int64 scalar `Variable` named `global_step`, at 0.
+
+    Trainers advance it once per step (`step.assign_add(1)`); the `Controller`
+    reads it to decide when to stop, summarise and checkpoint.
+    """
+    return Variable(np.int64(0), trainable=False, name="global_step")
+
+
+def read_int(value: Any) -> int:
+    """The integer in a step counter: a Python or NumPy int, or any framework's scalar variable.
+
+    Example:
+        >>> step = create_global_step()
+        >>> _ = step.assign_add(3)
+        >>> read_int(step), read_int(np.int64(4))
+        (3, 4)
+    """
+    if isinstance(value, Variable):
+        return int(value.value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    return int(variable_to_numpy(value))
