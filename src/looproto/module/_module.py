@@ -48,9 +48,7 @@ def _expand_framework_container(obj: Any) -> list[tuple[_nest.Path, Any]] | None
 def _leaves(value: Any) -> Iterator[tuple[_nest.Path, Any]]:
     """`(path, leaf)` of `value` as discovery sees it: Modules and Variables are leaves,
     framework containers are walked by their backend."""
-    return _nest.flatten_with_paths(
-        value, is_leaf=_is_opaque_leaf, expand=_expand_framework_container
-    )
+    return _nest.flatten_with_paths(value, (), _is_opaque_leaf, _expand_framework_container)
 
 
 _CAMEL_TO_SNAKE = re.compile(r"((?<=[a-z0-9])[A-Z]|(?!^)[A-Z](?=[a-z]))")
@@ -288,7 +286,9 @@ def _flatten_module(
             continue
         prop = vars(module)[key]
         try:
-            leaves = list(_leaves(prop))
+            leaves = list(
+                _nest.flatten_with_paths(prop, (), _is_opaque_leaf, _expand_framework_container)
+            )
         except Exception as cause:
             raise ConfigError(
                 f"Error processing property {key!r} of {value_repr(prop)}: {cause}"
