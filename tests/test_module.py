@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import functools
 import itertools
+import operator
 import re
 import threading
 import weakref
@@ -1521,11 +1522,11 @@ class TestComparisons:
         step = create_global_step()
         assert step == 0  # what Orbit's code asks of its global step
         assert isinstance(step == 0, np.bool_)
-        assert not step != 0
+        assert not operator.ne(step, 0)
         step.assign_add(3)
         assert step != 0
         assert (step < 4, step <= 3, step > 2, step >= 3) == (True, True, True, True)
-        assert 3 == step and 4 > step  # reflected
+        assert operator.eq(3, step) and operator.gt(4, step)  # reflected: int, then Variable
         w = Variable(np.array([1.0, 2.0, 3.0], np.float32))
         np.testing.assert_array_equal(w == 2.0, [False, True, False])
         np.testing.assert_array_equal(w > np.float32(1.5), [False, True, True])
@@ -1534,7 +1535,7 @@ class TestComparisons:
     def test_between_variables_identity_so_containers_keep_working(self) -> None:
         a = Variable(np.zeros((2, 3), np.float32))
         b = Variable(np.zeros((2, 3), np.float32))  # equal values, another variable
-        assert a == a and a != b and not (a == b)
+        assert a == a and a != b and not operator.eq(a, b)
         assert [a, b].index(b) == 1 and b in [a, b] and a not in [b]
         assert len({a, b, a}) == 2 and {a: 1, b: 2}[b] == 2
         assert hash(a) == hash(a) and hash(a) != hash(b)

@@ -802,7 +802,7 @@ def test_tf_checkpoint_manager_refuses_a_checkpoint_that_tracks_nothing(tmp_path
     with pytest.raises(looproto.CheckpointError, match=r"tracks no variable"):
         manager.save(checkpoint_number=1)
     assert not tf.io.gfile.glob(str(tmp_path / "ckpt*"))
-    with pytest.raises(ConfigError, match="tf.train.CheckpointManager"):
+    with pytest.raises(ConfigError, match=r"tf\.train\.CheckpointManager"):
         tf_backend.TfCheckpointManager(manager)
 
 
