@@ -28,6 +28,7 @@ __all__ = [
     "check_runners",
     "check_step_agrees",
     "check_steps",
+    "checkpoint_number",
 ]
 
 
@@ -153,6 +154,12 @@ def check_outputs(
 _CHECKPOINT_NUMBER = re.compile(r"(\d+)$")
 
 
+def checkpoint_number(path: Any) -> int | None:
+    """The number a checkpoint's path ends with (`<dir>/200`, `<dir>/ckpt-200`), or None."""
+    match = _CHECKPOINT_NUMBER.search(os.path.basename(os.fspath(path).rstrip("/")))
+    return None if match is None else int(match.group(1))
+
+
 def check_restored_step(manager: Any, path: Any) -> None:
     """After restoring checkpoint N, a manager's step counter must read N.
 
@@ -165,13 +172,10 @@ def check_restored_step(manager: Any, path: Any) -> None:
         CheckpointError: The step counter does not read the checkpoint's number.
     """
     counter = getattr(manager, "step_counter", None)
-    if counter is None or not is_variable(counter):
+    number = checkpoint_number(path)
+    if counter is None or not is_variable(counter) or number is None:
         return
-    name = os.path.basename(os.fspath(path).rstrip("/"))
-    match = _CHECKPOINT_NUMBER.search(name)
-    if match is None:
-        return
-    number, restored = int(match.group(1)), read_int(counter)
+    restored = read_int(counter)
     if restored != number:
         raise CheckpointError(
             "The global step is not part of what was checkpointed: after restoring "

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final
@@ -40,6 +39,7 @@ from looproto._controller_checks import (
     check_runners,
     check_step_agrees,
     check_steps,
+    checkpoint_number,
 )
 from looproto._step_timer import Formatted, StepTimer, eta
 from looproto.errors import ConfigError
@@ -442,7 +442,7 @@ class Controller:
             checkpoint = self._maybe_save_checkpoint(check_interval=False)
             manager.sync()  # the process may exit right after: the save must be on disk
             latest = manager.latest_checkpoint
-            if checkpoint is None and latest is not None and os.path.basename(latest) == str(step):
+            if checkpoint is None and latest is not None and checkpoint_number(latest) == step:
                 checkpoint = latest  # saved at this step already (interval or completion)
         preemption.acknowledge()  # a signal while closing down still exits at once
         raise preemption.Preempted(step, signal_number, checkpoint)

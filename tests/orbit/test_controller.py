@@ -332,3 +332,28 @@ def test_ported_code_runs_on_another_backend_and_resumes(tmp_path: Any, backend:
     assert second.global_step == 150
     assert sorted(int(n) for n in os.listdir(tmp_path / "ckpt")) == [50, 100, 150]
     assert [s for s, _ in read_events(tmp_path / "summaries")["."]["w0"]] == [50, 100, 150]
+
+
+def test_keras_iterations_as_global_step_with_a_looproto_manager_resume_or_refuse(
+    tmp_path: Any,
+) -> None:
+    # A tf_keras optimizer is not a module looproto walks: its `iterations` is in a
+    # looproto checkpoint when the trainer holds it as an attribute, and a restart that
+    # would lose it is refused, never silently run from step 0.
+    def run(directory: Any, *, hold_step: bool, steps: int) -> KerasTrainer:
+        trainer = KerasTrainer()
+        if hold_step:
+            trainer.global_step = trainer.optimizer.iterations
+        manager = looproto.CheckpointManager(
+            directory, trainer, step_counter=trainer.optimizer.iterations, checkpoint_interval=5
+        )
+        _controller(trainer, manager).train(steps)
+        return trainer
+
+    run(tmp_path / "held", hold_step=True, steps=10)
+    resumed = run(tmp_path / "held", hold_step=True, steps=15)
+    assert int(resumed.optimizer.iterations.numpy()) == 15
+
+    run(tmp_path / "lost", hold_step=False, steps=10)
+    with pytest.raises(looproto.CheckpointError, match="global step is not part of"):
+        run(tmp_path / "lost", hold_step=False, steps=15)

@@ -115,6 +115,11 @@ class Variable:
     of another shape or dtype raises `ShapeError` instead of silently changing the
     model. Python numbers are cast to the variable's dtype when that is safe.
 
+    Compared with a number or an array, a variable compares its value elementwise, as a
+    `tf.Variable` does (`create_global_step() == 0` is a true NumPy bool); compared with
+    another `Variable`, `==` is identity, and a variable hashes by identity, so lists,
+    sets and dicts of variables work for variables of any shape.
+
     Example:
         >>> w = Variable(np.zeros((2, 3), np.float32), name="w")
         >>> w.name, w.shape, w.dtype
