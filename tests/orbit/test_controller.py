@@ -357,3 +357,14 @@ def test_keras_iterations_as_global_step_with_a_looproto_manager_resume_or_refus
     run(tmp_path / "lost", hold_step=False, steps=10)
     with pytest.raises(looproto.CheckpointError, match="global step is not part of"):
         run(tmp_path / "lost", hold_step=False, steps=15)
+
+
+def test_a_core_summary_manager_writes_the_loop_outputs(tmp_path: Any) -> None:
+    recorder = Recorder()
+    summaries = looproto.SummaryManager(tmp_path, global_step=recorder.step)
+    controller = orbit.Controller(
+        trainer=recorder, global_step=recorder.step, steps_per_loop=2, summary_manager=summaries
+    )
+    controller.train(4)
+    controller.close()
+    assert _steps(tmp_path)["seen"] == [2, 4]

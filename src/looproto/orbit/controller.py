@@ -25,6 +25,7 @@ checkpoint's number.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -207,14 +208,12 @@ class Controller(_core.Controller):
 
     def _run_trainer(self, num_steps: int) -> Any:
         assert self.trainer is not None
-        summaries: Any = self.summary_manager  # an Orbit summary manager (see __init__)
-        with summaries.summary_writer().as_default(), tf.summary.record_if(self._record_in_steps()):
+        with _default_writer(self.summary_manager), tf.summary.record_if(self._record_in_steps()):
             return self.trainer.train(_num_steps_for(self.trainer, num_steps))
 
     def _run_evaluator(self, steps: int) -> Any:
         assert self.evaluator is not None
-        summaries: Any = self.eval_summary_manager
-        with summaries.summary_writer().as_default():
+        with _default_writer(self.eval_summary_manager):
             return self.evaluator.evaluate(_num_steps_for(self.evaluator, steps))
 
     def _record_in_steps(self) -> Any:
@@ -237,6 +236,18 @@ class Controller(_core.Controller):
             # Orbit saves only with a `checkpoint_interval`; a stop request saves anyway.
             return None
         return super()._maybe_save_checkpoint(check_interval)
+
+
+def _default_writer(manager: Any) -> Any:
+    """The manager's `tf.summary` writer as the default one, for the steps' summaries.
+
+    A manager without `summary_writer()` (core `looproto.SummaryManager`, which writes
+    with tensorboardX) gives the steps no writer: their `tf.summary` calls record nothing.
+    """
+    summary_writer = getattr(manager, "summary_writer", None)
+    if summary_writer is None:
+        return contextlib.nullcontext()
+    return summary_writer().as_default()
 
 
 def _num_steps_for(runner_: Any, num_steps: int) -> Any:
