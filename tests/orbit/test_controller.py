@@ -304,7 +304,7 @@ class PortedTrainer(orbit.StandardTrainer):
         return {"w0": self.w.numpy()[0, 0]}
 
 
-@pytest.mark.parametrize("backend", ["numpy", "jax"])
+@pytest.mark.parametrize("backend", ["numpy", "jax", "torch"])
 def test_ported_code_runs_on_another_backend_and_resumes(tmp_path: Any, backend: str) -> None:
     if backend != "numpy":
         pytest.importorskip(backend)
