@@ -51,6 +51,7 @@ from looproto.backends.base import (
     SupportsHookGate,
     SupportsIteratorState,
     SupportsStateJSON,
+    Unsaveable,
     WorkerEnvironment,
 )
 from looproto.errors import BackendNotAvailableError, ConfigError
@@ -74,6 +75,7 @@ __all__ = [
     "SupportsHookGate",
     "SupportsIteratorState",
     "SupportsStateJSON",
+    "Unsaveable",
     "WorkerEnvironment",
     "assign_hooks",
     "available",
