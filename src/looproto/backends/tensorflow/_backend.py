@@ -22,13 +22,13 @@ from looproto.backends.tensorflow._array_api import array_namespace
 from looproto.backends.tensorflow._checkpoints import TfDataIteratorState, iterator_state
 from looproto.backends.tensorflow._distributed import TensorflowEngine, initialize_distributed
 from looproto.backends.tensorflow._gradients import grad, value_and_grad
+from looproto.backends.tensorflow._keras import is_keras_object, keras_pairs
 from looproto.backends.tensorflow._lifting import variable_assign_hook
 from looproto.backends.tensorflow._loop import TensorflowLoop
 from looproto.backends.tensorflow._options import check_settings
 from looproto.backends.tensorflow._variables import (
     is_keras_variable,
     keras_module,
-    keras_paths,
     variable_dtype,
 )
 from looproto.errors import ProtocolError, ShapeError, value_repr
@@ -53,22 +53,19 @@ class TensorflowBackend:
         return bool(getattr(obj, "trainable", False))
 
     def expand(self, obj: Any) -> Iterable[tuple[tuple[Any, ...], Any]] | None:
-        """See base class: the variables of a `tf.Module`, Keras layer or Keras optimizer.
+        """See base class: the state of a `tf.Module` and of Keras 3 objects.
 
-        `tf.Module` paths are its attribute paths (`("layers", 0, "w")`); Keras
-        paths are the variables' `path` without the owner's own name
-        (`("dense", "kernel")`).
+        `tf.Module` paths are its attribute paths (`("layers", 0, "w")`); a Keras
+        layer, model, optimizer, metric or `SeedGenerator` is walked by attribute too
+        (`("dense", "kernel")`), see `_keras.py`.
         """
         if isinstance(obj, (tf.Variable, tf.Tensor)):
             return None
         if isinstance(obj, tf.Module):
             return list(obj._flatten(predicate=self.is_variable, with_path=True))
         keras = keras_module()
-        if keras is not None:
-            if isinstance(obj, keras.layers.Layer):
-                return keras_paths(obj, obj.weights)
-            if isinstance(obj, keras.optimizers.Optimizer):
-                return keras_paths(obj, obj.variables)
+        if keras is not None and is_keras_object(obj, keras):
+            return keras_pairs(obj, keras, self.is_variable)
         return None
 
     def to_numpy(self, value: Any) -> np.ndarray[Any, Any]:
