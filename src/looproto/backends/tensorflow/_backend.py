@@ -17,12 +17,17 @@ import numpy as np
 import tensorflow as tf
 
 from looproto import _nest, distributed, portable
-from looproto.backends.base import LoopOptions, StepFn
+from looproto.backends.base import LoopOptions, StepFn, Unsaveable
 from looproto.backends.tensorflow._array_api import array_namespace
 from looproto.backends.tensorflow._checkpoints import TfDataIteratorState, iterator_state
 from looproto.backends.tensorflow._distributed import TensorflowEngine, initialize_distributed
 from looproto.backends.tensorflow._gradients import grad, value_and_grad
-from looproto.backends.tensorflow._keras import is_keras_object, keras_pairs
+from looproto.backends.tensorflow._keras import (
+    TF_KERAS_OPTIMIZER,
+    is_keras_object,
+    is_tf_keras_optimizer,
+    keras_pairs,
+)
 from looproto.backends.tensorflow._lifting import variable_assign_hook
 from looproto.backends.tensorflow._loop import TensorflowLoop
 from looproto.backends.tensorflow._options import check_settings
@@ -63,6 +68,8 @@ class TensorflowBackend:
             return None
         if isinstance(obj, tf.Module):
             return list(obj._flatten(predicate=self.is_variable, with_path=True))
+        if is_tf_keras_optimizer(obj):
+            return [((), Unsaveable(TF_KERAS_OPTIMIZER))]
         keras = keras_module()
         if keras is not None and is_keras_object(obj, keras):
             return keras_pairs(obj, keras, self.is_variable)

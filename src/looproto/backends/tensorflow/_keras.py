@@ -20,12 +20,26 @@ slots exist to receive the saved values.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from typing import Any
 
 from looproto.errors import CheckpointError
 
-__all__ = ["KerasOptimizerBuild", "is_keras_object", "keras_pairs"]
+__all__ = [
+    "TF_KERAS_OPTIMIZER",
+    "KerasOptimizerBuild",
+    "is_keras_object",
+    "is_tf_keras_optimizer",
+    "keras_pairs",
+]
+
+TF_KERAS_OPTIMIZER = (
+    "a `tf_keras` (Keras 2) optimizer keys its slots by variable ids and builds them "
+    "lazily, so looproto cannot checkpoint it. Use a Keras 3 optimizer "
+    "(`keras.optimizers`), whose state looproto saves whole, or keep this one out of the "
+    "checkpointed tree and accept that a resumed run starts it afresh."
+)
 
 _Pairs = list[tuple[tuple[Any, ...], Any]]
 
@@ -71,6 +85,18 @@ def _kinds(keras: Any) -> tuple[type, ...]:
 def is_keras_object(obj: Any, keras: Any) -> bool:
     """A Keras layer (model), optimizer, metric or `SeedGenerator`."""
     return isinstance(obj, _kinds(keras))
+
+
+def is_tf_keras_optimizer(obj: Any) -> bool:
+    """A `tf_keras` optimizer (new or legacy): state looproto cannot checkpoint."""
+    tf_keras = sys.modules.get("tf_keras")
+    if tf_keras is None:
+        return False
+    optimizers = tf_keras.optimizers
+    kinds = [getattr(optimizers, "Optimizer", None)]
+    legacy = getattr(optimizers, "legacy", None)
+    kinds.append(getattr(legacy, "Optimizer", None))
+    return isinstance(obj, tuple(k for k in kinds if isinstance(k, type)))
 
 
 def _contents(value: Any, path: tuple[Any, ...]) -> Iterator[tuple[tuple[Any, ...], Any]]:

@@ -19,6 +19,7 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 from looproto.backends.base import Unsaveable
@@ -70,7 +71,9 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
             return result
 
 
-_numeric = is_array_entry  # Numbers, tensors, non-empty lists of numbers: one array each.
+def _numeric(value: Any) -> bool:
+    """Numbers, tensors, non-empty lists of numbers: one array each in a checkpoint."""
+    return is_array_entry(value) and not isinstance(value, np.ndarray)
 
 
 def _json_value(value: Any) -> bool:

@@ -5,7 +5,8 @@ An LR scheduler (the inner schedulers of `SequentialLR` and `ChainedScheduler` t
 `load_state_dict()` that is not a module, an optimizer or a data loader is saved whole.
 Its `state_dict()` is walked recursively:
 
-* a number, a non-empty list of numbers or a tensor is a variable (`StateEntryView`),
+* a number, a non-empty list of numbers, a tensor or a numeric NumPy array is a
+  variable (`StateEntryView`),
   keyed by the dict keys and list indices leading to it, leading underscores dropped
   (`schedulers/0/last_epoch`, `growth_tracker`);
 * booleans, strings and None go, together, into one JSON object state at `json`
@@ -74,9 +75,11 @@ def _is_number(value: Any) -> bool:
 
 
 def is_array_entry(value: Any) -> bool:
-    """A tensor, a number, or a non-empty list/tuple of numbers: one array in a checkpoint."""
+    """A tensor, a number, a numeric NumPy array, or a non-empty list/tuple of numbers."""
     if _is_number(value) or isinstance(value, torch.Tensor):
         return True
+    if isinstance(value, np.ndarray):
+        return value.dtype.kind in "biuf"
     return isinstance(value, (list, tuple)) and bool(value) and all(map(_is_number, value))
 
 
@@ -143,7 +146,7 @@ class StateEntryView(View):
 
     def _get(self) -> Any:
         value = self._record.read(self._keys)
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, (torch.Tensor, np.ndarray)):
             return value
         array = from_python(value)
         return array[()] if array.ndim == 0 else array
@@ -154,6 +157,13 @@ class StateEntryView(View):
         if isinstance(current, torch.Tensor):
             new: Any = current.detach().clone()
             write_tensor(new, array, self._name)
+        elif isinstance(current, np.ndarray):
+            if array.shape != current.shape:
+                raise CheckpointError(
+                    f"{self._name!r} has shape {current.shape}; cannot write an array of "
+                    f"shape {array.shape} into it."
+                )
+            new = array.astype(current.dtype)
         else:
             if array.shape != np.shape(from_python(current)):
                 raise CheckpointError(
