@@ -9,7 +9,10 @@ unique names, so a model rebuilt in the same process matches its own checkpoint.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +109,37 @@ def test_tf_keras_optimizers_are_refused_not_dropped(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"Cannot save 'optimizer': a `tf_keras`"):
         with looproto.CheckpointManager(tmp_path, holder) as manager:
             manager.save(checkpoint_number=1)
+
+
+REFUSAL_PROGRAM = """
+import tempfile
+import keras
+import looproto
+holder = looproto.Module(name="holder")
+holder.model = keras.Sequential([keras.layers.Dense(2)])
+holder.model.build((None, 3))
+holder.optimizer = keras.optimizers.Adam()
+assert looproto.module.variables_by_path(holder) == {}  # Nothing it could save.
+try:
+    looproto.CheckpointManager(tempfile.mkdtemp(), holder).save(checkpoint_number=1)
+except looproto.errors.CheckpointError as err:
+    print(err)
+"""
+
+
+@pytest.mark.parametrize("keras_backend", ["jax", "torch"])
+def test_keras_on_other_backends_is_refused_not_dropped(keras_backend: str) -> None:
+    pytest.importorskip(keras_backend)
+    env = dict(os.environ, KERAS_BACKEND=keras_backend, TF_CPP_MIN_LOG_LEVEL="2")
+    env["PYTHONPATH"] = os.pathsep.join([str(_zoo.ROOT / "src"), env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-c", REFUSAL_PROGRAM],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert f"Cannot save 'model': a Keras 3 object running on Keras' {keras_backend}" in (
+        result.stdout.replace("JAX", "jax")
+    )

@@ -34,6 +34,7 @@ from looproto.backends.torch._discovery import (
 )
 from looproto.backends.torch._distributed import TorchEngine, initialize_distributed
 from looproto.backends.torch._gradients import array_namespace, grad, value_and_grad
+from looproto.backends.torch._keras import keras_refusal
 from looproto.backends.torch._loop import NULL_SCOPE, TorchLoop
 from looproto.backends.torch._options import parse_backend_options
 from looproto.backends.torch._state_dicts import is_state_dict_object, state_dict_pairs
@@ -79,7 +80,11 @@ class TorchBackend:
 
     def expand(self, obj: Any) -> Iterable[tuple[tuple[Any, ...], Any]] | None:
         """See base class: `nn.Module`s, optimizers, `torch.Generator`s, and objects saved
-        through their `state_dict()` (LR schedulers, `GradScaler`, ...)."""
+        through their `state_dict()` (LR schedulers, `GradScaler`, ...). Keras 3 objects
+        on Keras' torch backend are refused (`_keras.py`)."""
+        refused = keras_refusal(obj)
+        if refused is not None:
+            return refused
         if isinstance(obj, torch.nn.Module):
             if getattr(walk_state, "tensors_only", False):  # The loop's walk: devices only.
                 modules = unwrap(obj).modules()
