@@ -120,7 +120,10 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     saved_environ = dict(os.environ)
     logger = logging.getLogger("looproto")
     saved_level = logger.level
-    # The registry a page may add to (`backends.register`).
+    # The registry a page may add to (`backends.register`). The shipped backends are
+    # registered first: else the first page would register them, and the restore below
+    # would empty the registry for good (it registers them only once per process).
+    backends.available()
     registries: list[Any] = [
         backends._entries,
         backends._aliases,
