@@ -44,7 +44,7 @@ def live_tree(
     for path, obj in live_objects.items():
         read_state(obj, path, "restore into")  # An `Unsaveable` leaf is named before all else.
         adapter = None if is_generator(obj) else state_adapter(obj)
-        if getattr(adapter, "restore_first", False) and path in objects:
+        if adapter is not None and getattr(adapter, "restore_first", False) and path in objects:
             try:
                 adapter.set_state(from_json(objects[path]["state"], path, variables))
             except CheckpointError:
