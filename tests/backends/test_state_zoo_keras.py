@@ -143,3 +143,28 @@ def test_keras_on_other_backends_is_refused_not_dropped(keras_backend: str) -> N
     assert f"Cannot save 'model': a Keras 3 object running on Keras' {keras_backend}" in (
         result.stdout.replace("JAX", "jax")
     )
+
+
+OWNER_PROGRAM = """
+from looproto.backends import tensorflow  # Imported first: the others register before it.
+import keras
+import looproto
+from looproto import backends
+from looproto.module import backend_for_variable
+metric = keras.metrics.Mean()
+print([b.name for b in backends.for_object(metric)][0], backend_for_variable(metric.total).name)
+"""
+
+
+def test_keras_objects_go_to_tensorflow_whatever_the_import_order() -> None:
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
+    env["PYTHONPATH"] = os.pathsep.join([str(_zoo.ROOT / "src"), env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-c", OWNER_PROGRAM],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert result.stdout.split() == ["tensorflow", "tensorflow"]

@@ -72,7 +72,7 @@ class TensorflowBackend:
             return [((), Unsaveable(TF_KERAS_OPTIMIZER))]
         keras = keras_module()
         if keras is not None and is_keras_object(obj, keras):
-            return keras_pairs(obj, keras, self.is_variable)
+            return keras_pairs(obj, keras, (tf.Variable, keras.Variable))
         return None
 
     def to_numpy(self, value: Any) -> np.ndarray[Any, Any]:

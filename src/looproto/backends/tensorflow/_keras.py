@@ -21,6 +21,7 @@ slots exist to receive the saved values.
 from __future__ import annotations
 
 import sys
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -69,6 +70,16 @@ _BOOKKEEPING = frozenset(
         "_compile_loss",
         "_loss_tracker",
         "_distribution_strategy",
+        "_build_shapes_dict",
+        "_call_signature",
+        "_call_context_args",
+        "_call_has_context_arg",
+        "call_signature_parameters",
+        "_loss_ids",
+        "_losses",
+        "_losses_override",
+        "_dtype_policy",
+        "_auto_config",
     }
 )
 
@@ -99,8 +110,15 @@ def is_tf_keras_optimizer(obj: Any) -> bool:
     return isinstance(obj, tuple(k for k in kinds if isinstance(k, type)))
 
 
+# Attribute values that are never state, skipped before any other check (a model's
+# walk visits every attribute of every layer: most are these).
+_ATOMS = (str, bytes, bool, int, float, type(None), types.FunctionType, types.MethodType, type)
+
+
 def _contents(value: Any, path: tuple[Any, ...]) -> Iterator[tuple[tuple[Any, ...], Any]]:
     """`(path, leaf)` inside lists, tuples and dicts (Keras' tracked ones too)."""
+    if isinstance(value, _ATOMS):
+        return
     if isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
             yield from _contents(item, (*path, index))
@@ -116,10 +134,10 @@ def _contents(value: Any, path: tuple[Any, ...]) -> Iterator[tuple[tuple[Any, ..
 
 
 class _Walk:
-    def __init__(self, keras: Any, is_variable: Any) -> None:
+    def __init__(self, keras: Any, variable_types: tuple[type, ...]) -> None:
         self.keras = keras
         self.kinds = _kinds(keras)
-        self.is_variable = is_variable
+        self.variable_types = variable_types
         self.pairs: _Pairs = []
         self.seen: set[int] = set()
 
@@ -135,14 +153,20 @@ class _Walk:
             return
         children: list[tuple[tuple[Any, ...], Any]] = []
         # Public attributes first: their names win over private ones for a shared object.
-        for name in sorted(vars(obj), key=lambda n: (n.startswith("_"), n)):
-            if name in _BOOKKEEPING:
+        attributes = vars(obj)
+        names = sorted(attributes)
+        for name in [n for n in names if n[0] != "_"] + [n for n in names if n[0] == "_"]:
+            # `_self_*`: TensorFlow's tracking of the same objects.
+            if name in _BOOKKEEPING or name.startswith("_self_"):
+                continue
+            value = attributes[name]
+            if isinstance(value, _ATOMS):
                 continue
             element = name.lstrip("_") or name
-            for sub, leaf in _contents(vars(obj)[name], (element,)):
+            for sub, leaf in _contents(value, (element,)):
                 if id(leaf) in self.seen:
                     continue
-                if self.is_variable(leaf):
+                if isinstance(leaf, self.variable_types):
                     self.add((*prefix, *sub), leaf)
                 elif isinstance(leaf, self.kinds):
                     self.seen.add(id(leaf))
@@ -166,9 +190,12 @@ class _Walk:
             self.add((*prefix, "variables", index), variable)
 
 
-def keras_pairs(obj: Any, keras: Any, is_variable: Any) -> _Pairs:
-    """`(path, leaf)` pairs of a Keras object's state (see the module docstring)."""
-    walk = _Walk(keras, is_variable)
+def keras_pairs(obj: Any, keras: Any, variable_types: tuple[type, ...]) -> _Pairs:
+    """`(path, leaf)` pairs of a Keras object's state (see the module docstring).
+
+    `variable_types`: what is a variable here (Keras' and the framework's own).
+    """
+    walk = _Walk(keras, variable_types)
     walk.visit(obj, ())
     return walk.pairs
 
