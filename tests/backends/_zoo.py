@@ -51,22 +51,16 @@ class Case:
     reset: Callable[[], None] | None = None
 
 
-def _record(trainer: Any, steps: int, out: dict[str, Any]) -> None:
+def _record(case: Case, trainer: Any, steps: int, out: dict[str, Any]) -> None:
+    """Trains `steps` steps one at a time, keeping what a checkpoint holds after each."""
     for _ in range(steps):
         trainer.train(1)
         step = int(trainer.global_step)
         arrays, meta = collect(trainer, step)
         for path, array in arrays.items():
             out[f"{step}|{path}"] = array
-        out[f"{step}|__lr__"] = np.asarray(trainer_lrs(trainer), np.float64)
-        out["__objects__"] = meta["objects"]
-
-
-_lrs_of: dict[int, Callable[[Any], list[float]]] = {}
-
-
-def trainer_lrs(trainer: Any) -> list[float]:
-    return _lrs_of[id(trainer)](trainer)
+        out[f"{step}|__lr__"] = np.asarray(case.lrs(trainer), np.float64)
+        out["__objects__"] = meta["objects"]  # The JSON states, at the end.
 
 
 def _save(out: dict[str, Any], directory: Path, name: str) -> None:
@@ -78,9 +72,7 @@ def _save(out: dict[str, Any], directory: Path, name: str) -> None:
 def _build(case: Case) -> Any:
     if case.reset is not None:
         case.reset()
-    trainer = case.build()
-    _lrs_of[id(trainer)] = case.lrs
-    return trainer
+    return case.build()
 
 
 def run_child(cases: Sequence[Case], phase: str, directory: Path) -> None:
@@ -90,7 +82,7 @@ def run_child(cases: Sequence[Case], phase: str, directory: Path) -> None:
         where.mkdir(parents=True, exist_ok=True)
         if phase == "first":
             out: dict[str, Any] = {}
-            _record(_build(case), N + M, out)
+            _record(case, _build(case), N + M, out)
             _save(out, where, "uninterrupted")
             trainer = _build(case)
             trainer.train(N)
@@ -101,7 +93,7 @@ def run_child(cases: Sequence[Case], phase: str, directory: Path) -> None:
             with looproto.CheckpointManager(where / "checkpoints", trainer) as manager:
                 manager.restore(N)
             out = {}
-            _record(trainer, M, out)
+            _record(case, trainer, M, out)
             _save(out, where, "resumed")
 
 

@@ -20,6 +20,7 @@ slots exist to receive the saved values.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import types
 from collections.abc import Iterator
@@ -226,7 +227,10 @@ class KerasOptimizerBuild:
         if variables is None:
             return  # Saved before its first step: a built one is refused by the tree check.
         if not optimizer.built:
-            optimizer.build(list(variables))
+            # Under the strategy the optimizer was made in, as its first `apply` would be.
+            strategy = getattr(optimizer, "_distribution_strategy", None)
+            with strategy.scope() if strategy is not None else contextlib.nullcontext():
+                optimizer.build(list(variables))
             return
         live = [id(v) for v in optimizer._trainable_variables]
         if live != [id(v) for v in variables]:
