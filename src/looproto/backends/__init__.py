@@ -51,6 +51,7 @@ from looproto.backends.base import (
     SupportsHookGate,
     SupportsIteratorState,
     SupportsStateJSON,
+    Unsaveable,
     WorkerEnvironment,
 )
 from looproto.errors import BackendNotAvailableError, ConfigError
@@ -74,6 +75,7 @@ __all__ = [
     "SupportsHookGate",
     "SupportsIteratorState",
     "SupportsStateJSON",
+    "Unsaveable",
     "WorkerEnvironment",
     "assign_hooks",
     "available",
@@ -393,6 +395,9 @@ def for_object(obj: Any) -> tuple[Backend, ...]:
     for base in cls.__mro__:
         package = getattr(base, "__module__", "").partition(".")[0]
         names = [e.name for e in _entries.values() if package in e.packages]
+        # The shipped backends in `_SHIPPED`'s order whatever order their packages were
+        # imported in (importing one registers the others first): Keras -> TensorFlow.
+        names.sort(key=lambda n: _SHIPPED.index(n) if n in _SHIPPED else len(_SHIPPED))
         if names:
             for name in names:
                 try:

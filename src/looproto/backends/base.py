@@ -29,6 +29,11 @@ What a backend may supply beyond that is a set of small protocols, each checked 
 * `SupportsHookGate` -- `hooks_gated()`: while it says so, no framework hook runs;
 * `SupportsDtypes` -- `numpy_dtype(dtype)` for its framework's dtypes.
 
+What `expand` yields may include, besides variables, objects following the
+iterator-state protocol (`IteratorState`: the JSON part of an object's state, such as a
+scheduler's flags) and `Unsaveable` leaves, for state a checkpoint cannot hold: the
+tree still walks, and a save (or a restore into it) raises, naming the leaf's path.
+
 Facts needed before a framework is imported -- which packages' objects a backend
 understands, how to install it, how its processes find each other (a `Launcher`) --
 are given to `looproto.backends.register`. Only the backend's own folder imports its
@@ -59,6 +64,7 @@ __all__ = [
     "SupportsGradients",
     "SupportsIteratorState",
     "SupportsStateJSON",
+    "Unsaveable",
     "WorkerEnvironment",
 ]
 
@@ -206,6 +212,28 @@ class IteratorState(Protocol):
     def set_state(self, state: Any) -> None:
         """Moves the iterator to a position `get_state` returned."""
         ...
+
+
+class Unsaveable:
+    """A leaf standing, in a module tree, for framework state a checkpoint cannot hold.
+
+    A backend's `expand` yields one where an object's state holds something looproto
+    cannot store (a list of tensors whose length changes, a callable object, a
+    `state_dict()` that raises). Walking the tree still works; saving it, or restoring
+    into it, raises a `CheckpointError` that names the leaf's path and gives `reason`,
+    so an object is never left out of a checkpoint silently.
+
+    Args:
+        reason: What the object holds, why a checkpoint cannot store it, what to do.
+    """
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"Unsaveable({self.reason!r})"
 
 
 @runtime_checkable

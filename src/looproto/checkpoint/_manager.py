@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -30,6 +30,7 @@ from looproto.checkpoint._files import (
     quarantine,
     remove_deleting_leftovers,
 )
+from looproto.checkpoint._live import check_allow_missing, live_tree
 from looproto.checkpoint._processes import (
     agree_on_restore,
     check_replicas_agree,
@@ -42,12 +43,11 @@ from looproto.checkpoint._state import (
     check_arrays,
     check_matches,
     collect,
-    is_stateful,
     parse_meta,
     write_all,
 )
 from looproto.errors import CheckpointError, ConfigError, value_repr
-from looproto.module import read_int, variables_by_path
+from looproto.module import read_int
 
 __all__ = ["CheckpointManager"]
 
@@ -84,6 +84,10 @@ class CheckpointManager:
         init_fn: Called by `restore_or_initialize()` when there is nothing to restore.
         enable_async: Write in a background thread: `save()` returns once the arrays
             are copied. Call `sync()` or `close()` before the process exits.
+        allow_missing: Live paths (or glob patterns, `"scheduler/*"`) that a checkpoint
+            may lack: restores keep their live values instead of refusing. For
+            checkpoints written before looproto (or your code) captured that state;
+            the resumed run is then not exact for it. Default: none.
 
     Raises:
         ConfigError: An argument has the wrong type or value: `max_to_keep` or
@@ -103,8 +107,10 @@ class CheckpointManager:
         step_counter: Any = None,
         init_fn: Callable[[], None] | None = None,
         enable_async: bool = False,
+        allow_missing: Sequence[str] = (),
     ) -> None:
         path = _check_directory(directory)
+        self._allow_missing = check_allow_missing(allow_missing)
         positive_int(max_to_keep, "max_to_keep", allow_none=True, hint=" (keep all)")
         if checkpoint_interval is not None:
             positive_int(checkpoint_interval, "checkpoint_interval", allow_none=True)
@@ -423,7 +429,12 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ restore
 
-    def restore(self, checkpoint: str | int | os.PathLike[str]) -> str:
+    def restore(
+        self,
+        checkpoint: str | int | os.PathLike[str],
+        *,
+        allow_missing: Sequence[str] | None = None,
+    ) -> str:
         """Restores every variable and object state from a checkpoint; returns its path.
 
         Nothing is written unless the whole checkpoint matches the live tree and
@@ -432,6 +443,8 @@ class CheckpointManager:
         Args:
             checkpoint: A step number, or a checkpoint path `<dir>/<step>` (which may
                 be in another directory).
+            allow_missing: Live paths or glob patterns the checkpoint may lack (they
+                keep their live values); default: the manager's `allow_missing`.
 
         Raises:
             CheckpointError: There is no such checkpoint; it does not match the live
@@ -442,9 +455,12 @@ class CheckpointManager:
             raise CheckpointError(
                 f"`restore()` called on a closed CheckpointManager ({self._directory})."
             )
+        patterns = self._allow_missing
+        if allow_missing is not None:
+            patterns = check_allow_missing(allow_missing)
         directory, step = self._locate(checkpoint)
         self.sync()
-        self._restore_step(directory, step)
+        self._restore_step(directory, step, patterns)
         return os.path.join(directory, str(step))
 
     def _locate(self, checkpoint: str | int | os.PathLike[str]) -> tuple[str, int]:
@@ -483,14 +499,16 @@ class CheckpointManager:
                 f"{type(err).__name__}: {err}"
             ) from err
 
-    def _restore_step(self, directory: str, step: int) -> None:
+    def _restore_step(
+        self, directory: str, step: int, allow_missing: Sequence[str] | None = None
+    ) -> None:
         where = os.path.join(directory, str(step))
         meta = self._read(directory, step, **{META_ITEM: self._ocp.args.JsonRestore()})[META_ITEM]
         tree, objects = parse_meta(meta, where)
 
-        variables = variables_by_path(self._checkpoint)
-        live_objects = variables_by_path(self._checkpoint, predicate=is_stateful)
-        check_matches(tree, objects, variables, live_objects, where)
+        variables, live_objects = live_tree(self._checkpoint, objects, where)
+        patterns = self._allow_missing if allow_missing is None else allow_missing
+        check_matches(tree, objects, variables, live_objects, where, patterns)
 
         arrays: dict[str, Any] = {}
         if tree:

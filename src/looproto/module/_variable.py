@@ -60,6 +60,9 @@ def backend_for_variable(variable: Any) -> Backend:
     if isinstance(target, (np.ndarray, np.generic)):
         return backends.get("numpy")
     found = backends.for_object(target)
+    for backend in found:  # A package several backends understand (Keras): the owner's.
+        if backend.is_variable(target):
+            return backend
     if found:
         return found[0]
     if isinstance(variable, Variable):

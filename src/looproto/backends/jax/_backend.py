@@ -24,6 +24,7 @@ from looproto.backends.base import Loop, LoopOptions, StepFn
 from looproto.backends.jax._binding import tracer_guard
 from looproto.backends.jax._distributed import JaxEngine, initialize_distributed
 from looproto.backends.jax._gradients import array_namespace, grad, value_and_grad
+from looproto.backends.jax._keras import keras_refusal
 from looproto.backends.jax._loop import JaxLoop
 from looproto.backends.jax._nnx import (
     expand_nnx,
@@ -65,8 +66,12 @@ class JaxBackend:
         return param is not None and isinstance(obj, param)
 
     def expand(self, obj: Any) -> Iterable[tuple[tuple[Any, ...], Any]] | None:
-        """See base class: the `nnx.Variable`s of a Flax NNX module, by NNX path."""
-        return expand_nnx(obj)
+        """See base class: the `nnx.Variable`s of a Flax NNX module, by NNX path.
+
+        A Keras 3 object on Keras' JAX backend is refused (`_keras.py`).
+        """
+        pairs = expand_nnx(obj)
+        return pairs if pairs is not None else keras_refusal(obj)
 
     def to_numpy(self, value: Any) -> np.ndarray[Any, Any]:
         """See base class. A host copy (never a view of a buffer that may be donated).

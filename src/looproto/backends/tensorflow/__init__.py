@@ -1,10 +1,11 @@
 """The TensorFlow backend: Orbit's `tf.function` + `tf.while_loop` inner loop.
 
 Discovery finds `tf.Variable`s (distributed ones included), Keras 3 variables on
-the TensorFlow backend, and the variables inside a `tf.Module`, a Keras layer or
-model, or a Keras optimizer held as a module attribute. `Module.name_scope`
-enters `tf.name_scope`, so a `tf.Variable` made in a module's scope is named
-like `my_module/Variable:0`.
+the TensorFlow backend, and the variables inside a `tf.Module` or a Keras layer or
+model, optimizer, metric or `SeedGenerator` held as a module attribute (Keras objects by
+attribute path; a lazily built Keras optimizer is built on restore, see `_keras.py`).
+`Module.name_scope` enters `tf.name_scope`, so a `tf.Variable` made in a module's scope
+is named like `my_module/Variable:0`.
 
 The inner loop (`make_loop`) has three forms, picked by `LoopOptions`:
 
@@ -72,6 +73,7 @@ Backend options (`StandardTrainerOptions(backend_options={...})`):
 #   _backend.py      `TensorflowBackend`, the `looproto.backends.Backend` of this package
 #   _options.py      the `backend_options` and their validation
 #   _variables.py    `tf.Variable` and Keras 3 variable discovery
+#   _keras.py        Keras 3 objects walked by attribute; optimizers built on restore
 #   _lifting.py      NumPy `looproto.Variable`s bound to `tf.Variable` twins while a loop
 #                    runs, and the assign hook that writes through to them
 #   _side_effects.py Python state a compiled step changes at trace time
