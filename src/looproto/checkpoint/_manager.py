@@ -41,6 +41,7 @@ from looproto.checkpoint._state import (
     CorruptCheckpointError,
     check_arrays,
     check_matches,
+    checkpoint_variables,
     collect,
     is_stateful,
     parse_meta,
@@ -476,7 +477,7 @@ class CheckpointManager:
         meta = self._read(directory, step, **{META_ITEM: self._ocp.args.JsonRestore()})[META_ITEM]
         tree, objects = parse_meta(meta, where)
 
-        variables = variables_by_path(self._checkpoint)
+        variables = checkpoint_variables(self._checkpoint)
         live_objects = variables_by_path(self._checkpoint, predicate=is_stateful)
         check_matches(tree, objects, variables, live_objects, where)
 

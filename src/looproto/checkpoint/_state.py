@@ -23,7 +23,7 @@ import numpy as np
 from looproto import backends
 from looproto.backends.base import SupportsIteratorState, SupportsStateJSON
 from looproto.errors import CheckpointError, value_repr
-from looproto.module import assign_variable, variable_to_numpy, variables_by_path
+from looproto.module import TreeVariable, assign_variable, variable_to_numpy, variables_by_path
 
 _log = logging.getLogger("looproto")
 
@@ -153,6 +153,22 @@ def _live_spec(variable: Any) -> tuple[tuple[int, ...], str]:
         return tuple(array.shape), str(array.dtype)
 
 
+def checkpoint_variables(root: Any) -> dict[str, Any]:
+    """`variables_by_path(root)` with each `TreeVariable` split into its leaves.
+
+    A leaf (a `TreeLeaf`, read and written as a variable is) is keyed by the variable's
+    path and the leaf's (`"opt_state/0/mu/w"`).
+    """
+    found: dict[str, Any] = {}
+    for path, variable in variables_by_path(root).items():
+        if isinstance(variable, TreeVariable):
+            for leaf_path, leaf in variable.leaves().items():
+                found[f"{path}/{leaf_path}"] = leaf
+        else:
+            found[path] = variable
+    return found
+
+
 # ----------------------------------------------------------------------------
 # Saving
 
@@ -166,7 +182,7 @@ def collect(root: Any, step: int) -> tuple[dict[str, np.ndarray[Any, Any]], dict
     """
     arrays: dict[str, np.ndarray[Any, Any]] = {}
     tree: dict[str, Any] = {}
-    for path, variable in variables_by_path(root).items():
+    for path, variable in checkpoint_variables(root).items():
         array = np.asarray(variable_to_numpy(variable))
         if array.dtype.kind in UNSUPPORTED_KINDS:
             raise CheckpointError(

@@ -17,11 +17,15 @@ import numpy as np
 from looproto import backends
 from looproto.backends.base import Backend
 from looproto.errors import ProtocolError, ShapeError, value_repr
+from looproto.module import _tree
 from looproto.module._scope import current_name_scope
 
 _assign_hooks = backends.assign_hooks
+_read_hooks = backends.read_hooks
 
 __all__ = [
+    "TreeLeaf",
+    "TreeVariable",
     "Variable",
     "assign_variable",
     "backend_for_variable",
@@ -70,13 +74,18 @@ def backend_for_variable(variable: Any) -> Backend:
     )
 
 
-def variable_to_numpy(variable: Any) -> np.ndarray[Any, Any]:
-    """A host NumPy copy of any framework's variable."""
+def variable_to_numpy(variable: Any) -> Any:
+    """A host NumPy copy of any framework's variable (a tree of them for a `TreeVariable`)."""
+    if isinstance(variable, (TreeVariable, TreeLeaf)):
+        return variable.numpy()
     return backend_for_variable(variable).to_numpy(variable)
 
 
-def assign_variable(variable: Any, array: np.ndarray[Any, Any]) -> None:
-    """Writes the NumPy `array` into any framework's variable, in place."""
+def assign_variable(variable: Any, array: Any) -> None:
+    """Writes the NumPy `array` (a tree of them for a `TreeVariable`) into any variable."""
+    if isinstance(variable, (TreeVariable, TreeLeaf)):
+        variable.assign(array)
+        return
     backend_for_variable(variable).assign(variable, array)
 
 
@@ -115,6 +124,10 @@ class Variable:
     of another shape or dtype raises `ShapeError` instead of silently changing the
     model. Python numbers are cast to the variable's dtype when that is safe.
 
+    An `initial_value` that is a pytree of arrays -- dicts, lists, tuples and
+    namedtuples holding arrays, such as an optax optimizer state -- makes a
+    `TreeVariable` (see there): one variable, checkpointed leaf by leaf.
+
     Example:
         >>> w = Variable(np.zeros((2, 3), np.float32), name="w")
         >>> w.name, w.shape, w.dtype
@@ -125,6 +138,11 @@ class Variable:
     """
 
     __slots__ = ("__weakref__", "_name", "_trainable", "_value")
+
+    def __new__(cls, initial_value: Any = None, *args: Any, **kwargs: Any) -> Variable:
+        if cls is Variable and _tree.is_tree(initial_value):
+            cls = TreeVariable
+        return object.__new__(cls)
 
     def __init__(
         self,
@@ -143,7 +161,7 @@ class Variable:
                 f"`trainable` must be a bool; received {value_repr(trainable)} "
                 f"of type {type(trainable).__name__}."
             )
-        self._value = _as_array(initial_value, dtype)
+        self._value = self._convert(initial_value, dtype)
         self._trainable = bool(trainable)
         self._name = f"{current_name_scope()}{name or 'Variable'}:0"
 
@@ -157,9 +175,16 @@ class Variable:
         """Whether optimisers should update this variable."""
         return self._trainable
 
+    _convert = staticmethod(_as_array)
+
     @property
     def value(self) -> Any:
         """The current array. Setting it is `assign`."""
+        # A backend that is tracing a compiled step checks each read (`read_hooks`):
+        # a Variable it did not lift would be baked into the program as a constant.
+        if _read_hooks:
+            for hook in _read_hooks:
+                hook(self)
         return self._value
 
     @value.setter
@@ -178,8 +203,9 @@ class Variable:
 
     def numpy(self) -> np.ndarray[Any, Any]:
         """Returns the value as a NumPy array (a host copy for device arrays)."""
-        if isinstance(self._value, (np.ndarray, np.generic)):
-            return np.array(self._value)
+        value = self.value
+        if isinstance(value, (np.ndarray, np.generic)):
+            return np.array(value)
         return variable_to_numpy(self)  # The framework's backend copies it to the host.
 
     def assign(self, value: Any) -> Variable:
@@ -250,7 +276,7 @@ class Variable:
         if isinstance(delta, Variable):
             delta = delta.value
         try:
-            return op(self._value, delta)
+            return op(self.value, delta)
         except ValueError as err:  # shapes that do not broadcast
             raise ShapeError(
                 f"Cannot update variable {self._name!r} of shape {self.shape} with a value of "
@@ -258,7 +284,7 @@ class Variable:
             ) from err
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray[Any, Any]:
-        array = np.asarray(self._value)
+        array = np.asarray(self.value)
         if dtype is not None and array.dtype != np.dtype(dtype):
             return array.astype(dtype)
         # NumPy 2 trusts `copy`: `np.array(var)` asks for a copy and must not get
@@ -266,19 +292,162 @@ class Variable:
         return array.copy() if copy else array
 
     def __int__(self) -> int:
-        return int(np.asarray(self._value))
+        return int(np.asarray(self.value))
 
     def __float__(self) -> float:
-        return float(np.asarray(self._value))
+        return float(np.asarray(self.value))
 
     def __index__(self) -> int:
-        return int(np.asarray(self._value))
+        return int(np.asarray(self.value))
 
     def __repr__(self) -> str:
         return (
             f"<looproto.Variable {self._name!r} shape={self.shape} dtype={self.dtype} "
             f"trainable={self._trainable} value={value_repr(self._value, 60)}>"
         )
+
+
+class TreeVariable(Variable):
+    """A `Variable` holding a pytree of arrays: an optimizer state, a dict of parameters.
+
+    `Variable(tree)` makes one when its value is a dict, a namedtuple, or a list or
+    tuple holding arrays, dicts or namedtuples (a list of numbers stays one array).
+    It is one variable -- discovered, lifted into compiled loops and differentiated
+    whole -- and each leaf is checkpointed on its own, under the variable's path and
+    the leaf's (`"opt_state/0/mu/w"`: dict keys, namedtuple fields, indices).
+
+    * `.value` is the tree; `.shape` and `.dtype` are trees of the same structure
+      holding each leaf's shape and NumPy dtype; `numpy()` is a tree of host copies.
+    * `assign(tree)` takes a tree of the same structure (container types, keys,
+      lengths) whose leaves have the same shapes and dtypes (Python numbers are
+      cast when safe); anything else raises `ShapeError` naming the leaf's path.
+      `assign_add`/`assign_sub` and conversions to one array or number raise.
+
+    Example:
+        >>> v = Variable({"w": np.zeros((2, 3), np.float32), "step": 0}, name="state")
+        >>> v.shape, v.dtype["step"]
+        ({'step': (), 'w': (2, 3)}, dtype('int64'))
+        >>> _ = v.assign({"w": np.ones((2, 3), np.float32), "step": 1})
+        >>> float(v.numpy()["w"].sum())
+        6.0
+    """
+
+    __slots__ = ()
+
+    @staticmethod
+    def _convert(value: Any, dtype: Any = None) -> Any:
+        return _tree.from_value(value, lambda leaf: _as_array(leaf, dtype))
+
+    @property
+    def shape(self) -> Any:
+        """Each leaf's shape, in a tree of the value's structure."""
+        return _tree.map_leaves(lambda leaf: tuple(leaf.shape), self._value)
+
+    @property
+    def dtype(self) -> Any:
+        """Each leaf's NumPy dtype, in a tree of the value's structure."""
+        return _tree.map_leaves(lambda leaf: backends.numpy_dtype(leaf.dtype), self._value)
+
+    def numpy(self) -> Any:
+        """Host NumPy copies of the leaves, in a tree of the value's structure."""
+        return _tree.map_leaves(_leaf_to_numpy, self.value)
+
+    def assign(self, value: Any) -> Variable:
+        """Replaces the tree, keeping its structure, shapes and dtypes. Returns the variable.
+
+        Raises:
+            ShapeError: `value` differs in structure, or a leaf in shape or dtype.
+        """
+        if _assign_hooks:
+            for hook in _assign_hooks:
+                if hook(self, value):
+                    return self
+        if isinstance(value, Variable):
+            value = value.value
+        self._value = _tree.checked_like(self._value, value, self._name)
+        return self
+
+    def leaves(self) -> dict[str, TreeLeaf]:
+        """Each leaf, by its path in the tree (`"0/mu/w"`), as a `TreeLeaf` to read or write."""
+        return {
+            _tree.path_str(path): TreeLeaf(self, path)
+            for path, _ in _tree.leaves_with_paths(self._value)
+        }
+
+    def _combine(self, op: Callable[[Any, Any], Any], delta: Any) -> Any:
+        raise ProtocolError(
+            f"`assign_add`/`assign_sub` update one array; variable {self._name!r} holds a "
+            "tree. Compute the new tree and `assign` it."
+        )
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray[Any, Any]:
+        raise ProtocolError(
+            f"Variable {self._name!r} holds a tree, not one array; read `.value` or `numpy()`."
+        )
+
+    def __int__(self) -> int:
+        return int(self.__array__())
+
+    def __float__(self) -> float:
+        return float(self.__array__())
+
+    def __index__(self) -> int:
+        return int(self.__array__())
+
+    def __repr__(self) -> str:
+        leaves = sum(1 for _ in _tree.leaves_with_paths(self._value))
+        return (
+            f"<looproto.Variable {self._name!r} tree={type(self._value).__name__} "
+            f"leaves={leaves} trainable={self._trainable} value={value_repr(self._value, 60)}>"
+        )
+
+
+class TreeLeaf:
+    """One leaf of a `TreeVariable`, read and written as a variable is (checkpoints do).
+
+    `assign` goes through the leaf's backend as a one-array `Variable` would (dtype
+    casts, device, sharding, typed keys); only the containers on the leaf's path are
+    rebuilt.
+    """
+
+    __slots__ = ("_path", "variable")
+
+    def __init__(self, variable: TreeVariable, path: tuple[Any, ...]) -> None:
+        self.variable = variable
+        self._path = path
+
+    @property
+    def name(self) -> str:
+        """The variable's name and the leaf's path: `"opt_state:0/0/mu/w"`."""
+        return f"{self.variable.name}/{_tree.path_str(self._path)}"
+
+    @property
+    def value(self) -> Any:
+        """The leaf's current array."""
+        return _tree.leaf_at(self.variable.value, self._path)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.value.shape)
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return backends.numpy_dtype(self.value.dtype)
+
+    def numpy(self) -> np.ndarray[Any, Any]:
+        return _leaf_to_numpy(self.value)
+
+    def assign(self, array: Any) -> None:
+        single = Variable(self.value, trainable=False)
+        assign_variable(single, array)
+        variable = self.variable
+        variable._value = _tree.replace_leaf(variable._value, self._path, single._value)
+
+
+def _leaf_to_numpy(leaf: Any) -> np.ndarray[Any, Any]:
+    if isinstance(leaf, (np.ndarray, np.generic)):
+        return np.array(leaf)
+    return backend_for_variable(leaf).to_numpy(leaf)
 
 
 def create_global_step() -> Variable:
