@@ -206,7 +206,8 @@ class Variable:
         value = self.value
         if isinstance(value, (np.ndarray, np.generic)):
             return np.array(value)
-        return variable_to_numpy(self)  # The framework's backend copies it to the host.
+        array: np.ndarray[Any, Any] = variable_to_numpy(self)  # a host copy, by its backend
+        return array
 
     def assign(self, value: Any) -> Variable:
         """Replaces the value, keeping shape and dtype. Returns the variable.

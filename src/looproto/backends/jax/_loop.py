@@ -1,10 +1,12 @@
 """The compiled inner loop, `JaxLoop`: one `jax.jit(lax.scan)` call per `train(n)`.
 
 This is the loop `JaxBackend.make_loop` returns; the package docstring lists its four
-steps (lift the Variables, pull and stack the batches, scan the traced step, write
-back). It also holds the trace-time checks (no Variable created, no tracer stored on
-an attribute, array outputs only) and the host-side moves of state and batches onto
-a mesh. Batch stacking is in `batches.py`; options are parsed in `options.py`.
+steps (lift the Variables and NNX objects, pull and stack the batches, scan the traced
+step, write back). It also holds the trace-time checks (no Variable or NNX object
+created or stored, no tracer stored on an attribute, array outputs only) and the
+host-side moves of state and batches onto a mesh. Batch stacking is in `_batches.py`,
+NNX objects in `_nnx_lift.py`, the stale-read checks in `_stale.py`; options are
+parsed in `_options.py`.
 """
 
 from __future__ import annotations
@@ -300,7 +302,7 @@ class JaxLoop:
             if dtype != leaf.dtype:
                 narrowed[j] = leaf.dtype
             leaves[j] = np.asarray(leaf, dtype=dtype)
-        return treedef.unflatten(leaves), narrowed
+        return jax.tree.unflatten(treedef, leaves), narrowed
 
     @staticmethod
     def _write_back(
@@ -319,7 +321,7 @@ class JaxLoop:
                         leaves, treedef = jax.tree.flatten(new[i])
                         for j, leaf_dtype in dtype.items():
                             leaves[j] = np.asarray(leaves[j]).astype(leaf_dtype)
-                        new[i] = treedef.unflatten(leaves)
+                        new[i] = jax.tree.unflatten(treedef, leaves)
                     else:
                         new[i] = np.asarray(new[i]).astype(dtype)
         for variable, value in zip(variables, new):

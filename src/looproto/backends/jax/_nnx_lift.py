@@ -185,6 +185,12 @@ class NnxLift:
     """The NNX objects (`roots`) of one loop call, flattened to their variables."""
 
     def __init__(self, roots: list[Any]) -> None:
+        if not hasattr(_nnx().Variable, "get_raw_value"):
+            raise ConfigError(
+                "Training Flax NNX objects in the JAX backend's compiled loop needs flax "
+                ">= 0.12 (`nnx.Variable.get_raw_value`); upgrade flax, or run the step "
+                "eagerly (`StandardTrainerOptions(use_compiled_step=False)`)."
+            )
         self.roots = tuple(roots)
         self.variables, self.treedef, self.pattern = flatten(self.roots)
         # What must not change for a compiled loop to be reused: the structure (with
