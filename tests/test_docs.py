@@ -130,6 +130,9 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
         backends._scope_hooks,
         backends._gates,
     ]
+    # The shipped backends register once per process (importing their packages): do it
+    # before saving, so the registry restored after a page still holds them.
+    backends.available()
     saved = [registry.copy() for registry in registries]
     yield tmp_path
     logger.setLevel(saved_level)
