@@ -27,7 +27,12 @@ import looproto  # noqa: E402
 from looproto.backends import jax as jax_backend  # noqa: E402
 from looproto.data import ArrayDataset  # noqa: E402
 from looproto.errors import ProtocolError, ShapeError, StaleReadError  # noqa: E402
-from looproto.module import TreeVariable, variable_to_numpy, variables_by_path  # noqa: E402
+from looproto.module import (  # noqa: E402
+    TreeVariable,
+    backend_for_variable,
+    variable_to_numpy,
+    variables_by_path,
+)
 
 JAX = looproto.StandardTrainerOptions(backend="jax")
 
@@ -304,6 +309,7 @@ def test_pytree_variables_train_checkpoint_and_resume_like_an_uninterrupted_run(
 ) -> None:
     straight = OptaxTrainer()
     assert isinstance(straight.opt_state, TreeVariable)
+    assert backend_for_variable(straight.opt_state).name == "jax"  # by its leaves
     straight.train(30)
     straight.train(30)
 

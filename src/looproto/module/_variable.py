@@ -61,6 +61,8 @@ def backend_for_variable(variable: Any) -> Backend:
         ProtocolError: No loaded backend understands `variable`.
     """
     target = variable.value if isinstance(variable, Variable) else variable
+    if isinstance(variable, TreeVariable):  # A tree's backend is its (first) leaves'.
+        target = next((leaf for _, leaf in _tree.leaves_with_paths(target)), np.zeros(()))
     if isinstance(target, (np.ndarray, np.generic)):
         return backends.get("numpy")
     found = backends.for_object(target)

@@ -28,7 +28,8 @@ Flax NNX modules held in a `Module` are walked (`JaxBackend.expand`): their
 See `docs/backends/jax.md` for what runs where and the traps.
 
 The package holds one concept a file: `_backend.py` (`JaxBackend`), `_loop.py` (the
-compiled loop), `_batches.py` (pulling and stacking batches), `_binding.py` (binding
+compiled loop), `_carry.py` (its carried values in and out), `_batches.py` (pulling and
+stacking batches), `_binding.py` (binding
 Variables to tracers; `TracerLeakError`), `_variables.py` (what is lifted), `_nnx.py`
 (Flax NNX interop), `_nnx_lift.py` (NNX objects in traced code), `_stale.py` (no stale
 reads), `_gradients.py` (`value_and_grad`, `grad`,

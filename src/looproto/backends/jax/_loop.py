@@ -27,12 +27,19 @@ from looproto.backends._common import is_iterator_container
 from looproto.backends.base import ReduceFn, StepFn
 from looproto.backends.jax._batches import iter_spec, pull, segments, step_iterators
 from looproto.backends.jax._binding import Tracer, TracerLeakError, bound_to
+from looproto.backends.jax._carry import lift, write_back
 from looproto.backends.jax._distributed import is_peer_failure
 from looproto.backends.jax._nnx import is_nnx_node
 from looproto.backends.jax._nnx_lift import NnxLift
 from looproto.backends.jax._stale import check_constants, refusing_stale_reads
 from looproto.backends.jax._variables import loop_state, pairs
-from looproto.errors import ConfigError, LooprotoError, ProtocolError, value_repr
+from looproto.errors import (
+    ConfigError,
+    LooprotoError,
+    ProtocolError,
+    StaleReadError,
+    value_repr,
+)
 from looproto.module import Variable
 
 _log = logging.getLogger("looproto")
@@ -133,6 +140,8 @@ class JaxLoop:
             try:
                 with refusing_stale_reads(self._step_name):
                     outputs = self._step_fn(step_iterator)
+            except StaleReadError:
+                raise  # It names the step already.
             except LooprotoError as err:
                 raise type(err)(
                     f"In `{self._step_name}` (traced by the JAX backend's compiled loop): {err}"
@@ -226,108 +235,8 @@ class JaxLoop:
     def _lift(
         self, variables: list[Variable], nnx: NnxLift | None
     ) -> tuple[list[Any], list[tuple[int, Any]]]:
-        """The arrays (or trees) of `variables`, then of `nnx`'s variables, for the call;
-        also `(index, dtype)` (a tree: `{leaf index: dtype}`) of the NumPy ones JAX narrows.
-
-        Without `jax_enable_x64`, an int64/float64 NumPy value (the global step) runs
-        in 32 bits; `_write_back` returns it to NumPy in its own dtype.
-        """
-        values = [v._value for v in variables]
-        if nnx is not None:
-            values += nnx.values()
-        narrowed: list[tuple[int, Any]] = []
-        trees = False
-        for i, value in enumerate(values):
-            if isinstance(value, Tracer):
-                raise TracerLeakError(
-                    f"{self._describe(variables, i)} holds a JAX tracer before the loop "
-                    "starts; it leaked from an earlier trace. Re-assign it a concrete array."
-                )
-            if isinstance(value, jax.Array):
-                if getattr(value, "weak_type", False):  # (typed PRNG keys have none)
-                    values[i] = lax.convert_element_type(value, value.dtype)
-            elif isinstance(value, (np.ndarray, np.generic)):
-                dtype = jax.dtypes.canonicalize_dtype(value.dtype)
-                if dtype != value.dtype:
-                    narrowed.append((i, value.dtype))
-                # Cast on the host and let the jitted call transfer it: ~1 µs, against
-                # ~15 µs for `device_put` and a device op (~50 µs) for `jnp.asarray(x, dtype)`.
-                values[i] = np.asarray(value, dtype=dtype)
-            else:  # The tree of a `TreeVariable`.
-                trees = True
-                values[i], dtypes = self._lift_tree(value, self._describe(variables, i))
-                if dtypes:
-                    narrowed.append((i, dtypes))
-        flat = jax.tree.leaves(values) if trees else values
-        if self._donate and len({id(x) for x in flat}) != len(flat):
-            seen: set[int] = set()
-
-            def unique(x: Any) -> Any:  # Two Variables, one buffer: donate a copy.
-                if id(x) in seen:
-                    return jnp.array(x, copy=True)
-                seen.add(id(x))
-                return x
-
-            values = [jax.tree.map(unique, value) for value in values]
-        if self._replicated is not None:
-            values = [
-                x
-                if getattr(x, "sharding", None) == self._replicated
-                else jax.device_put(x, self._replicated)
-                for x in values
-            ]
-        return values, narrowed
-
-    @staticmethod
-    def _describe(variables: list[Variable], i: int) -> str:
-        if i < len(variables):
-            return f"Variable {variables[i].name!r}"
-        return "A Flax NNX variable of the module"
-
-    @staticmethod
-    def _lift_tree(tree: Any, what: str) -> tuple[Any, dict[int, Any]]:
-        leaves, treedef = jax.tree.flatten(tree)
-        narrowed: dict[int, Any] = {}
-        for j, leaf in enumerate(leaves):
-            if isinstance(leaf, Tracer):
-                raise TracerLeakError(
-                    f"{what} holds a JAX tracer before the loop starts; it leaked from an "
-                    "earlier trace. Re-assign it concrete arrays."
-                )
-            if isinstance(leaf, jax.Array):
-                if getattr(leaf, "weak_type", False):
-                    leaves[j] = lax.convert_element_type(leaf, leaf.dtype)
-                continue
-            dtype = jax.dtypes.canonicalize_dtype(leaf.dtype)
-            if dtype != leaf.dtype:
-                narrowed[j] = leaf.dtype
-            leaves[j] = np.asarray(leaf, dtype=dtype)
-        return jax.tree.unflatten(treedef, leaves), narrowed
-
-    @staticmethod
-    def _write_back(
-        variables: list[Variable],
-        nnx: NnxLift | None,
-        new: list[Any],
-        narrowed: list[tuple[int, Any]],
-    ) -> None:
-        n = len(variables)
-        if narrowed:  # A (small) host copy, so the dtype never changes.
-            new = list(new)
-            # `jax.device_get`'s explicit transfer without its per-call overhead (~10 µs).
-            with jax.transfer_guard_device_to_host("allow"):
-                for i, dtype in narrowed:
-                    if isinstance(dtype, dict):
-                        leaves, treedef = jax.tree.flatten(new[i])
-                        for j, leaf_dtype in dtype.items():
-                            leaves[j] = np.asarray(leaves[j]).astype(leaf_dtype)
-                        new[i] = jax.tree.unflatten(treedef, leaves)
-                    else:
-                        new[i] = np.asarray(new[i]).astype(dtype)
-        for variable, value in zip(variables, new):
-            variable._value = value
-        if nnx is not None:
-            nnx.write_back(new[n:])
+        """The carried values of this call (see `_carry.lift`)."""
+        return lift(variables, nnx, donate=self._donate, replicated=self._replicated)
 
     def _put_batch(self, xs: Any, batch_axis: int) -> Any:
         """Shards the batch dimension over the mesh (no-op without one)."""
@@ -457,7 +366,7 @@ class JaxLoop:
             for length, xs in segments(batches):
                 values, narrowed = self._lift(variables, nnx)
                 new = jitted(values, self._put_batch(xs, 1), data, length)
-                self._write_back(variables, nnx, new, narrowed)
+                write_back(variables, nnx, new, narrowed)
             total += len(batches)
             if len(batches) < want:
                 break
@@ -484,7 +393,7 @@ class JaxLoop:
                 break
             values, narrowed = self._lift(variables, nnx)
             new, outputs = jitted(values, self._put_batch(pulled[0], 0), data)
-            self._write_back(variables, nnx, new, narrowed)
+            write_back(variables, nnx, new, narrowed)
             if reduce_fn is not None:
                 state = reduce_fn(state, outputs)
             steps += 1

@@ -121,11 +121,11 @@ Place = tuple[_nest.Path | None, Any, Callable[[Any], None]]
 
 
 def places(module: Any, roots: tuple[Any, ...]) -> list[Place]:
-    """Every place where `module` holds one of `roots`.
+    """Every place where `module` holds one of `roots`, and, for a root that is a copy
+    the tracing loop put in place, every place the loop put it.
 
-    When `module` is itself a root -- `value_and_grad(fn, self.model)` while a loop
-    traces, `self.model` being the loop's copy -- its places are the ones the loop
-    recorded when it put the copy there.
+    So `value_and_grad(fn, self.model)` (`module` a root) or `value_and_grad(fn,
+    self.head)` reaches the model wherever the step may read it from.
     """
     found: list[Place] = [
         (path, root, _setter(module, path))
@@ -134,8 +134,7 @@ def places(module: Any, roots: tuple[Any, ...]) -> list[Place]:
     ]
     setters: dict[int, list[Any]] = getattr(_active, "setters", {})
     for root in roots:
-        if root is module:
-            found += [(None, root, put) for put in setters.get(id(root), ())]
+        found += [(None, root, put) for put in setters.get(id(root), ())]
     return found
 
 
@@ -203,7 +202,7 @@ class NnxLift:
 
     def write_back(self, values: list[Any]) -> None:
         for variable, value in zip(self.variables, values):
-            variable.set_raw_value(value, _unsafe_bypass_check=True)  # On the host, eagerly.
+            variable.set_raw_value(value)
 
     def describe(self, module: Any) -> dict[int, str]:
         """`{id(raw value): path}` of every variable, for error messages (trace time)."""
