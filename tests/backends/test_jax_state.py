@@ -26,7 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 import looproto  # noqa: E402
 from looproto.backends import jax as jax_backend  # noqa: E402
 from looproto.data import ArrayDataset  # noqa: E402
-from looproto.errors import ProtocolError, ShapeError, StaleReadError  # noqa: E402
+from looproto.errors import ConfigError, ProtocolError, ShapeError, StaleReadError  # noqa: E402
 from looproto.module import (  # noqa: E402
     TreeVariable,
     backend_for_variable,
@@ -250,6 +250,30 @@ def test_structure_changes_and_leaks_inside_the_step_are_refused() -> None:
     with pytest.raises(ProtocolError, match=r"replaced the Flax NNX objects at \['model'\]"):
         trainer.train(2)
     assert trainer.model is original  # Every place holds its original again.
+
+
+def test_nnx_state_the_loop_cannot_carry_is_refused_by_name() -> None:
+    class Masked(nnx.Module):
+        def __init__(self) -> None:
+            self.linear = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+            self.mask = nnx.data(jnp.ones(2))  # an array outside any `nnx.Variable`
+
+    class Holder(looproto.StandardTrainer):
+        def __init__(self, held: Any) -> None:
+            super().__init__(None, options=JAX)
+            self.held = held
+            self.step = looproto.create_global_step()
+
+        def train_step(self, iterator: Any) -> None:
+            self.step.assign_add(1)
+
+    with pytest.raises(ConfigError, match=r"`Masked\.mask` as data outside an `nnx\.Variable`"):
+        Holder(Masked()).train(1)
+    with pytest.raises(ConfigError, match=r"'held/0' is held in a tuple"):
+        Holder((nnx.Linear(2, 1, rngs=nnx.Rngs(0)),)).train(1)
+    in_a_list = Holder([nnx.Linear(2, 1, rngs=nnx.Rngs(0))])
+    in_a_list.train(1)  # lists and dicts are fine
+    assert int(in_a_list.step) == 1
 
 
 def test_looproto_value_and_grad_over_an_nnx_model_equals_nnx_value_and_grad() -> None:

@@ -72,9 +72,13 @@ def _refuse_leaf(roots: tuple[Any, ...], leaf: Any) -> None:
     pairs = jax.tree_util.tree_flatten_with_path(
         roots, is_leaf=lambda x: isinstance(x, variable_type)
     )[0]
-    where = next((jax.tree_util.keystr(p) for p, x in pairs if x is leaf), "?")
+    path = next((p for p, x in pairs if x is leaf), None)
+    where = "?"
+    if path:  # `[i].mask` -> `MyModule.mask`: the root's type, then the path inside it.
+        root = roots[getattr(path[0], "idx", 0)]
+        where = type(root).__name__ + jax.tree_util.keystr(tuple(path[1:]))
     raise ConfigError(
-        f"A Flax NNX object of the module holds {type(leaf).__name__} at {where} as data "
+        f"A Flax NNX object of the module holds {type(leaf).__name__} at `{where}` as data "
         "outside an `nnx.Variable`. The JAX backend's compiled loop carries the values of "
         "`nnx.Variable`s only: wrap it (`nnx.Variable(...)`, `nnx.BatchStat(...)`), or "
         "make it static (`nnx.static(...)`)."
