@@ -341,7 +341,7 @@ def _load(entry: _Entry) -> Backend:
     entry.backend = backend
     if entry in _waiting:
         _waiting.remove(entry)
-    _install(backend)
+    _install(backend, mirrors_scopes=bool(entry.packages))
     _by_type.clear()
     return backend
 
@@ -460,11 +460,16 @@ def hooks_gated() -> bool:
     code, and what those hooks guard cannot happen there. Name scopes check it
     themselves; an `on_assign` hook that calls into its framework checks it first.
     """
-    return any(gate() for gate in _gates)
+    for gate in _gates:  # noqa: SIM110 (a generator costs more; this runs per scope entry)
+        if gate():
+            return True
+    return False
 
 
-def _install(backend: Backend) -> None:
-    if backend.name_scope not in _scope_hooks:
+def _install(backend: Backend, mirrors_scopes: bool) -> None:
+    # A backend of no framework's packages (NumPy) has no framework scopes to mirror;
+    # skipping it keeps `NameScope` free of hooks in a NumPy-only process.
+    if mirrors_scopes and backend.name_scope not in _scope_hooks:
         _scope_hooks.append(backend.name_scope)
     if isinstance(backend, SupportsAssignHook) and backend.on_assign not in assign_hooks:
         assign_hooks.append(backend.on_assign)

@@ -185,6 +185,11 @@ class CheckpointManager:
         return self._checkpoint_interval
 
     @property
+    def step_counter(self) -> Any:
+        """The step counter checkpoints are numbered by, or None."""
+        return self._step_counter
+
+    @property
     def max_to_keep(self) -> int | None:
         """How many checkpoints are kept; None keeps all."""
         return self._max_to_keep
@@ -221,8 +226,8 @@ class CheckpointManager:
                 passed (still never twice at the same step).
 
         Raises:
-            CheckpointError: The manager is closed, a value cannot be stored, or an
-                earlier asynchronous save failed.
+            CheckpointError: The manager is closed, the root holds nothing to save, a
+                value cannot be stored, or an earlier asynchronous save failed.
         """
         if self._closed:
             raise CheckpointError(
@@ -271,6 +276,13 @@ class CheckpointManager:
             )
             return None
         arrays, meta = self._collect(step)
+        if not arrays and not meta["objects"]:
+            raise CheckpointError(
+                f"Not saving checkpoint {step} to {self._directory}: the root "
+                f"{value_repr(self._checkpoint)} holds no variable or state that looproto "
+                "finds, so the checkpoint would restore nothing. Pass the module (or a "
+                "mapping of the objects) whose variables should be saved."
+            )
         ocp = self._ocp
         items: dict[str, Any] = {META_ITEM: ocp.args.JsonSave(meta)}
         if arrays:

@@ -17,7 +17,7 @@ from looproto.module._module import variables_by_path as variables_by_path
 from looproto.module._scope import NameScope as NameScope
 from looproto.module._scope import current_name_scope as current_name_scope
 from looproto.module._scope import name_scope as name_scope
-from looproto.module._variable import TreeLeaf as TreeLeaf
+from looproto.module._tree import TreeLeaf as TreeLeaf
 from looproto.module._variable import TreeVariable as TreeVariable
 from looproto.module._variable import Variable as Variable
 from looproto.module._variable import assign_variable as assign_variable

@@ -49,7 +49,7 @@ def _leaves(value: Any, expand: bool = True) -> Iterator[tuple[_nest.Path, Any]]
     """`(path, leaf)` of `value` as discovery sees it: Modules and Variables are leaves,
     framework containers are walked by their backend (or are leaves, unless `expand`)."""
     return _nest.flatten_with_paths(
-        value, is_leaf=_is_opaque_leaf, expand=_expand_framework_container if expand else None
+        value, (), _is_opaque_leaf, _expand_framework_container if expand else None
     )
 
 
@@ -293,7 +293,11 @@ def _flatten_module(
             continue
         prop = vars(module)[key]
         try:
-            leaves = list(_leaves(prop, expand))
+            leaves = list(
+                _nest.flatten_with_paths(
+                    prop, (), _is_opaque_leaf, _expand_framework_container if expand else None
+                )
+            )
         except Exception as cause:
             raise ConfigError(
                 f"Error processing property {key!r} of {value_repr(prop)}: {cause}"

@@ -7,7 +7,7 @@ framework, so the core walks and rebuilds it itself. Dict keys are walked in sor
 order and paths name dict keys, namedtuple fields and list indices (`"0/mu/w"`), as
 `tf.nest` and checkpoints do. Lists of plain numbers stay arrays (`Variable([1, 2])`
 is a vector), so only containers holding an array, a dict, a namedtuple or `None`
-count as trees.
+count as trees. `TreeLeaf` is one leaf of a `TreeVariable`, as checkpoints see it.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from looproto import backends
 from looproto.errors import ProtocolError, ShapeError, value_repr
 
 Path = tuple[Any, ...]
@@ -205,3 +206,52 @@ def _checked_leaf(current: Any, value: Any, name: str, path: Path) -> Any:
             f"{current.dtype}: shapes and dtypes are fixed when the variable is created."
         )
     return value
+
+
+def leaf_to_numpy(leaf: Any) -> np.ndarray[Any, Any]:
+    """A host NumPy copy of one leaf (a framework's array: by its backend)."""
+    if isinstance(leaf, (np.ndarray, np.generic)):
+        return np.array(leaf)
+    found = backends.for_object(leaf)
+    if not found:
+        raise ProtocolError(f"No backend understands the leaf {value_repr(leaf)}.")
+    return found[0].to_numpy(leaf)
+
+
+class TreeLeaf:
+    """One leaf of a `TreeVariable`, read and written as a variable is (checkpoints do).
+
+    `assign` goes through the leaf's backend as a one-array `Variable` would (dtype
+    casts, device, sharding, typed keys); only the containers on the leaf's path are
+    rebuilt.
+    """
+
+    __slots__ = ("_path", "variable")
+
+    def __init__(self, variable: Any, path: Path) -> None:
+        self.variable = variable
+        self._path = path
+
+    @property
+    def name(self) -> str:
+        """The variable's name and the leaf's path: `"opt_state:0/0/mu/w"`."""
+        return f"{self.variable.name}/{path_str(self._path)}"
+
+    @property
+    def value(self) -> Any:
+        """The leaf's current array."""
+        return leaf_at(self.variable.value, self._path)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.value.shape)
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return backends.numpy_dtype(self.value.dtype)
+
+    def numpy(self) -> np.ndarray[Any, Any]:
+        return leaf_to_numpy(self.value)
+
+    def assign(self, array: Any) -> None:
+        self.variable._assign_leaf(self._path, array)

@@ -19,12 +19,12 @@ from looproto.backends.base import Backend
 from looproto.errors import ProtocolError, ShapeError, value_repr
 from looproto.module import _tree
 from looproto.module._scope import current_name_scope
+from looproto.module._tree import TreeLeaf
 
 _assign_hooks = backends.assign_hooks
 _read_hooks = backends.read_hooks
 
 __all__ = [
-    "TreeLeaf",
     "TreeVariable",
     "Variable",
     "assign_variable",
@@ -129,6 +129,11 @@ class Variable:
     An `initial_value` that is a pytree of arrays -- dicts, lists, tuples and
     namedtuples holding arrays, such as an optax optimizer state -- makes a
     `TreeVariable` (see there): one variable, checkpointed leaf by leaf.
+
+    Compared with a number or an array, a variable compares its value elementwise, as a
+    `tf.Variable` does (`create_global_step() == 0` is a true NumPy bool); compared with
+    another `Variable`, `==` is identity, and a variable hashes by identity, so lists,
+    sets and dicts of variables work for variables of any shape.
 
     Example:
         >>> w = Variable(np.zeros((2, 3), np.float32), name="w")
@@ -294,6 +299,38 @@ class Variable:
         # the variable's own buffer.
         return array.copy() if copy else array
 
+    # Comparisons. Against a number or an array, elementwise on the value, as
+    # `tf.Variable`'s are (`create_global_step() == 0` is a true NumPy bool; inside a
+    # compiled loop the backend's tensor compares). Against another `Variable`, `==`
+    # and `!=` are identity: containers, `in`, `list.index`, weak-key dicts and
+    # discovery's bookkeeping keep working for variables of any shape (an elementwise
+    # answer there has no single truth value). `tf.Variable` answers elementwise and
+    # is unhashable; a `Variable` hashes by identity, which agrees with this `==`.
+
+    def __eq__(self, other: object) -> Any:
+        if isinstance(other, Variable):
+            return self is other
+        return self.value == other
+
+    def __ne__(self, other: object) -> Any:
+        if isinstance(other, Variable):
+            return self is not other
+        return self.value != other
+
+    __hash__ = object.__hash__
+
+    def __lt__(self, other: Any) -> Any:
+        return self.value < _unwrap(other)
+
+    def __le__(self, other: Any) -> Any:
+        return self.value <= _unwrap(other)
+
+    def __gt__(self, other: Any) -> Any:
+        return self.value > _unwrap(other)
+
+    def __ge__(self, other: Any) -> Any:
+        return self.value >= _unwrap(other)
+
     def __int__(self) -> int:
         return int(np.asarray(self.value))
 
@@ -353,7 +390,7 @@ class TreeVariable(Variable):
 
     def numpy(self) -> Any:
         """Host NumPy copies of the leaves, in a tree of the value's structure."""
-        return _tree.map_leaves(_leaf_to_numpy, self.value)
+        return _tree.map_leaves(_tree.leaf_to_numpy, self.value)
 
     def assign(self, value: Any) -> Variable:
         """Replaces the tree, keeping its structure, shapes and dtypes. Returns the variable.
@@ -376,6 +413,13 @@ class TreeVariable(Variable):
             _tree.path_str(path): TreeLeaf(self, path)
             for path, _ in _tree.leaves_with_paths(self._value)
         }
+
+    def _assign_leaf(self, path: _tree.Path, array: Any) -> None:
+        # Through a one-array Variable, so its backend's rules apply (dtype casts,
+        # device, sharding, typed keys); only the containers on the path are rebuilt.
+        single = Variable(_tree.leaf_at(self._value, path), trainable=False)
+        assign_variable(single, array)
+        self._value = _tree.replace_leaf(self._value, path, single._value)
 
     def _combine(self, op: Callable[[Any, Any], Any], delta: Any) -> Any:
         raise ProtocolError(
@@ -405,52 +449,8 @@ class TreeVariable(Variable):
         )
 
 
-class TreeLeaf:
-    """One leaf of a `TreeVariable`, read and written as a variable is (checkpoints do).
-
-    `assign` goes through the leaf's backend as a one-array `Variable` would (dtype
-    casts, device, sharding, typed keys); only the containers on the leaf's path are
-    rebuilt.
-    """
-
-    __slots__ = ("_path", "variable")
-
-    def __init__(self, variable: TreeVariable, path: tuple[Any, ...]) -> None:
-        self.variable = variable
-        self._path = path
-
-    @property
-    def name(self) -> str:
-        """The variable's name and the leaf's path: `"opt_state:0/0/mu/w"`."""
-        return f"{self.variable.name}/{_tree.path_str(self._path)}"
-
-    @property
-    def value(self) -> Any:
-        """The leaf's current array."""
-        return _tree.leaf_at(self.variable.value, self._path)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.value.shape)
-
-    @property
-    def dtype(self) -> np.dtype[Any]:
-        return backends.numpy_dtype(self.value.dtype)
-
-    def numpy(self) -> np.ndarray[Any, Any]:
-        return _leaf_to_numpy(self.value)
-
-    def assign(self, array: Any) -> None:
-        single = Variable(self.value, trainable=False)
-        assign_variable(single, array)
-        variable = self.variable
-        variable._value = _tree.replace_leaf(variable._value, self._path, single._value)
-
-
-def _leaf_to_numpy(leaf: Any) -> np.ndarray[Any, Any]:
-    if isinstance(leaf, (np.ndarray, np.generic)):
-        return np.array(leaf)
-    return backend_for_variable(leaf).to_numpy(leaf)
+def _unwrap(value: Any) -> Any:
+    return value.value if isinstance(value, Variable) else value
 
 
 def create_global_step() -> Variable:
