@@ -1477,7 +1477,7 @@ class TestVariable:
     def test_numpy_bool_trainable_is_accepted(self) -> None:
         assert Variable(0.0, trainable=np.bool_(False)).trainable is False
 
-    @pytest.mark.parametrize("bad", [object(), {"a": 1}, [object()]])
+    @pytest.mark.parametrize("bad", [object(), {"a": object()}, [object()]])
     def test_bad_initial_value(self, bad: Any) -> None:
         with pytest.raises(ProtocolError):
             Variable(bad)

@@ -20,6 +20,7 @@ __all__ = [
     "LooprotoError",
     "ProtocolError",
     "ShapeError",
+    "StaleReadError",
     "value_repr",
 ]
 
@@ -37,6 +38,15 @@ class ProtocolError(LooprotoError, TypeError):
 
     For example a `train_step` that returns something other than arrays, or a
     decorator applied to something that is not a method.
+    """
+
+
+class StaleReadError(ProtocolError):
+    """A compiled step read a variable that its loop does not carry.
+
+    Its value at the first trace would be baked into the compiled program as a
+    constant and never change again; the message names the variable and how to make
+    it reachable from the trainer or evaluator.
     """
 
 

@@ -88,6 +88,7 @@ __all__ = [
     "json_tag_owner",
     "launcher",
     "numpy_dtype",
+    "read_hooks",
     "register",
     "scope_hooks",
     "to_numpy",
@@ -122,6 +123,8 @@ _by_type: dict[type, tuple[Backend, ...]] = {}
 
 assign_hooks: list[Callable[[Any, Any], bool | None]] = []
 """The loaded backends' `on_assign` hooks, which `Variable.assign` calls (read-only)."""
+read_hooks: list[Callable[[Any], None]] = []
+"""Hooks `Variable.value` calls on every read; a backend adds one only while it traces."""
 _scope_hooks: list[Callable[[str], AbstractContextManager[Any]]] = []
 _gates: list[Callable[[], bool]] = []
 

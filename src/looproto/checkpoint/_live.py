@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from looproto.checkpoint._state import (
+    checkpoint_variables,
     from_json,
     is_generator,
     is_stateful,
@@ -38,7 +39,7 @@ def live_tree(
     Raises:
         CheckpointError: A live leaf is `Unsaveable`, or a `restore_first` state failed.
     """
-    variables = variables_by_path(root)
+    variables = checkpoint_variables(root)
     live_objects = variables_by_path(root, predicate=is_stateful)
     first = False
     for path, obj in live_objects.items():
@@ -56,7 +57,7 @@ def live_tree(
                 ) from err
             first = True
     if first:
-        variables = variables_by_path(root)
+        variables = checkpoint_variables(root)
         live_objects = variables_by_path(root, predicate=is_stateful)
     return variables, live_objects
 

@@ -25,7 +25,13 @@ import numpy as np
 from looproto import backends
 from looproto.backends.base import SupportsIteratorState, SupportsStateJSON, Unsaveable
 from looproto.errors import CheckpointError, value_repr
-from looproto.module import assign_variable, is_variable, variable_to_numpy, variables_by_path
+from looproto.module import (
+    TreeVariable,
+    assign_variable,
+    is_variable,
+    variable_to_numpy,
+    variables_by_path,
+)
 
 _log = logging.getLogger("looproto")
 
@@ -178,6 +184,22 @@ def _live_spec(variable: Any) -> tuple[tuple[int, ...], str]:
         return tuple(array.shape), str(array.dtype)
 
 
+def checkpoint_variables(root: Any) -> dict[str, Any]:
+    """`variables_by_path(root)` with each `TreeVariable` split into its leaves.
+
+    A leaf (a `TreeLeaf`, read and written as a variable is) is keyed by the variable's
+    path and the leaf's (`"opt_state/0/mu/w"`).
+    """
+    found: dict[str, Any] = {}
+    for path, variable in variables_by_path(root).items():
+        if isinstance(variable, TreeVariable):
+            for leaf_path, leaf in variable.leaves().items():
+                found[f"{path}/{leaf_path}"] = leaf
+        else:
+            found[path] = variable
+    return found
+
+
 # ----------------------------------------------------------------------------
 # Saving
 
@@ -186,12 +208,12 @@ def collect(root: Any, step: int) -> tuple[dict[str, np.ndarray[Any, Any]], dict
     """Host copies of all arrays reachable from `root`, and the JSON item describing them.
 
     Raises:
-    CheckpointError: A variable has a dtype checkpoints cannot store, a state is not
-        JSON data, or a leaf is `Unsaveable` (each names the path).
+        CheckpointError: A variable has a dtype checkpoints cannot store, a state is not
+            JSON data, or a leaf is `Unsaveable` (each names the path).
     """
     arrays: dict[str, np.ndarray[Any, Any]] = {}
     tree: dict[str, Any] = {}
-    variables = variables_by_path(root)
+    variables = checkpoint_variables(root)
     for path, variable in variables.items():
         try:
             array = np.asarray(variable_to_numpy(variable))

@@ -39,6 +39,7 @@ from looproto.backends.tensorflow._side_effects import (
     TraceSideEffectWarning,
     numeric_attributes,
 )
+from looproto.backends.tensorflow._stale import refusing_stale_reads
 from looproto.data import ArrayIterator
 from looproto.errors import ConfigError, LooprotoError, value_repr
 from looproto.module import Module, variables_by_path
@@ -139,7 +140,10 @@ class TensorflowLoop:
         # Every op of the step waits for its batch: TensorFlow orders stateful ops only
         # per resource, so without this a `step.assign_add(1)` could run although the
         # iterator had ended.
-        with tf.control_dependencies(tf.nest.flatten(leaves, expand_composites=True)):
+        with (
+            tf.control_dependencies(tf.nest.flatten(leaves, expand_composites=True)),
+            refusing_stale_reads(self._step_name, self._replicas),
+        ):
             outputs = self._step_fn(iterator)
         self._check_side_effects(before)
         return outputs
@@ -427,11 +431,12 @@ class TensorflowLoop:
             def no_data() -> Any:
                 self.trace_count += 1
                 before = numeric_attributes(self._module)
-                outputs = (
-                    self.strategy.run(self._step_fn, args=(None,))
-                    if self._replicate
-                    else self._step_fn(None)
-                )
+                with refusing_stale_reads(self._step_name, self._replicas):
+                    outputs = (
+                        self.strategy.run(self._step_fn, args=(None,))
+                        if self._replicate
+                        else self._step_fn(None)
+                    )
                 self._check_side_effects(before)
                 if self._replicate:
                     outputs = tf.nest.map_structure(self._reduce_leaf, outputs)
