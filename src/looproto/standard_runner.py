@@ -16,6 +16,11 @@ TensorFlow, one `jax.jit(lax.scan)` call on JAX, `torch.compile` on PyTorch.
     <for each step: state = eval_reduce(state, eval_step(iterator))>
     return eval_end(state)      # eval_end() when state is None
 
+Metrics: a trainer's `train_metrics` and an evaluator's `eval_metrics` (mappings of
+names to `looproto.metrics` metrics, or torchmetrics/Keras/Flax NNX ones) are reset
+before each inner loop or evaluation, and their results are added to its output
+(under their names; a key the hook returns itself wins).
+
 Which backend: `options.backend`, else the `LOOPROTO_BACKEND` environment
 variable, else the framework of the module's variables, else NumPy.
 """
@@ -28,7 +33,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from looproto import _nest, backends
+from looproto import _nest, backends, metrics
 from looproto.backends.base import Backend, Loop, LoopOptions
 from looproto.errors import ConfigError, value_repr
 from looproto.module import Module, Variable, backend_for_variable
@@ -178,6 +183,29 @@ def check_num_steps(num_steps: Any, method: str) -> int:
     return num_steps
 
 
+def _metric_table(runner: Any, attribute: str) -> Mapping[str, Any] | None:
+    """The runner's `train_metrics`/`eval_metrics` mapping, if it has one."""
+    table = getattr(runner, attribute, None)
+    if table is None:
+        return None
+    if not isinstance(table, Mapping):
+        raise ConfigError(
+            f"`{attribute}` must be a mapping of names to metrics (e.g. "
+            f"`{{'loss': looproto.metrics.Mean()}}`); received {value_repr(table)}."
+        )
+    return table
+
+
+def _with_results(output: Output | None, table: Mapping[str, Any], attribute: str) -> Any:
+    """`output` plus the metrics' results (a key of `output` wins)."""
+    found = metrics.results(table, attribute)
+    if output is None:
+        return found
+    if not isinstance(output, Mapping):
+        return output  # `check_output` says what is wrong with it
+    return {**found, **output}
+
+
 def resolve_backend(name: str | None, module: Any) -> Backend:
     """The backend named `name`, else `LOOPROTO_BACKEND`, else inferred from `module`."""
     import os
@@ -201,7 +229,9 @@ class StandardTrainer(AbstractTrainer, metaclass=abc.ABCMeta):
     """A trainer written as per-step hooks; the backend compiles the inner loop.
 
     Implement `train_step(iterator)`. Optionally implement `train_loop_begin()`
-    (reset metrics) and `train_loop_end()` (return the outputs of the loop).
+    (reset metrics) and `train_loop_end()` (return the outputs of the loop). Metrics
+    in a `train_metrics` mapping are reset and reported without either (see the
+    module docstring).
 
     The data iterator is created when the trainer is constructed and persists
     across `train()` calls, so training walks through the dataset rather than
@@ -277,6 +307,9 @@ class StandardTrainer(AbstractTrainer, metaclass=abc.ABCMeta):
             What `train_loop_end` returns.
         """
         num_steps = check_num_steps(num_steps, "train")
+        table = _metric_table(self, "train_metrics")
+        if table:
+            metrics.reset(table, "train_metrics")
         self.train_loop_begin()
         if self._train_loop_fn is None:
             self._train_loop_fn = self.create_train_loop_fn()
@@ -286,6 +319,8 @@ class StandardTrainer(AbstractTrainer, metaclass=abc.ABCMeta):
         if num_steps != -1 and steps_run < num_steps:
             _log.info("train: the data ended after %d of %d steps.", steps_run, num_steps)
         output = self.train_loop_end()
+        if table:
+            output = _with_results(output, table, "train_metrics")
         _nest.check_output(output, "train_loop_end")
         return output
 
@@ -321,6 +356,7 @@ class StandardEvaluator(AbstractEvaluator, metaclass=abc.ABCMeta):
     Implement `eval_step(iterator)`. Optionally `eval_begin()` (reset metrics, or
     return an initial reduce state), `eval_reduce(state, step_outputs)` (fold one
     step's outputs into the state) and `eval_end(state)` (return the outputs).
+    Metrics in an `eval_metrics` mapping are reset and reported without them.
 
     By default each `evaluate()` starts from the beginning of `eval_dataset`; with
     `recreate_iterator_for_each_eval=False` it continues where the last one stopped.
@@ -378,6 +414,9 @@ class StandardEvaluator(AbstractEvaluator, metaclass=abc.ABCMeta):
             What `eval_end` returns.
         """
         num_steps = check_num_steps(num_steps, "evaluate")
+        table = _metric_table(self, "eval_metrics")
+        if table:
+            metrics.reset(table, "eval_metrics")
         state = self.eval_begin()
         if self._eval_loop_fn is None:
             self._eval_loop_fn = self.create_eval_loop_fn()
@@ -392,6 +431,8 @@ class StandardEvaluator(AbstractEvaluator, metaclass=abc.ABCMeta):
             iterator, num_steps, state, self.eval_reduce if reduces else None
         )
         output = self.eval_end() if state is None else self.eval_end(state)
+        if table:
+            output = _with_results(output, table, "eval_metrics")
         _nest.check_output(output, "eval_end")
         return output
 
