@@ -5,6 +5,11 @@ steps (lift the Variables, pull and stack the batches, scan the traced step, wri
 back). It also holds the trace-time checks (no Variable created, no tracer stored on
 an attribute, array outputs only) and the host-side moves of state and batches onto
 a mesh. Batch stacking is in `batches.py`; options are parsed in `options.py`.
+
+Summaries a step records (`looproto.summary.scalar`/`histogram`) ride in the scan's
+carry, one slot per name, so only the last step's values leave the device. Which
+slots a step needs is learnt from its first trace: a trace that records names the
+carry lacks stops before anything runs, and the call is compiled again with them.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from looproto import distributed
+from looproto import _recording, distributed
 from looproto.backends._common import is_iterator_container
 from looproto.backends.base import ReduceFn, StepFn
 from looproto.backends.jax._batches import iter_spec, pull, segments, step_iterators
@@ -49,6 +54,31 @@ def _check_outputs(outputs: Any, step_name: str) -> None:
 def _strong(value: Any, like: Any) -> Any:
     """`value` with `like`'s dtype and no weak type, so scan carries keep their type."""
     return jnp.asarray(value, dtype=like.dtype)
+
+
+class _StepRecorder:
+    """What one traced step records with `looproto.summary`: name -> (kind, array)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, tuple[str, Any]] = {}
+
+    def record(self, kind: str, name: str, value: Any) -> None:
+        self.values[name] = (kind, jnp.asarray(value))
+
+
+_SlotSpec = dict[str, tuple[str, tuple[int, ...], Any]]  # name -> (kind, shape, dtype)
+
+
+class _NewSummaries(Exception):  # noqa: N818 (a signal between the trace and the loop)
+    """Raised while tracing: the step records summaries the scan's carry has no slot for."""
+
+    def __init__(self, spec: _SlotSpec) -> None:
+        super().__init__(sorted(spec))
+        self.spec = spec
+
+
+def _spec_of(recorded: dict[str, tuple[str, Any]]) -> _SlotSpec:
+    return {name: (kind, tuple(a.shape), a.dtype) for name, (kind, a) in recorded.items()}
 
 
 def _mesh_processes(mesh: Mesh | None) -> int:
@@ -89,19 +119,27 @@ class JaxLoop:
         """How many times `step_fn` was traced (a new batch shape, dtype or `num_steps`)."""
         self._replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
         self._processes = _mesh_processes(mesh)
+        # The summary slots of the scan's carry, by compiled loop and batch shapes.
+        self._slot_specs: dict[Any, _SlotSpec] = {}
+        self._kinds: dict[str, str] = {}  # the kind of each name a one-step call records
 
     # -- tracing ------------------------------------------------------------
 
     def _traced_step(
         self, variables: list[Variable], spec: Any, values: list[Any], batch: Any, data: Any
-    ) -> tuple[list[Any], Any]:
-        """Runs `step_fn` once with `variables` bound to `values`; pure in and out."""
+    ) -> tuple[list[Any], Any, dict[str, tuple[str, Any]]]:
+        """Runs `step_fn` once with `variables` bound to `values`; pure in and out.
+
+        Returns the new values, the step's outputs and what it recorded with
+        `looproto.summary`.
+        """
         self.trace_count += 1  # Runs at trace time only: once per compilation.
         if data is not None:  # "device": `batch` holds indices into `data`.
             batch = jax.tree.map(lambda d: d[batch], data)
         step_iterator = step_iterators(spec, batch, self._step_name)
         known = {id(v) for v in variables}
-        with bound_to(variables, values):
+        recorder = _StepRecorder()
+        with bound_to(variables, values), _recording.recording(recorder):
             try:
                 outputs = self._step_fn(step_iterator)
             except LooprotoError as err:
@@ -119,9 +157,15 @@ class JaxLoop:
             self._check_module(known)
         _check_outputs(outputs, self._step_name)
         new_values = [_strong(new, old) for new, old in zip(new_values, values)]
+        recorded = recorder.values
         if self._replicated is not None:
             new_values = [lax.with_sharding_constraint(x, self._replicated) for x in new_values]
-        return new_values, outputs
+            # One copy per process: the chief writes it without gathering shards.
+            recorded = {
+                name: (kind, lax.with_sharding_constraint(a, self._replicated))
+                for name, (kind, a) in recorded.items()
+            }
+        return new_values, outputs, recorded
 
     def _check_module(self, known: set[int]) -> None:
         """At trace time: no Variable created in the step, no tracer on an attribute."""
@@ -151,19 +195,35 @@ class JaxLoop:
     def _compile(self, variables: list[Variable], spec: Any) -> tuple[Any, Any]:
         donate = (0,) if self._donate else ()
 
-        def scan_loop(values: list[Any], xs: Any, data: Any, length: int) -> list[Any]:
-            def body(carry: list[Any], x: Any) -> tuple[list[Any], None]:
-                new, _ = self._traced_step(variables, spec, carry, x, data)
-                return new, None
+        def scan_loop(
+            values: list[Any], slots: dict[str, Any], xs: Any, data: Any, length: int
+        ) -> tuple[list[Any], dict[str, Any]]:
+            def body(
+                carry: tuple[list[Any], dict[str, Any]], x: Any
+            ) -> tuple[tuple[list[Any], dict[str, Any]], None]:
+                new, _, recorded = self._traced_step(variables, spec, carry[0], x, data)
+                found = _spec_of(recorded)
+                expected = {
+                    name: (found.get(name, ("",))[0], tuple(a.shape), a.dtype)
+                    for name, a in carry[1].items()
+                }
+                if found != expected:
+                    raise _NewSummaries(found)
+                return (new, {name: recorded[name][1] for name in carry[1]}), None
 
-            final, _ = lax.scan(body, values, xs, length=length)
-            return final
+            (final, slots), _ = lax.scan(body, (values, slots), xs, length=length)
+            return final, slots
 
-        def one_step(values: list[Any], x: Any, data: Any) -> tuple[list[Any], Any]:
-            return self._traced_step(variables, spec, values, x, data)
+        def one_step(
+            values: list[Any], x: Any, data: Any
+        ) -> tuple[list[Any], Any, dict[str, Any]]:
+            new, outputs, recorded = self._traced_step(variables, spec, values, x, data)
+            for name, (kind, _) in recorded.items():  # at trace time: plain Python
+                self._kinds[name] = kind
+            return new, outputs, {name: a for name, (_, a) in recorded.items()}
 
         return (
-            jax.jit(scan_loop, donate_argnums=donate, static_argnums=3),
+            jax.jit(scan_loop, donate_argnums=donate, static_argnums=4),
             jax.jit(one_step, donate_argnums=donate),
         )
 
@@ -308,7 +368,7 @@ class JaxLoop:
             compiled = self._compiled[key] = self._compile(variables, spec)
         try:
             if self._scan and reduce_fn is None:
-                steps = self._run_scan(compiled[0], variables, source, num_steps, data)
+                steps = self._run_scan(compiled[0], key, variables, source, num_steps, data)
             else:
                 state, steps = self._run_steps(
                     compiled[1], variables, source, num_steps, data, state, reduce_fn
@@ -329,9 +389,16 @@ class JaxLoop:
         return state, steps
 
     def _run_scan(
-        self, jitted: Any, variables: list[Variable], source: Any, num_steps: int, data: Any
+        self,
+        jitted: Any,
+        key: Any,
+        variables: list[Variable],
+        source: Any,
+        num_steps: int,
+        data: Any,
     ) -> int:
         total = 0
+        recorded: dict[str, tuple[str, Any]] = {}
         while num_steps < 0 or total < num_steps:
             want = self._chunk_size if num_steps < 0 else num_steps - total
             batches = pull(source, want)
@@ -339,14 +406,31 @@ class JaxLoop:
                 break
             for length, xs in segments(batches):
                 values, narrowed = self._lift(variables)
-                new = jitted(values, self._put_batch(xs, 1), data, length)
+                xs = self._put_batch(xs, 1)
+                shapes = (key, length, tuple(np.shape(x) for x in jax.tree.leaves(xs)))
+                try:
+                    spec = self._slot_specs.get(shapes, {})
+                    new, slots = jitted(values, self._slots(spec), xs, data, length)
+                except _NewSummaries as found:
+                    # Only traced, nothing ran (nor was donated): compile with the slots.
+                    spec = self._slot_specs[shapes] = found.spec
+                    new, slots = jitted(values, self._slots(spec), xs, data, length)
                 self._write_back(variables, new, narrowed)
+                recorded.update({name: (spec[name][0], a) for name, a in slots.items()})
             total += len(batches)
             if len(batches) < want:
                 break
         if num_steps >= 0 and total < num_steps:
             _log.info("The data iterator is exhausted after %d steps.", total)
+        _recording.deliver(recorded)
         return total
+
+    def _slots(self, spec: _SlotSpec) -> dict[str, Any]:
+        """The carry's summary slots before a scan: zeros of each recorded shape."""
+        slots = {name: np.zeros(shape, dtype) for name, (_, shape, dtype) in spec.items()}
+        if self._replicated is not None and slots:
+            return jax.device_put(slots, self._replicated)
+        return slots
 
     def _run_steps(
         self,
@@ -359,15 +443,20 @@ class JaxLoop:
         reduce_fn: ReduceFn | None,
     ) -> tuple[Any, int]:
         steps = 0
+        recorded: dict[str, tuple[str, Any]] = {}
         while num_steps < 0 or steps < num_steps:
             pulled = pull(source, 1)
             if not pulled:
-                _log.info("The data iterator is exhausted after %d steps.", steps)
+                # The normal end of an evaluation until the data ends: not news.
+                level = logging.DEBUG if num_steps < 0 else logging.INFO
+                _log.log(level, "The data iterator is exhausted after %d steps.", steps)
                 break
             values, narrowed = self._lift(variables)
-            new, outputs = jitted(values, self._put_batch(pulled[0], 0), data)
+            new, outputs, step_recorded = jitted(values, self._put_batch(pulled[0], 0), data)
             self._write_back(variables, new, narrowed)
+            recorded.update({name: (self._kinds[name], a) for name, a in step_recorded.items()})
             if reduce_fn is not None:
                 state = reduce_fn(state, outputs)
             steps += 1
+        _recording.deliver(recorded)
         return state, steps
