@@ -65,7 +65,7 @@ _REDUCTIONS: Final = ("sum", "min", "max", "mean")
 
 
 def _float_dtype(dtype: Any) -> np.dtype[Any]:
-    resolved = np.dtype(dtype)
+    resolved: np.dtype[Any] = np.dtype(dtype)
     if resolved.kind != "f":
         raise ConfigError(
             f"`dtype` must be a floating-point dtype; received dtype={value_repr(dtype)}."
@@ -146,7 +146,7 @@ class Metric(Module, metaclass=abc.ABCMeta):
     def merge(self, states: list[Mapping[str, Any]]) -> dict[str, np.ndarray[Any, Any]]:
         """Merges several processes' states by each state's reduction."""
         merged: dict[str, np.ndarray[Any, Any]] = {}
-        for name, (initial, reduction) in self._initial.items():
+        for name, (_, reduction) in self._initial.items():
             stacked = np.stack([np.asarray(s[name], dtype=self.dtype) for s in states])
             merged[name] = np.asarray(getattr(np, reduction)(stacked, axis=0), dtype=self.dtype)
         return merged

@@ -213,7 +213,10 @@ def _check_capabilities(backend: Backend) -> list[str]:
         raise _fail("`state_to_json` must be None for an object of no framework.")
     if isinstance(backend, SupportsMetrics) and backend.metric_adapter(foreign) is not None:
         raise _fail("`metric_adapter` must be None for an object of no framework.")
-    if isinstance(backend, SupportsHyperparameters) and backend.hyperparameters(foreign) is not None:
+    if (
+        isinstance(backend, SupportsHyperparameters)
+        and backend.hyperparameters(foreign) is not None
+    ):
         raise _fail("`hyperparameters` must be None for an object of no framework.")
     if isinstance(backend, SupportsHookGate) and not isinstance(backend.hooks_gated(), bool):
         raise _fail("`hooks_gated()` must return a bool.")

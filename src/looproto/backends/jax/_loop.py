@@ -214,9 +214,7 @@ class JaxLoop:
             (final, slots), _ = lax.scan(body, (values, slots), xs, length=length)
             return final, slots
 
-        def one_step(
-            values: list[Any], x: Any, data: Any
-        ) -> tuple[list[Any], Any, dict[str, Any]]:
+        def one_step(values: list[Any], x: Any, data: Any) -> tuple[list[Any], Any, dict[str, Any]]:
             new, outputs, recorded = self._traced_step(variables, spec, values, x, data)
             for name, (kind, _) in recorded.items():  # at trace time: plain Python
                 self._kinds[name] = kind
