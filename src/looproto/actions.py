@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from looproto import _nest, _recording, backends, preemption
+from looproto import _nest, _recording, backends, distributed, preemption
 from looproto._validate import positive_int, positive_number
 from looproto.backends.base import SupportsHyperparameters
 from looproto.errors import ConfigError, ProtocolError, value_repr
@@ -323,7 +323,8 @@ class EarlyStopping:
     file: a run that was preempted and resumed goes on counting where it left off
     (values recorded after the restored step are dropped and recorded again), and a
     run that had stopped stops again when it is started once more, before training.
-    Without it, the counting starts afresh with each process.
+    Without it, the counting starts afresh with each process. In a multi-process run
+    every process reads the file and the chief alone writes it.
 
     Example:
         >>> early = EarlyStopping("eval_loss", mode="min", patience=2)
@@ -386,7 +387,10 @@ class EarlyStopping:
         self.min_delta = float(min_delta)
         self.baseline = None if baseline is None else float(baseline)
         self.stop_on_nonfinite = stop_on_nonfinite
-        self._history = JSONPersistedValue({"history": []}, filename)
+        # Every process reads the file, the chief alone writes it (the run's files are its).
+        self._history = JSONPersistedValue(
+            {"history": []}, filename, write_value=distributed.is_chief()
+        )
         self._controller: Any = None
         self._reason: str | None = None
 
@@ -462,6 +466,11 @@ class EarlyStopping:
     def should_stop(self) -> bool:
         """Whether the values so far say stop (also without a Controller)."""
         return self._reason is not None
+
+    @property
+    def reason(self) -> str | None:
+        """Why it stopped training (None while it has not)."""
+        return self._reason
 
     @property
     def best_value(self) -> float | None:
