@@ -267,9 +267,9 @@ class Optimizer(Module, metaclass=abc.ABCMeta):
             raise ConfigError(
                 f"Pass at most one of `clipvalue`, `clipnorm`, `global_clipnorm`; received {given}."
             )
-        self.clipvalue = _optional_positive(clipvalue, "clipvalue")
-        self.clipnorm = _optional_positive(clipnorm, "clipnorm")
-        self.global_clipnorm = _optional_positive(global_clipnorm, "global_clipnorm")
+        self.clipvalue, self.clipnorm, self.global_clipnorm = (
+            _optional_positive(value, name) for name, value in clips.items()
+        )
         if self._counts_updates or callable(self.learning_rate):
             with self.name_scope:
                 self.iterations = Variable(np.int64(0), trainable=False, name="iterations")
@@ -346,16 +346,11 @@ class Optimizer(Module, metaclass=abc.ABCMeta):
             limit = self.clipvalue
             return {p: array_namespace(g).clip(g, -limit, limit) for p, g in grads.items()}
         if self.clipnorm is not None:
-            return {
-                p: g * _shrink(array_namespace(g), _sum_squares(g), self.clipnorm)
-                for p, g in grads.items()
-            }
+            limit = self.clipnorm
+            return {p: g * _shrink(array_namespace(g), [g], limit) for p, g in grads.items()}
         if self.global_clipnorm is not None:
-            total: Any = 0.0
-            for g in grads.values():
-                total = total + _sum_squares(g)
             xp = array_namespace(*grads.values())
-            factor = _shrink(xp, total, self.global_clipnorm)
+            factor = _shrink(xp, list(grads.values()), self.global_clipnorm)
             return {p: g * factor for p, g in grads.items()}
         return grads
 
@@ -386,14 +381,9 @@ class Optimizer(Module, metaclass=abc.ABCMeta):
         """Updates `param` (at `path`) from its gradient `grad`."""
 
 
-def _sum_squares(g: Any) -> Any:
-    xp = array_namespace(g)
-    return xp.sum(g * g)
-
-
-def _shrink(xp: Any, sum_squares: Any, limit: float) -> Any:
-    """The factor that scales a norm of `sqrt(sum_squares)` down to `limit` at most."""
-    norm = xp.sqrt(sum_squares)
+def _shrink(xp: Any, grads: list[Any], limit: float) -> Any:
+    """The factor that scales the joint L2 norm of `grads` down to `limit` at most."""
+    norm = xp.sqrt(sum(xp.sum(g * g) for g in grads))
     return limit / xp.maximum(norm, limit)
 
 
