@@ -14,7 +14,16 @@ _LOGGER: Final = "looproto"
 
 
 class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
-    """The handler `enable_logging` adds (recognised, so a second call replaces it)."""
+    """The handler `enable_logging` adds (recognised, so a second call replaces it).
+
+    It steps aside once the program configures logging later (a library it imports
+    may call `logging.basicConfig`): then the root's handlers print the records, once.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if logging.getLogger().handlers:
+            return
+        super().emit(record)
 
 
 def enable_logging(level: int | str = logging.INFO, *, stream: IO[str] | None = None) -> None:
@@ -25,7 +34,8 @@ def enable_logging(level: int | str = logging.INFO, *, stream: IO[str] | None = 
     of them until a program configures logging. This sets that logger's level and,
     when the program has configured no handler of its own (on the root logger), adds
     one writing plain lines to `stream` (standard error by default). With a handler
-    configured (`logging.basicConfig`, a framework's), the lines go there instead.
+    configured (`logging.basicConfig`, a framework's), now or later, the lines go there
+    instead.
     Calling it again changes the level (and the stream).
 
     `looproto train` and the examples call it; a script of your own calls it once::

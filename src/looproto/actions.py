@@ -40,6 +40,7 @@ __all__ = [
     "NewBestMetric",
     "PeriodicAction",
     "SaveCheckpointIfPreempted",
+    "hyperparameters",
 ]
 
 Condition = Callable[[Output], Any]
