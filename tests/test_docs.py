@@ -118,6 +118,9 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.delenv(backends.ENV_VAR, raising=False)  # snippets choose their own backend
     monkeypatch.setattr(sys, "argv", ["docs-snippet"])
     saved_environ = dict(os.environ)
+    # Register the shipped backends before the snapshot: restoring a snapshot taken
+    # before they registered themselves would leave a registry that never refills.
+    backends.available()
     logger = logging.getLogger("looproto")
     saved_level = logger.level
     # The registry a page may add to (`backends.register`).

@@ -240,8 +240,10 @@ class Accuracy(Metric):
         0.6666666865348816
 
     Args:
+        name: See `Metric`.
         threshold: For binary scores of the labels' shape.
-        name, dtype, sync: See `Metric`.
+        dtype: See `Metric`.
+        sync: See `Metric`.
     """
 
     def __init__(
@@ -292,8 +294,10 @@ class Last(Metric):
     """The last value given to `update` (over processes: their mean).
 
     Args:
+        name: See `Metric`.
         shape: The value's shape (default: a scalar).
-        name, dtype, sync: See `Metric`.
+        dtype: See `Metric`.
+        sync: See `Metric`.
     """
 
     def __init__(
