@@ -54,7 +54,7 @@ class Recording(looproto.StandardTrainer, looproto.StandardEvaluator):
     __test__ = False
 
     def __init__(self, backend: str) -> None:
-        options = dict(backend=backend, backend_options=OPTIONS.get(backend, {}))
+        options = {"backend": backend, "backend_options": OPTIONS.get(backend, {})}
         data = ArrayDataset({"x": X}, 2)
         looproto.StandardTrainer.__init__(
             self, data, options=looproto.StandardTrainerOptions(**options)
@@ -200,7 +200,8 @@ def test_optax_learning_rates_in_tensorboard_equal_the_schedules(tmp_path: Path)
 
         def __init__(self) -> None:
             super().__init__(
-                ArrayDataset({"x": X}, 2, epochs=None), options=looproto.StandardTrainerOptions(backend="jax")
+                ArrayDataset({"x": X}, 2, epochs=None),
+                options=looproto.StandardTrainerOptions(backend="jax"),
             )
             self.w = looproto.Variable(np.ones((3, 1), np.float32))
             self.tx = optax.inject_hyperparams(optax.adamw)(
@@ -283,7 +284,8 @@ def test_portable_learning_rates_in_tensorboard_equal_the_schedules(tmp_path: Pa
     class Trainer(looproto.StandardTrainer):
         def __init__(self) -> None:
             super().__init__(
-                ArrayDataset({"x": X}, 2, epochs=None), options=looproto.StandardTrainerOptions(backend="jax")
+                ArrayDataset({"x": X}, 2, epochs=None),
+                options=looproto.StandardTrainerOptions(backend="jax"),
             )
             self.model = looproto.Module(name="model")
             self.model.w = looproto.Variable(np.ones((3, 1), np.float32))

@@ -82,7 +82,7 @@ class MetricTrainer(looproto.StandardTrainer, looproto.StandardEvaluator):
     __test__ = False
 
     def __init__(self, backend: str) -> None:
-        options = dict(backend=backend, backend_options=OPTIONS.get(backend, {}))
+        options = {"backend": backend, "backend_options": OPTIONS.get(backend, {})}
         looproto.StandardTrainer.__init__(
             self, _data(), options=looproto.StandardTrainerOptions(**options)
         )
@@ -172,8 +172,10 @@ def test_bad_metrics_are_named_with_what_was_expected() -> None:
         def train_step(self, iterator: Any) -> None:
             self.global_step.assign_add(1)
 
-    with pytest.raises(looproto.ConfigError, match=r"`train_metrics` must be a mapping"):
-        Trainer([metrics.Mean()]).train(1)
+    with pytest.raises(looproto.ConfigError, match=r"`train_metrics` must be a mapping.*distinct"):
+        Trainer([metrics.Mean(), metrics.Mean()]).train(1)  # two named "mean"
+    listed = Trainer([metrics.Mean(name="loss"), metrics.Max(name="peak")])
+    assert sorted(listed.train(1)) == ["loss", "peak"]  # a list is named by `name`s
     with pytest.raises(looproto.ProtocolError, match=r"'loss'.*is not a metric looproto knows"):
         Trainer({"x": "loss"}).train(1)
     with pytest.raises(looproto.ConfigError, match=r"`dtype` must be a floating-point dtype"):
@@ -268,9 +270,7 @@ def test_flax_nnx_metrics_are_reset_and_reported() -> None:
             # NNX variables are not lifted into compiled loops: an eager step.
             super().__init__(
                 _data(),
-                options=looproto.StandardEvaluatorOptions(
-                    backend="jax", use_compiled_step=False
-                ),
+                options=looproto.StandardEvaluatorOptions(backend="jax", use_compiled_step=False),
             )
             self.global_step = looproto.create_global_step()
             self.eval_metrics = {

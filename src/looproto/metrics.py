@@ -386,11 +386,23 @@ def adapt(metric: Any) -> Metric | MetricAdapter:
     )
 
 
-def _table(metrics: Mapping[str, Any], argument: str) -> dict[str, Metric | MetricAdapter]:
-    if not isinstance(metrics, Mapping):
-        raise ConfigError(
-            f"`{argument}` must be a mapping of names to metrics; received {value_repr(metrics)}."
-        )
+def _named(metrics: Any, argument: str) -> Mapping[str, Any]:
+    """A mapping of names to metrics; a list of metrics is named by their `name`s."""
+    if isinstance(metrics, Mapping):
+        return metrics
+    if isinstance(metrics, (list, tuple)):
+        # Orbit-style trainers (TensorFlow Models) keep a list of Keras metrics.
+        named = {getattr(metric, "name", None): metric for metric in metrics}
+        if all(isinstance(name, str) for name in named) and len(named) == len(metrics):
+            return named
+    raise ConfigError(
+        f"`{argument}` must be a mapping of names to metrics (or a list of metrics with "
+        f"distinct `name`s); received {value_repr(metrics)}."
+    )
+
+
+def _table(metrics: Any, argument: str) -> dict[str, Metric | MetricAdapter]:
+    metrics = _named(metrics, argument)
     table: dict[str, Metric | MetricAdapter] = {}
     for name, metric in metrics.items():
         if not isinstance(name, str) or not name:
@@ -402,7 +414,10 @@ def _table(metrics: Mapping[str, Any], argument: str) -> dict[str, Metric | Metr
 
 
 def reset(metrics: Mapping[str, Any], argument: str = "metrics") -> None:
-    """Resets every metric of a mapping name -> metric (looproto's or a framework's)."""
+    """Resets every metric of a mapping name -> metric (looproto's or a framework's).
+
+    A list of metrics with distinct `name`s is accepted too (Keras metrics, looproto's).
+    """
     for metric in _table(metrics, argument).values():
         metric.reset()
 

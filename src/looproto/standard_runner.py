@@ -17,9 +17,10 @@ TensorFlow, one `jax.jit(lax.scan)` call on JAX, `torch.compile` on PyTorch.
     return eval_end(state)      # eval_end() when state is None
 
 Metrics: a trainer's `train_metrics` and an evaluator's `eval_metrics` (mappings of
-names to `looproto.metrics` metrics, or torchmetrics/Keras/Flax NNX ones) are reset
-before each inner loop or evaluation, and their results are added to its output
-(under their names; a key the hook returns itself wins).
+names to `looproto.metrics` metrics, or torchmetrics/Keras/Flax NNX ones; or lists of
+metrics with names, as TensorFlow Models' trainers keep) are reset before each inner
+loop or evaluation, and their results are added to its output (under their names; a
+key the hook returns itself wins).
 
 Which backend: `options.backend`, else the `LOOPROTO_BACKEND` environment
 variable, else the framework of the module's variables, else NumPy.
@@ -183,17 +184,10 @@ def check_num_steps(num_steps: Any, method: str) -> int:
     return num_steps
 
 
-def _metric_table(runner: Any, attribute: str) -> Mapping[str, Any] | None:
-    """The runner's `train_metrics`/`eval_metrics` mapping, if it has one."""
+def _metric_table(runner: Any, attribute: str) -> Any:
+    """The runner's `train_metrics`/`eval_metrics` (checked by `looproto.metrics`), or None."""
     table = getattr(runner, attribute, None)
-    if table is None:
-        return None
-    if not isinstance(table, Mapping):
-        raise ConfigError(
-            f"`{attribute}` must be a mapping of names to metrics (e.g. "
-            f"`{{'loss': looproto.metrics.Mean()}}`); received {value_repr(table)}."
-        )
-    return table
+    return table if table else None
 
 
 def _with_results(output: Output | None, table: Mapping[str, Any], attribute: str) -> Any:

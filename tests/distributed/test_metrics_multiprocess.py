@@ -33,7 +33,7 @@ WORKER = """
     from looproto import distributed, metrics
     from looproto.data import ArrayDataset
 
-    backend, out = sys.argv[1], sys.argv[2]
+    backend, out, batch_size, steps = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
     distributed.initialize(backend, timeout=60)
     rng = np.random.default_rng(3)
     x = rng.normal(size=(24, 3)).astype(np.float32)
@@ -42,7 +42,7 @@ WORKER = """
 
     class Trainer(looproto.StandardTrainer):
         def __init__(self):
-            data = ArrayDataset({"x": x, "label": labels}, %(batch)d, shard=distributed.shard())
+            data = ArrayDataset({"x": x, "label": labels}, batch_size, shard=distributed.shard())
             super().__init__(
                 data,
                 options=looproto.StandardTrainerOptions(backend=backend, backend_options=options),
@@ -64,11 +64,11 @@ WORKER = """
             m["last"].update(batch["x"][0, 0])
             self.global_step.assign_add(1)
 
-    output = Trainer().train(%(steps)d)
+    output = Trainer().train(steps)
     with open(f"{out}/{distributed.process_index()}.json", "w") as f:
         json.dump({k: float(v) for k, v in output.items()}, f)
     distributed.shutdown()
-""" % {"batch": GLOBAL_BATCH, "steps": STEPS}
+"""
 
 
 def _expected(backend: str) -> dict[str, float]:
@@ -96,6 +96,7 @@ def test_two_processes_report_the_global_batches_metrics(backend: str, tmp_path:
     if importlib.util.find_spec(backend) is None:
         pytest.skip(f"{backend} is not installed")
     command = [sys.executable, "-c", textwrap.dedent(WORKER), backend, str(tmp_path)]
+    command += [str(GLOBAL_BATCH), str(STEPS)]
     assert launch.launch(command, backend=backend, num_processes=2, timeout=60) == 0
     expected = _expected(backend)
     for index in (0, 1):
