@@ -22,6 +22,7 @@ Framework-free: a backend's recorder is any object with `record(kind, name, valu
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Iterator, Mapping
 from typing import Any, Final, Protocol
 
@@ -58,6 +59,7 @@ class Recorder(Protocol):
 _stack: list[Recorder] = []
 # Host values, and those loops delivered: name -> (kind, value).
 _pending: dict[str, tuple[str, Any]] = {}
+_EMPTY: Final[Mapping[str, Any]] = types.MappingProxyType({})
 
 
 def record(kind: str, name: Any, value: Any) -> None:
@@ -97,8 +99,10 @@ def pending() -> dict[str, tuple[str, Any]]:
     return dict(_pending)
 
 
-def take() -> dict[str, Any]:
+def take() -> Mapping[str, Any]:
     """Takes everything pending: name -> value, ready for `SummaryManager.write_summaries`."""
+    if not _pending:  # the common case, once per inner loop: no allocation
+        return _EMPTY
     taken = {name: value for name, (_, value) in _pending.items()}
     _pending.clear()
     return taken
@@ -106,4 +110,5 @@ def take() -> dict[str, Any]:
 
 def clear() -> None:
     """Drops what is pending (stale values from before a loop)."""
-    _pending.clear()
+    if _pending:
+        _pending.clear()

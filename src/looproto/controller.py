@@ -25,7 +25,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Final
 
 import numpy as np
@@ -547,9 +547,12 @@ class Controller:
 
     def _next_loop_steps(self, current_step: int, steps: int) -> int:
         """Steps of the next inner loop: to the next multiple of an int `steps_per_loop`."""
-        loop_steps = self.steps_per_loop
-        if not callable(self._steps_per_loop):
-            loop_steps -= current_step % loop_steps
+        spl = self._steps_per_loop
+        if callable(spl):
+            loop_steps = self.steps_per_loop
+        else:
+            assert spl is not None
+            loop_steps = spl - current_step % spl
         return loop_steps if steps == -1 else min(steps - current_step, loop_steps)
 
     def _train_n_steps(self, num_steps: int, current_step: int) -> int:
@@ -590,7 +593,8 @@ class Controller:
         recorded = _recording.take()  # in-step summaries, and the train actions' own
         if self._summary_due(current_step, new_step):
             output["steps_per_second"] = steps_per_second
-            output.update(_check_recorded(recorded, output, "trainer.train"))
+            if recorded:
+                output.update(_check_recorded(recorded, output, "trainer.train"))
             self.summary_manager.write_summaries(output, step=new_step)
             self.summary_manager.flush()
         if self.train_actions:
@@ -681,7 +685,7 @@ def _latest_step(manager: CheckpointManagerLike) -> int | None:
     return int(name) if name.isdigit() else None
 
 
-def _check_recorded(recorded: dict[str, Any], output: Output, where: str) -> dict[str, Any]:
+def _check_recorded(recorded: Mapping[str, Any], output: Output, where: str) -> Mapping[str, Any]:
     """In-step summaries, checked not to shadow a key of the loop's output."""
     clashes = sorted(name for name in recorded if name in output)
     if clashes:

@@ -392,7 +392,7 @@ def _named(metrics: Any, argument: str) -> Mapping[str, Any]:
         return metrics
     if isinstance(metrics, (list, tuple)):
         # Orbit-style trainers (TensorFlow Models) keep a list of Keras metrics.
-        named = {getattr(metric, "name", None): metric for metric in metrics}
+        named: dict[Any, Any] = {getattr(metric, "name", None): metric for metric in metrics}
         if all(isinstance(name, str) for name in named) and len(named) == len(metrics):
             return named
     raise ConfigError(
