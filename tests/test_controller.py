@@ -498,3 +498,40 @@ def test_garbage_in_checkpoint_dir_and_broken_newest_step_fall_back(tmp_path, ca
         )
     assert int(fresh.global_step) == 5
     assert "10" in caplog.text
+
+
+# ------------------------------------------------ the restored step is the checkpoint's
+
+
+def test_a_restored_step_counter_that_is_not_in_the_checkpoint_is_refused(tmp_path):
+    # The global step kept apart from what the manager saves: after a restart the
+    # weights would be those of step 10 while training went on from step 0.
+    runner = TestRunner()
+    ckpt = CheckpointManager(
+        tmp_path, {"w": runner.w, "b": runner.b}, step_counter=runner.global_step
+    )
+    controller = looproto.Controller(
+        trainer=runner, global_step=runner.global_step, steps_per_loop=5, checkpoint_manager=ckpt
+    )
+    controller.train(steps=10)
+    assert steps_on_disk(tmp_path) == [10]
+
+    restarted = TestRunner()
+    again = CheckpointManager(
+        tmp_path, {"w": restarted.w, "b": restarted.b}, step_counter=restarted.global_step
+    )
+    with pytest.raises(
+        looproto.CheckpointError,
+        match=r"global step is not part of what was checkpointed.*checkpoint 10.*reads 0",
+    ):
+        looproto.Controller(
+            trainer=restarted,
+            global_step=restarted.global_step,
+            steps_per_loop=5,
+            checkpoint_manager=again,
+        )
+    # Evaluation only: the step labels the summaries, nothing resumes from it.
+    evaluation = looproto.Controller(
+        evaluator=restarted, global_step=restarted.global_step, checkpoint_manager=again
+    )
+    assert evaluation.restore_checkpoint() == str(tmp_path / "10")

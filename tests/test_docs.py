@@ -118,12 +118,11 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.delenv(backends.ENV_VAR, raising=False)  # snippets choose their own backend
     monkeypatch.setattr(sys, "argv", ["docs-snippet"])
     saved_environ = dict(os.environ)
-    # Register the shipped backends before the snapshot: restoring a snapshot taken
-    # before they registered themselves would leave a registry that never refills.
-    backends.available()
     logger = logging.getLogger("looproto")
     saved_level = logger.level
-    # The registry a page may add to (`backends.register`).
+    # The registry a page may add to (`backends.register`). The shipped backends register
+    # once per process, on first use: before the snapshot, or restoring it would drop them.
+    backends.available()
     registries: list[Any] = [
         backends._entries,
         backends._aliases,
@@ -278,3 +277,17 @@ def test_site_builds_strict(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "api" / "controller" / "index.html").is_file()
+
+
+def test_ci_runs_the_readme_test_command_verbatim() -> None:
+    # `.ci/run` marks the README's test command; the two must not drift apart.
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(ci) if line.startswith("# --- the README's test"))
+    end = next(i for i in range(start + 1, len(ci)) if ci[i].strip() == "# ---")
+    ci_command = [line for line in ci[start + 1 : end] if line.strip()]
+    readme = [
+        block.code.strip()
+        for block in code_blocks(ROOT / "README.md")
+        if block.language == "bash" and "-m pytest" in block.code
+    ]
+    assert readme == ["\n".join(ci_command)]

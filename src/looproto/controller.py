@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Final
@@ -36,9 +35,11 @@ from looproto._controller_checks import (
     check_actions,
     check_global_step,
     check_outputs,
+    check_restored_step,
     check_runners,
     check_step_agrees,
     check_steps,
+    checkpoint_number,
 )
 from looproto._step_timer import Formatted, StepTimer, eta
 from looproto.errors import ConfigError, ProtocolError
@@ -331,7 +332,7 @@ class Controller:
 
         _recording.clear()  # what steps recorded before belongs to no evaluation
         start = time.perf_counter()
-        raw_output = self.evaluator.evaluate(steps)
+        raw_output = self._run_evaluator(steps)
         _nest.check_output(raw_output, "evaluator.evaluate")
         elapsed = time.perf_counter() - start
         raw_output = raw_output or {}
@@ -447,8 +448,17 @@ class Controller:
     def restore_checkpoint(self, checkpoint_path: str | None = None) -> str | None:
         """Restores `checkpoint_path`, or the latest checkpoint (or initialises).
 
+        With a trainer, and a manager that numbers checkpoints by a `step_counter`,
+        restoring checkpoint N must set that counter to N: anything else means the
+        global step is not in the checkpoint, and training would silently go on from
+        the wrong step.
+
         Returns:
             The path restored from, or None if there was no checkpoint.
+
+        Raises:
+            CheckpointError: The step counter does not read the restored checkpoint's
+                number (the message says how to checkpoint it).
         """
         self._require("checkpoint_manager", for_method="restore_checkpoint")
         assert self.checkpoint_manager is not None
@@ -462,6 +472,8 @@ class Controller:
                 checkpoint_path = self.checkpoint_manager.restore_or_initialize()
         if checkpoint_path is not None:
             _log.info("restored model from %s.", checkpoint_path)
+            if self.trainer is not None:
+                check_restored_step(self.checkpoint_manager, checkpoint_path)
         return checkpoint_path
 
     def save_checkpoint(self) -> None:
@@ -513,7 +525,7 @@ class Controller:
             checkpoint = self._maybe_save_checkpoint(check_interval=False)
             manager.sync()  # the process may exit right after: the save must be on disk
             latest = manager.latest_checkpoint
-            if checkpoint is None and latest is not None and os.path.basename(latest) == str(step):
+            if checkpoint is None and latest is not None and checkpoint_number(latest) == step:
                 checkpoint = latest  # saved at this step already (interval or completion)
         preemption.acknowledge()  # a signal while closing down still exits at once
         raise preemption.Preempted(step, signal_number, checkpoint)
@@ -563,7 +575,7 @@ class Controller:
         _recording.clear()  # what steps recorded before belongs to no loop
         # Time the inner loop alone: checkpoints and summaries are not training speed.
         self.step_timer.start(current_step)
-        raw_output = self.trainer.train(num_steps)
+        raw_output = self._run_trainer(num_steps)
         _nest.check_output(raw_output, "trainer.train")
         new_step = read_int(self.global_step)
         steps_per_second = self.step_timer.steps_per_second(current_step=new_step)
@@ -601,6 +613,16 @@ class Controller:
             # An action may move the step (a restore, say): the loop goes on from there.
             new_step = read_int(self.global_step)
         return new_step
+
+    def _run_trainer(self, num_steps: int) -> Output | None:
+        """One inner loop: `trainer.train(num_steps)` (a subclass may wrap the call)."""
+        assert self.trainer is not None
+        return self.trainer.train(num_steps)
+
+    def _run_evaluator(self, steps: int) -> Output | None:
+        """One evaluation: `evaluator.evaluate(steps)` (a subclass may wrap the call)."""
+        assert self.evaluator is not None
+        return self.evaluator.evaluate(steps)
 
     def _summary_due(self, old_step: int, new_step: int) -> bool:
         interval = self.summary_interval
@@ -681,8 +703,7 @@ def _null() -> Any:
 
 def _latest_step(manager: CheckpointManagerLike) -> int | None:
     latest = manager.latest_checkpoint
-    name = os.path.basename(os.fspath(latest)) if latest is not None else ""
-    return int(name) if name.isdigit() else None
+    return None if latest is None else checkpoint_number(latest)
 
 
 def _check_recorded(recorded: Mapping[str, Any], output: Output, where: str) -> Mapping[str, Any]:

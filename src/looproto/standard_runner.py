@@ -305,18 +305,25 @@ class StandardTrainer(AbstractTrainer, metaclass=abc.ABCMeta):
         if table:
             metrics.reset(table, "train_metrics")
         self.train_loop_begin()
-        if self._train_loop_fn is None:
-            self._train_loop_fn = self.create_train_loop_fn()
-        if self._train_iter is None and self._train_dataset is not None:
-            self._train_iter = make_iterator(self._train_dataset)
-        _, steps_run = self._train_loop_fn(self._train_iter, num_steps)
-        if num_steps != -1 and steps_run < num_steps:
-            _log.info("train: the data ended after %d of %d steps.", steps_run, num_steps)
+        self._run_train_loop(num_steps)
         output = self.train_loop_end()
         if table:
             output = _with_results(output, table, "train_metrics")
         _nest.check_output(output, "train_loop_end")
         return output
+
+    def _run_train_loop(self, num_steps: int, loop: Loop | None = None) -> int:
+        """Runs `num_steps` steps with `loop` (default the trainer's); returns the steps run."""
+        if loop is None:
+            if self._train_loop_fn is None:
+                self._train_loop_fn = self.create_train_loop_fn()
+            loop = self._train_loop_fn
+        if self._train_iter is None and self._train_dataset is not None:
+            self._train_iter = make_iterator(self._train_dataset)
+        _, steps_run = loop(self._train_iter, num_steps)
+        if num_steps != -1 and steps_run < num_steps:
+            _log.info("train: the data ended after %d of %d steps.", steps_run, num_steps)
+        return int(steps_run)
 
     def train_loop_begin(self) -> None:
         """Called before each inner loop (e.g. reset metrics). Does nothing by default."""
@@ -411,7 +418,15 @@ class StandardEvaluator(AbstractEvaluator, metaclass=abc.ABCMeta):
         table = _metric_table(self, "eval_metrics")
         if table:
             metrics.reset(table, "eval_metrics")
-        state = self.eval_begin()
+        state = self._run_eval_loop(num_steps, self.eval_begin())
+        output = self.eval_end() if state is None else self.eval_end(state)
+        if table:
+            output = _with_results(output, table, "eval_metrics")
+        _nest.check_output(output, "eval_end")
+        return output
+
+    def _run_eval_loop(self, num_steps: int, state: Any) -> Any:
+        """Runs `num_steps` steps from the reduce state `state`; returns the final state."""
         if self._eval_loop_fn is None:
             self._eval_loop_fn = self.create_eval_loop_fn()
         if self._eval_iter is None:
@@ -424,11 +439,7 @@ class StandardEvaluator(AbstractEvaluator, metaclass=abc.ABCMeta):
         state, _ = self._eval_loop_fn(
             iterator, num_steps, state, self.eval_reduce if reduces else None
         )
-        output = self.eval_end() if state is None else self.eval_end(state)
-        if table:
-            output = _with_results(output, table, "eval_metrics")
-        _nest.check_output(output, "eval_end")
-        return output
+        return state
 
     def eval_begin(self) -> Any:
         """Called before each evaluation; its return is the initial reduce state."""

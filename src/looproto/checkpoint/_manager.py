@@ -202,6 +202,11 @@ class CheckpointManager:
         return self._checkpoint_interval
 
     @property
+    def step_counter(self) -> Any:
+        """The step counter checkpoints are numbered by, or None."""
+        return self._step_counter
+
+    @property
     def max_to_keep(self) -> int | None:
         """How many checkpoints are kept; None keeps all."""
         return self._max_to_keep
@@ -279,8 +284,8 @@ class CheckpointManager:
                 checkpoint and ranked by `best_fn`.
 
         Raises:
-            CheckpointError: The manager is closed, a value cannot be stored, or an
-                earlier asynchronous save failed.
+            CheckpointError: The manager is closed, the root holds nothing to save, a
+                value cannot be stored, or an earlier asynchronous save failed.
             ConfigError: `best_fn` cannot score `metrics`.
         """
         if self._closed:
@@ -330,6 +335,13 @@ class CheckpointManager:
             )
             return None
         arrays, meta = self._collect(step)
+        if not arrays and not meta["objects"]:
+            raise CheckpointError(
+                f"Not saving checkpoint {step} to {self._directory}: the root "
+                f"{value_repr(self._checkpoint)} holds no variable or state that looproto "
+                "finds, so the checkpoint would restore nothing. Pass the module (or a "
+                "mapping of the objects) whose variables should be saved."
+            )
         if metrics is not None:
             if not isinstance(metrics, Mapping):
                 raise ConfigError(

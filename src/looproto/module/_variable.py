@@ -115,6 +115,11 @@ class Variable:
     of another shape or dtype raises `ShapeError` instead of silently changing the
     model. Python numbers are cast to the variable's dtype when that is safe.
 
+    Compared with a number or an array, a variable compares its value elementwise, as a
+    `tf.Variable` does (`create_global_step() == 0` is a true NumPy bool); compared with
+    another `Variable`, `==` is identity, and a variable hashes by identity, so lists,
+    sets and dicts of variables work for variables of any shape.
+
     Example:
         >>> w = Variable(np.zeros((2, 3), np.float32), name="w")
         >>> w.name, w.shape, w.dtype
@@ -265,6 +270,38 @@ class Variable:
         # the variable's own buffer.
         return array.copy() if copy else array
 
+    # Comparisons. Against a number or an array, elementwise on the value, as
+    # `tf.Variable`'s are (`create_global_step() == 0` is a true NumPy bool; inside a
+    # compiled loop the backend's tensor compares). Against another `Variable`, `==`
+    # and `!=` are identity: containers, `in`, `list.index`, weak-key dicts and
+    # discovery's bookkeeping keep working for variables of any shape (an elementwise
+    # answer there has no single truth value). `tf.Variable` answers elementwise and
+    # is unhashable; a `Variable` hashes by identity, which agrees with this `==`.
+
+    def __eq__(self, other: object) -> Any:
+        if isinstance(other, Variable):
+            return self is other
+        return self._value == other
+
+    def __ne__(self, other: object) -> Any:
+        if isinstance(other, Variable):
+            return self is not other
+        return self._value != other
+
+    __hash__ = object.__hash__
+
+    def __lt__(self, other: Any) -> Any:
+        return self._value < _unwrap(other)
+
+    def __le__(self, other: Any) -> Any:
+        return self._value <= _unwrap(other)
+
+    def __gt__(self, other: Any) -> Any:
+        return self._value > _unwrap(other)
+
+    def __ge__(self, other: Any) -> Any:
+        return self._value >= _unwrap(other)
+
     def __int__(self) -> int:
         return int(np.asarray(self._value))
 
@@ -279,6 +316,10 @@ class Variable:
             f"<looproto.Variable {self._name!r} shape={self.shape} dtype={self.dtype} "
             f"trainable={self._trainable} value={value_repr(self._value, 60)}>"
         )
+
+
+def _unwrap(value: Any) -> Any:
+    return value._value if isinstance(value, Variable) else value
 
 
 def create_global_step() -> Variable:

@@ -80,6 +80,8 @@ Backend options (`StandardTrainerOptions(backend_options={...})`):
 #   _gradients.py    `value_and_grad` and `grad` over a module's variables
 #   _array_api.py    `array_namespace`, the Python array API on TensorFlow tensors
 #   _checkpoints.py  `tf.data` iterator positions in checkpoints
+#   _tf_checkpoints.py TensorFlow's own checkpoints: `tf.train.CheckpointManager` behind
+#                    the Controller's manager protocol, `tf.train.Checkpoint` roots
 #   _distributed.py  `MultiWorkerMirroredStrategy`: the engine and `distribute_dataset`
 #   _launch.py       `TF_CONFIG`: where a worker sits (framework-free)
 # This file imports no TensorFlow: it registers the backend, and each public name below
@@ -116,12 +118,16 @@ if TYPE_CHECKING:
     from looproto.backends.tensorflow._side_effects import (
         TraceSideEffectWarning as TraceSideEffectWarning,
     )
+    from looproto.backends.tensorflow._tf_checkpoints import (
+        TfCheckpointManager as TfCheckpointManager,
+    )
 
 __all__ = [
     "BACKEND",
     "TensorflowBackend",
     "TensorflowEngine",
     "TensorflowLoop",
+    "TfCheckpointManager",
     "TfDataIteratorState",
     "TraceSideEffectWarning",
     "array_namespace",
@@ -140,6 +146,7 @@ __getattr__, __dir__ = lazy_exports(
         "TensorflowBackend": "_backend",
         "TensorflowEngine": "_distributed",
         "TensorflowLoop": "_loop",
+        "TfCheckpointManager": "_tf_checkpoints",
         "TfDataIteratorState": "_checkpoints",
         "TraceSideEffectWarning": "_side_effects",
         "array_namespace": "_array_api",

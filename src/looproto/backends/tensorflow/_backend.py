@@ -30,6 +30,7 @@ from looproto.backends.tensorflow._research import (
     hyperparameters,
     metric_adapter,
 )
+from looproto.backends.tensorflow._tf_checkpoints import checkpoint_paths
 from looproto.backends.tensorflow._variables import (
     is_keras_variable,
     keras_module,
@@ -58,16 +59,20 @@ class TensorflowBackend:
         return bool(getattr(obj, "trainable", False))
 
     def expand(self, obj: Any) -> Iterable[tuple[tuple[Any, ...], Any]] | None:
-        """See base class: the variables of a `tf.Module`, Keras layer or Keras optimizer.
+        """See base class: the variables of a `tf.Module`, Keras layer or Keras optimizer,
+        or `tf.train.Checkpoint`.
 
         `tf.Module` paths are its attribute paths (`("layers", 0, "w")`); Keras
         paths are the variables' `path` without the owner's own name
-        (`("dense", "kernel")`).
+        (`("dense", "kernel")`); a `tf.train.Checkpoint`'s start with the names it was
+        given (`("model", "dense", "kernel")`).
         """
         if isinstance(obj, (tf.Variable, tf.Tensor)):
             return None
         if isinstance(obj, tf.Module):
             return list(obj._flatten(predicate=self.is_variable, with_path=True))
+        if isinstance(obj, tf.train.Checkpoint):
+            return checkpoint_paths(obj, self.expand, self.is_variable)
         keras = keras_module()
         if keras is not None:
             if isinstance(obj, keras.layers.Layer):
