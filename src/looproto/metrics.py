@@ -28,9 +28,10 @@ processes its own way.
 
 Over several processes: a metric's state is summed (or min'd, max'd, averaged, as
 each state says) over the processes when its values are per-process, as under
-torch's DistributedDataParallel and TensorFlow's strategies; under JAX's global mesh
-every process already computes the global value, and nothing is merged. `sync`
-overrides this per metric.
+torch's DistributedDataParallel; under JAX's global mesh every process already
+computes the global value, and nothing is merged. `sync` overrides this per metric.
+(Under a multi-replica TensorFlow strategy looproto's Variables are not lifted into
+the replicas' steps: use Keras metrics or `tf.Variable`s with an `aggregation` there.)
 """
 
 from __future__ import annotations
