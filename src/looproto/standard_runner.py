@@ -16,6 +16,12 @@ TensorFlow, one `jax.jit(lax.scan)` call on JAX, `torch.compile` on PyTorch.
     <for each step: state = eval_reduce(state, eval_step(iterator))>
     return eval_end(state)      # eval_end() when state is None
 
+Metrics: a trainer's `train_metrics` and an evaluator's `eval_metrics` (mappings of
+names to `looproto.metrics` metrics, or torchmetrics/Keras/Flax NNX ones; or lists of
+metrics with names, as TensorFlow Models' trainers keep) are reset before each inner
+loop or evaluation, and their results are added to its output (under their names; a
+key the hook returns itself wins).
+
 Which backend: `options.backend`, else the `LOOPROTO_BACKEND` environment
 variable, else the framework of the module's variables, else NumPy.
 """
@@ -28,7 +34,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from looproto import _nest, backends
+from looproto import _nest, backends, metrics
 from looproto.backends.base import Backend, Loop, LoopOptions
 from looproto.errors import ConfigError, value_repr
 from looproto.module import Module, Variable, backend_for_variable
@@ -178,6 +184,22 @@ def check_num_steps(num_steps: Any, method: str) -> int:
     return num_steps
 
 
+def _metric_table(runner: Any, attribute: str) -> Any:
+    """The runner's `train_metrics`/`eval_metrics` (checked by `looproto.metrics`), or None."""
+    table = getattr(runner, attribute, None)
+    return table if table else None
+
+
+def _with_results(output: Output | None, table: Mapping[str, Any], attribute: str) -> Any:
+    """`output` plus the metrics' results (a key of `output` wins)."""
+    found = metrics.results(table, attribute)
+    if output is None:
+        return found
+    if not isinstance(output, Mapping):
+        return output  # `check_output` says what is wrong with it
+    return {**found, **output}
+
+
 def resolve_backend(name: str | None, module: Any) -> Backend:
     """The backend named `name`, else `LOOPROTO_BACKEND`, else inferred from `module`."""
     import os
@@ -201,7 +223,9 @@ class StandardTrainer(AbstractTrainer, metaclass=abc.ABCMeta):
     """A trainer written as per-step hooks; the backend compiles the inner loop.
 
     Implement `train_step(iterator)`. Optionally implement `train_loop_begin()`
-    (reset metrics) and `train_loop_end()` (return the outputs of the loop).
+    (reset metrics) and `train_loop_end()` (return the outputs of the loop). Metrics
+    in a `train_metrics` mapping are reset and reported without either (see the
+    module docstring).
 
     The data iterator is created when the trainer is constructed and persists
     across `train()` calls, so training walks through the dataset rather than
@@ -277,9 +301,14 @@ class StandardTrainer(AbstractTrainer, metaclass=abc.ABCMeta):
             What `train_loop_end` returns.
         """
         num_steps = check_num_steps(num_steps, "train")
+        table = _metric_table(self, "train_metrics")
+        if table:
+            metrics.reset(table, "train_metrics")
         self.train_loop_begin()
         self._run_train_loop(num_steps)
         output = self.train_loop_end()
+        if table:
+            output = _with_results(output, table, "train_metrics")
         _nest.check_output(output, "train_loop_end")
         return output
 
@@ -328,6 +357,7 @@ class StandardEvaluator(AbstractEvaluator, metaclass=abc.ABCMeta):
     Implement `eval_step(iterator)`. Optionally `eval_begin()` (reset metrics, or
     return an initial reduce state), `eval_reduce(state, step_outputs)` (fold one
     step's outputs into the state) and `eval_end(state)` (return the outputs).
+    Metrics in an `eval_metrics` mapping are reset and reported without them.
 
     By default each `evaluate()` starts from the beginning of `eval_dataset`; with
     `recreate_iterator_for_each_eval=False` it continues where the last one stopped.
@@ -385,8 +415,13 @@ class StandardEvaluator(AbstractEvaluator, metaclass=abc.ABCMeta):
             What `eval_end` returns.
         """
         num_steps = check_num_steps(num_steps, "evaluate")
+        table = _metric_table(self, "eval_metrics")
+        if table:
+            metrics.reset(table, "eval_metrics")
         state = self._run_eval_loop(num_steps, self.eval_begin())
         output = self.eval_end() if state is None else self.eval_end(state)
+        if table:
+            output = _with_results(output, table, "eval_metrics")
         _nest.check_output(output, "eval_end")
         return output
 

@@ -50,6 +50,8 @@ CAPABILITIES = {
         "SupportsAssignHook",
         "SupportsDistributed",
         "SupportsGradients",
+        "SupportsHyperparameters",
+        "SupportsMetrics",
     ],
     "tensorflow": [
         "SupportsArrayAPI",
@@ -57,7 +59,9 @@ CAPABILITIES = {
         "SupportsDistributed",
         "SupportsDtypes",
         "SupportsGradients",
+        "SupportsHyperparameters",
         "SupportsIteratorState",
+        "SupportsMetrics",
     ],
     "torch": [
         "SupportsArrayAPI",
@@ -65,7 +69,9 @@ CAPABILITIES = {
         "SupportsDtypes",
         "SupportsGradients",
         "SupportsHookGate",
+        "SupportsHyperparameters",
         "SupportsIteratorState",
+        "SupportsMetrics",
         "SupportsStateJSON",
     ],
 }

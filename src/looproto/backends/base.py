@@ -27,7 +27,13 @@ What a backend may supply beyond that is a set of small protocols, each checked 
   `Engine`;
 * `SupportsAssignHook` -- `on_assign`, called before every `Variable.assign`;
 * `SupportsHookGate` -- `hooks_gated()`: while it says so, no framework hook runs;
-* `SupportsDtypes` -- `numpy_dtype(dtype)` for its framework's dtypes.
+* `SupportsDtypes` -- `numpy_dtype(dtype)` for its framework's dtypes;
+* `SupportsMetrics` -- `metric_adapter(obj)`: its framework's metric objects
+  (torchmetrics, Keras, Flax NNX metrics) reset and read by `looproto.metrics`;
+* `SupportsHyperparameters` -- `hyperparameters(obj)`: what one of its framework's
+  optimizers applies next (learning rate, momentum, ...), for
+  `looproto.actions.LearningRateMonitor`;
+* `SupportsGlobalValues` -- on an `Engine`: its processes' steps compute global values.
 
 What `expand` yields may include, besides variables, objects following the
 iterator-state protocol (`IteratorState`: the JSON part of an object's state, such as a
@@ -59,10 +65,14 @@ __all__ = [
     "ReduceFn",
     "StepFn",
     "SupportsArrayAPI",
+    "MetricAdapter",
     "SupportsDistributed",
     "SupportsDtypes",
+    "SupportsGlobalValues",
     "SupportsGradients",
+    "SupportsHyperparameters",
     "SupportsIteratorState",
+    "SupportsMetrics",
     "SupportsStateJSON",
     "Unsaveable",
     "WorkerEnvironment",
@@ -293,6 +303,44 @@ class SupportsDtypes(Protocol):
         ...
 
 
+@runtime_checkable
+class MetricAdapter(Protocol):
+    """A framework's metric object as `looproto.metrics` sees it."""
+
+    def reset(self) -> None:
+        """Clears the metric's state (before an inner loop or an evaluation)."""
+        ...
+
+    def result(self) -> Any:
+        """The result so far (an array, or a mapping of them for a collection),
+        already merged over processes the framework's own way."""
+        ...
+
+
+@runtime_checkable
+class SupportsMetrics(Protocol):
+    """A backend that knows its framework's metric objects (torchmetrics, Keras, ...)."""
+
+    def metric_adapter(self, obj: Any) -> MetricAdapter | None:
+        """A `MetricAdapter` for `obj` if it is one of its framework's metrics, else None."""
+        ...
+
+
+@runtime_checkable
+class SupportsHyperparameters(Protocol):
+    """A backend that reads its framework's optimizers' hyper-parameters."""
+
+    def hyperparameters(self, obj: Any) -> dict[str, float] | None:
+        """What optimizer `obj` applies at its next update, by name, else None.
+
+        Names are the same on every backend: `learning_rate`, `weight_decay`,
+        `momentum`, `beta_1`, `beta_2`; an optimizer with several parameter groups
+        adds `/group_<i>` to the names of all but the first group's (e.g.
+        `learning_rate/group_1`). A learning-rate scheduler stands for its optimizer.
+        """
+        ...
+
+
 # ----------------------------------------------------------------------------
 # Multi-process
 
@@ -378,6 +426,20 @@ class Engine(Protocol):
 
     def shutdown(self) -> None:
         """Leaves the process group (a clean exit; every process calls it)."""
+        ...
+
+
+@runtime_checkable
+class SupportsGlobalValues(Protocol):
+    """An `Engine` whose compiled steps compute global values on every process.
+
+    JAX's global mesh: a loss over a batch sharded across processes is the whole
+    batch's, the same on each. Without it (torch's DistributedDataParallel), each
+    process's values are its own slice's, and metrics are merged over processes.
+    """
+
+    def values_are_global(self) -> bool:
+        """True: a step's values are the same, global ones on every process."""
         ...
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -18,6 +18,7 @@ import numpy as np
 
 from looproto import distributed
 from looproto._validate import positive_int
+from looproto.checkpoint._best import BestFn, check_best, metrics_json, read_metrics, score, select
 from looproto.checkpoint._exit import PENDING, wait_at_exit
 from looproto.checkpoint._files import (
     META_ITEM,
@@ -43,6 +44,7 @@ from looproto.checkpoint._state import (
     check_arrays,
     check_matches,
     collect,
+    json_crc32,
     parse_meta,
     write_all,
 )
@@ -55,7 +57,7 @@ _log = logging.getLogger("looproto")
 
 
 class CheckpointManager:
-    """Saves and restores a root object's variables and state; keeps the newest N.
+    """Saves and restores a root object's variables and state; keeps the newest N (and best k).
 
     The surface of `tf.train.CheckpointManager`, with orbax-checkpoint underneath.
     Checkpoints live at `<directory>/<step>/`.
@@ -88,13 +90,22 @@ class CheckpointManager:
             may lack: restores keep their live values instead of refusing. For
             checkpoints written before looproto (or your code) captured that state;
             the resumed run is then not exact for it. Default: none.
+        best_fn: Which checkpoints are best: an evaluation output key (`"eval_loss"`,
+            `"metrics/mae"` for a nested one) or a callable of the metrics a checkpoint
+            was saved with (`save(metrics=...)`; the `Controller` passes each
+            evaluation's output and saves every evaluated step) returning a number.
+        best_mode: `"max"` (higher is better) or `"min"`.
+        keep_best: Besides the newest `max_to_keep`, keep the `keep_best` best
+            checkpoints by `best_fn` (default 1 with a `best_fn`). Checkpoints saved
+            without metrics (or whose score is not finite) are kept by age alone.
 
     Raises:
         ConfigError: An argument has the wrong type or value: `max_to_keep` or
             `checkpoint_interval` not a positive int (or None), `checkpoint_interval`
             without `step_counter`, a `step_counter` that is not an integer, a
             non-callable `init_fn`, a non-bool `enable_async`, or a `directory`
-            that is not a path.
+            that is not a path, or a `best_fn`/`best_mode`/`keep_best` that is invalid
+            (`keep_best` without `best_fn`).
     """
 
     def __init__(
@@ -108,9 +119,16 @@ class CheckpointManager:
         init_fn: Callable[[], None] | None = None,
         enable_async: bool = False,
         allow_missing: Sequence[str] = (),
+        best_fn: str | BestFn | None = None,
+        best_mode: str = "max",
+        keep_best: int | None = None,
     ) -> None:
         path = _check_directory(directory)
         self._allow_missing = check_allow_missing(allow_missing)
+        self._keep_best = check_best(best_fn, best_mode, keep_best)
+        self._best_fn = best_fn
+        self._best_mode = best_mode
+        self._scores: dict[int, float | None] = {}  # by step, read from disk once
         positive_int(max_to_keep, "max_to_keep", allow_none=True, hint=" (keep all)")
         if checkpoint_interval is not None:
             positive_int(checkpoint_interval, "checkpoint_interval", allow_none=True)
@@ -200,6 +218,40 @@ class CheckpointManager:
         return self._max_to_keep
 
     @property
+    def best_fn(self) -> str | BestFn | None:
+        """What ranks checkpoints (None: they are kept by age alone)."""
+        return self._best_fn
+
+    @property
+    def keep_best(self) -> int | None:
+        """How many of the best checkpoints are kept besides the newest (None: no ranking)."""
+        return self._keep_best
+
+    @property
+    def best_checkpoint(self) -> str | None:
+        """Path of the best committed checkpoint by `best_fn`, or None (none scored).
+
+        Example:
+            >>> import tempfile
+            >>> from looproto.module import Variable
+            >>> w = Variable(np.zeros(2, np.float32))
+            >>> manager = CheckpointManager(
+            ...     tempfile.mkdtemp(), w, best_fn="eval_loss", best_mode="min", max_to_keep=1)
+            >>> for step, loss in [(1, 0.5), (2, 0.2), (3, 0.9)]:
+            ...     _ = manager.save(step, metrics={"eval_loss": loss})
+            >>> [os.path.basename(p) for p in manager.checkpoints]  # the best and the newest
+            ['2', '3']
+            >>> os.path.basename(manager.best_checkpoint)
+            '2'
+            >>> manager.close()
+        """
+        if self._best_fn is None:
+            return None
+        newest_first = list(reversed(committed_steps(self._directory)))
+        best = select(newest_first, self._scores_of(newest_first), 1, self._best_mode)
+        return self._path(best[0]) if best else None
+
+    @property
     def checkpoints(self) -> list[str]:
         """Paths of the committed checkpoints on disk, oldest first."""
         return [self._path(step) for step in committed_steps(self._directory)]
@@ -215,7 +267,12 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save
 
-    def save(self, checkpoint_number: int | None = None, check_interval: bool = True) -> str | None:
+    def save(
+        self,
+        checkpoint_number: int | None = None,
+        check_interval: bool = True,
+        metrics: Any = None,
+    ) -> str | None:
         """Saves a checkpoint unless the interval says not to; returns its path or None.
 
         `tf.train.CheckpointManager.save`'s rules: with a `checkpoint_interval`, a
@@ -229,10 +286,13 @@ class CheckpointManager:
                 `int(step_counter)`, or the newest step on disk + 1 without one.
             check_interval: False saves even if less than `checkpoint_interval` steps
                 passed (still never twice at the same step).
+            metrics: An evaluation's output (a nested mapping of numbers) saved with the
+                checkpoint and ranked by `best_fn`.
 
         Raises:
             CheckpointError: The manager is closed, the root holds nothing to save, a
                 value cannot be stored, or an earlier asynchronous save failed.
+            ConfigError: `best_fn` cannot score `metrics`.
         """
         if self._closed:
             raise CheckpointError(
@@ -288,6 +348,16 @@ class CheckpointManager:
                 "finds, so the checkpoint would restore nothing. Pass the module (or a "
                 "mapping of the objects) whose variables should be saved."
             )
+        if metrics is not None:
+            if not isinstance(metrics, Mapping):
+                raise ConfigError(
+                    f"`metrics` must be a mapping (an evaluation's output); received "
+                    f"{value_repr(metrics)}."
+                )
+            meta["metrics"] = metrics_json(metrics)
+            meta["crc32"] = json_crc32(meta)
+            if self._best_fn is not None:  # a key that is not there fails here, not later
+                self._scores[step] = score(self._best_fn, meta["metrics"], self._path(step))
         ocp = self._ocp
         items: dict[str, Any] = {META_ITEM: ocp.args.JsonSave(meta)}
         if arrays:
@@ -351,10 +421,13 @@ class CheckpointManager:
 
         Only checkpoints that pass `_looks_complete` count; if fewer than
         `max_to_keep` do, nothing is deleted, so the last good checkpoint survives a
-        save that came out damaged.
+        save that came out damaged. With `keep_best`, the best good ones are kept too.
         """
         if self._max_to_keep is None or not distributed.is_chief():
             return  # In a multi-process run the chief alone deletes (plain file operations).
+        if self._keep_best is not None:
+            self._prune_keeping_best()
+            return
         steps = committed_steps(self._directory)
         good: list[int] = []
         for step in reversed(steps):
@@ -377,6 +450,38 @@ class CheckpointManager:
             self._verified.discard(step)
         if doomed:
             self._manager.reload()
+
+    def _prune_keeping_best(self) -> None:
+        """`_prune` when the `keep_best` best good checkpoints are kept besides the newest."""
+        assert self._max_to_keep is not None
+        assert self._keep_best is not None
+        steps = committed_steps(self._directory)
+        good = [step for step in reversed(steps) if self._looks_complete(step)]
+        newest = good[: self._max_to_keep]
+        if len(newest) < self._max_to_keep:
+            return
+        best = select(good, self._scores_of(good), self._keep_best, self._best_mode)
+        keep = {*newest, *best}
+        doomed = [step for step in steps if step not in keep and step < newest[-1]]
+        for step in doomed:
+            delete_step(self._directory, step)
+            self._verified.discard(step)
+            self._scores.pop(step, None)
+        if doomed:
+            self._manager.reload()
+
+    def _scores_of(self, steps: list[int]) -> dict[int, float | None]:
+        """`best_fn`'s score of each step (read from its JSON item once)."""
+        assert self._best_fn is not None
+        for step in steps:
+            if step not in self._scores:
+                metrics = read_metrics(self._path(step))
+                try:
+                    value = None if metrics is None else score(self._best_fn, metrics, "")
+                except ConfigError:  # an older checkpoint without that key: kept by age
+                    value = None
+                self._scores[step] = value
+        return {step: self._scores[step] for step in steps}
 
     def _looks_complete(self, step: int) -> bool:
         """Cheap check of a committed step: JSON item valid, array index lists every path.
@@ -544,6 +649,7 @@ class CheckpointManager:
             except CorruptCheckpointError as err:
                 moved = quarantine(self._directory, step)
                 self._verified.discard(step)
+                self._scores.pop(step, None)
                 self._manager.reload()
                 _log.warning(
                     "Skipping corrupted checkpoint %d in %s and trying the previous one%s: %s",
@@ -562,9 +668,10 @@ class CheckpointManager:
         return None
 
     def __repr__(self) -> str:
+        best = "" if self._best_fn is None else f", keep_best={self._keep_best}"
         return (
             f"CheckpointManager(directory={self._directory!r}, max_to_keep={self._max_to_keep}, "
-            f"checkpoint_interval={self._checkpoint_interval})"
+            f"checkpoint_interval={self._checkpoint_interval}{best})"
         )
 
 

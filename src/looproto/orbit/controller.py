@@ -228,14 +228,16 @@ class Controller(_core.Controller):
         # Orbit writes the loop's output after every inner loop.
         return True
 
-    def _maybe_save_checkpoint(self, check_interval: bool = True) -> str | None:
+    def _maybe_save_checkpoint(
+        self, check_interval: bool = True, metrics: Any = None
+    ) -> str | None:
         manager = self.checkpoint_manager
         if manager is None:
             return None
         if not manager.checkpoint_interval and not preemption.requested():
             # Orbit saves only with a `checkpoint_interval`; a stop request saves anyway.
             return None
-        return super()._maybe_save_checkpoint(check_interval)
+        return super()._maybe_save_checkpoint(check_interval, metrics)
 
 
 def _default_writer(manager: Any) -> Any:

@@ -90,7 +90,7 @@ __getattr__, __dir__ = lazy_exports(
 backends.register(
     "jax",
     "looproto.backends.jax._backend:BACKEND",
-    packages=("jax", "jaxlib", "flax", "keras"),
+    packages=("jax", "jaxlib", "flax", "optax", "keras"),
     install="looproto[jax]",
     launcher=LAUNCHER,
 )

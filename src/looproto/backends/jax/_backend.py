@@ -34,6 +34,7 @@ from looproto.backends.jax._nnx import (
     nnx_set,
 )
 from looproto.backends.jax._options import parse_backend_options
+from looproto.backends.jax._research import NnxMetricAdapter, hyperparameters, metric_adapter
 from looproto.errors import ProtocolError, ShapeError, value_repr
 from looproto.module import Module, Variable
 
@@ -169,6 +170,14 @@ class JaxBackend:
     def initialize_distributed(self, timeout: float = distributed.DEFAULT_TIMEOUT) -> JaxEngine:
         """See `looproto.backends.jax.initialize_distributed`."""
         return initialize_distributed(timeout)
+
+    def hyperparameters(self, obj: Any) -> dict[str, float] | None:
+        """See base class: an optax state of `optax.inject_hyperparams`."""
+        return hyperparameters(obj)
+
+    def metric_adapter(self, obj: Any) -> NnxMetricAdapter | None:
+        """See base class: Flax NNX metrics."""
+        return metric_adapter(obj)
 
     def on_assign(self, variable: Any, value: Any) -> None:
         """See `looproto.backends.SupportsAssignHook`: refuses tracers outside a trace."""

@@ -7,6 +7,11 @@ created or stored, no tracer stored on an attribute, array outputs only) and the
 host-side moves of state and batches onto a mesh. Batch stacking is in `_batches.py`,
 NNX objects in `_nnx_lift.py`, the stale-read checks in `_stale.py`; options are
 parsed in `_options.py`.
+
+Summaries a step records (`looproto.summary.scalar`/`histogram`) ride in the scan's
+carry, one slot per name, so only the last step's values leave the device. Which
+slots a step needs is learnt from its first trace: a trace that records names the
+carry lacks stops before anything runs, and the call is compiled again with them.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from looproto import distributed
+from looproto import _recording, distributed
 from looproto.backends._common import is_iterator_container
 from looproto.backends.base import ReduceFn, StepFn
 from looproto.backends.jax._batches import iter_spec, pull, segments, step_iterators
@@ -80,6 +85,31 @@ def _mesh_processes(mesh: Mesh | None) -> int:
     return len({device.process_index for device in mesh.devices.flat})
 
 
+class _StepRecorder:
+    """What one traced step records with `looproto.summary`: name -> (kind, array)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, tuple[str, Any]] = {}
+
+    def record(self, kind: str, name: str, value: Any) -> None:
+        self.values[name] = (kind, jnp.asarray(value))
+
+
+_SlotSpec = dict[str, tuple[str, tuple[int, ...], Any]]  # name -> (kind, shape, dtype)
+
+
+class _NewSummaries(Exception):  # noqa: N818 (a signal between the trace and the loop)
+    """Raised while tracing: the step records summaries the scan's carry has no slot for."""
+
+    def __init__(self, spec: _SlotSpec) -> None:
+        super().__init__(sorted(spec))
+        self.spec = spec
+
+
+def _spec_of(recorded: dict[str, tuple[str, Any]]) -> _SlotSpec:
+    return {name: (kind, tuple(a.shape), a.dtype) for name, (kind, a) in recorded.items()}
+
+
 class JaxLoop:
     """The loop `JaxBackend.make_loop` returns. See the module docstring."""
 
@@ -108,6 +138,9 @@ class JaxLoop:
         self._device_data: tuple[Any, Any] | None = None  # (source, device copy)
         self._twin: tuple[Any, Any] | None = None  # (dataset config, index dataset)
         self.trace_count = 0
+        # The summary slots of the scan's carry, by compiled loop and batch shapes.
+        self._slot_specs: dict[Any, _SlotSpec] = {}
+        self._kinds: dict[str, str] = {}  # the kind of each name a one-step call records
         """How many times `step_fn` was traced (a new batch shape, dtype or `num_steps`)."""
         self._replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
         self._processes = _mesh_processes(mesh)
@@ -122,8 +155,12 @@ class JaxLoop:
         values: list[Any],
         batch: Any,
         data: Any,
-    ) -> tuple[list[Any], Any]:
-        """Runs `step_fn` once with `variables` (then `nnx`'s) bound to `values`; pure."""
+    ) -> tuple[list[Any], Any, dict[str, tuple[str, Any]]]:
+        """Runs `step_fn` once with `variables` (then `nnx`'s) bound to `values`; pure.
+
+        Returns the new values, the step's outputs and what it recorded with
+        `looproto.summary`.
+        """
         self.trace_count += 1  # Runs at trace time only: once per compilation.
         if data is not None:  # "device": `batch` holds indices into `data`.
             batch = jax.tree.map(lambda d: d[batch], data)
@@ -131,8 +168,10 @@ class JaxLoop:
         n = len(variables)
         known = {id(v) for v in variables} | {id(r) for r in (nnx.roots if nnx else ())}
         carried = nnx.describe(self._module) if nnx is not None else {}
+        recorder = _StepRecorder()
         with contextlib.ExitStack() as bindings:
             bindings.enter_context(bound_to(variables, values[:n]))
+            bindings.enter_context(_recording.recording(recorder))
             if nnx is not None:
                 copies = bindings.enter_context(
                     nnx.bound(self._module, values[n:], self._step_name)
@@ -171,9 +210,15 @@ class JaxLoop:
         self._check_module(known)
         _check_outputs(outputs, self._step_name)
         new_values = [_strong(new, old) for new, old in zip(new_values, values)]
+        recorded = recorder.values
         if self._replicated is not None:
             new_values = [lax.with_sharding_constraint(x, self._replicated) for x in new_values]
-        return new_values, outputs
+            # One copy per process: the chief writes it without gathering shards.
+            recorded = {
+                name: (kind, lax.with_sharding_constraint(a, self._replicated))
+                for name, (kind, a) in recorded.items()
+            }
+        return new_values, outputs, recorded
 
     def _check_module(self, known: set[int]) -> None:
         """At trace time: no Variable or NNX object created in the step, no tracer on an
@@ -214,19 +259,33 @@ class JaxLoop:
     ) -> tuple[Any, Any]:
         donate = (0,) if self._donate else ()
 
-        def scan_loop(values: list[Any], xs: Any, data: Any, length: int) -> list[Any]:
-            def body(carry: list[Any], x: Any) -> tuple[list[Any], None]:
-                new, _ = self._traced_step(variables, nnx, spec, carry, x, data)
-                return new, None
+        def scan_loop(
+            values: list[Any], slots: dict[str, Any], xs: Any, data: Any, length: int
+        ) -> tuple[list[Any], dict[str, Any]]:
+            def body(
+                carry: tuple[list[Any], dict[str, Any]], x: Any
+            ) -> tuple[tuple[list[Any], dict[str, Any]], None]:
+                new, _, recorded = self._traced_step(variables, nnx, spec, carry[0], x, data)
+                found = _spec_of(recorded)
+                expected = {
+                    name: (found.get(name, ("",))[0], tuple(a.shape), a.dtype)
+                    for name, a in carry[1].items()
+                }
+                if found != expected:
+                    raise _NewSummaries(found)
+                return (new, {name: recorded[name][1] for name in carry[1]}), None
 
-            final, _ = lax.scan(body, values, xs, length=length)
-            return final
+            (final, slots), _ = lax.scan(body, (values, slots), xs, length=length)
+            return final, slots
 
-        def one_step(values: list[Any], x: Any, data: Any) -> tuple[list[Any], Any]:
-            return self._traced_step(variables, nnx, spec, values, x, data)
+        def one_step(values: list[Any], x: Any, data: Any) -> tuple[list[Any], Any, dict[str, Any]]:
+            new, outputs, recorded = self._traced_step(variables, nnx, spec, values, x, data)
+            for name, (kind, _) in recorded.items():  # at trace time: plain Python
+                self._kinds[name] = kind
+            return new, outputs, {name: a for name, (_, a) in recorded.items()}
 
         return (
-            jax.jit(scan_loop, donate_argnums=donate, static_argnums=3),
+            jax.jit(scan_loop, donate_argnums=donate, static_argnums=4),
             jax.jit(one_step, donate_argnums=donate),
         )
 
@@ -328,7 +387,7 @@ class JaxLoop:
             compiled = self._compiled[key] = self._compile(variables, nnx, spec)
         try:
             if self._scan and reduce_fn is None:
-                steps = self._run_scan(compiled[0], variables, nnx, source, num_steps, data)
+                steps = self._run_scan(compiled[0], key, variables, nnx, source, num_steps, data)
             else:
                 state, steps = self._run_steps(
                     compiled[1], variables, nnx, source, num_steps, data, state, reduce_fn
@@ -351,6 +410,7 @@ class JaxLoop:
     def _run_scan(
         self,
         jitted: Any,
+        key: Any,
         variables: list[Variable],
         nnx: NnxLift | None,
         source: Any,
@@ -358,6 +418,7 @@ class JaxLoop:
         data: Any,
     ) -> int:
         total = 0
+        recorded: dict[str, tuple[str, Any]] = {}
         while num_steps < 0 or total < num_steps:
             want = self._chunk_size if num_steps < 0 else num_steps - total
             batches = pull(source, want)
@@ -365,14 +426,31 @@ class JaxLoop:
                 break
             for length, xs in segments(batches):
                 values, narrowed = self._lift(variables, nnx)
-                new = jitted(values, self._put_batch(xs, 1), data, length)
+                xs = self._put_batch(xs, 1)
+                shapes = (key, length, tuple(np.shape(x) for x in jax.tree.leaves(xs)))
+                try:
+                    spec = self._slot_specs.get(shapes, {})
+                    new, slots = jitted(values, self._slots(spec), xs, data, length)
+                except _NewSummaries as found:
+                    # Only traced, nothing ran (nor was donated): compile with the slots.
+                    spec = self._slot_specs[shapes] = found.spec
+                    new, slots = jitted(values, self._slots(spec), xs, data, length)
                 write_back(variables, nnx, new, narrowed)
+                recorded.update({name: (spec[name][0], a) for name, a in slots.items()})
             total += len(batches)
             if len(batches) < want:
                 break
         if num_steps >= 0 and total < num_steps:
             _log.info("The data iterator is exhausted after %d steps.", total)
+        _recording.deliver(recorded)
         return total
+
+    def _slots(self, spec: _SlotSpec) -> dict[str, Any]:
+        """The carry's summary slots before a scan: zeros of each recorded shape."""
+        slots = {name: np.zeros(shape, dtype) for name, (_, shape, dtype) in spec.items()}
+        if self._replicated is not None and slots:
+            return jax.device_put(slots, self._replicated)
+        return slots
 
     def _run_steps(
         self,
@@ -386,15 +464,20 @@ class JaxLoop:
         reduce_fn: ReduceFn | None,
     ) -> tuple[Any, int]:
         steps = 0
+        recorded: dict[str, tuple[str, Any]] = {}
         while num_steps < 0 or steps < num_steps:
             pulled = pull(source, 1)
             if not pulled:
-                _log.info("The data iterator is exhausted after %d steps.", steps)
+                # The normal end of an evaluation until the data ends: not news.
+                level = logging.DEBUG if num_steps < 0 else logging.INFO
+                _log.log(level, "The data iterator is exhausted after %d steps.", steps)
                 break
             values, narrowed = self._lift(variables, nnx)
-            new, outputs = jitted(values, self._put_batch(pulled[0], 0), data)
+            new, outputs, step_recorded = jitted(values, self._put_batch(pulled[0], 0), data)
             write_back(variables, nnx, new, narrowed)
+            recorded.update({name: (self._kinds[name], a) for name, a in step_recorded.items()})
             if reduce_fn is not None:
                 state = reduce_fn(state, outputs)
             steps += 1
+        _recording.deliver(recorded)
         return state, steps

@@ -31,6 +31,11 @@ from looproto.backends.tensorflow._keras import (
 from looproto.backends.tensorflow._lifting import variable_assign_hook
 from looproto.backends.tensorflow._loop import TensorflowLoop
 from looproto.backends.tensorflow._options import check_settings
+from looproto.backends.tensorflow._research import (
+    KerasMetricAdapter,
+    hyperparameters,
+    metric_adapter,
+)
 from looproto.backends.tensorflow._tf_checkpoints import checkpoint_paths
 from looproto.backends.tensorflow._variables import (
     is_keras_variable,
@@ -169,6 +174,14 @@ class TensorflowBackend:
         catches an assignment made while TensorFlow traces a function.
         """
         return variable_assign_hook(variable, value)
+
+    def hyperparameters(self, obj: Any) -> dict[str, float] | None:
+        """See base class: a Keras optimizer's (Keras on TensorFlow)."""
+        return hyperparameters(obj)
+
+    def metric_adapter(self, obj: Any) -> KerasMetricAdapter | None:
+        """See base class: Keras metrics (Keras on TensorFlow)."""
+        return metric_adapter(obj)
 
     def numpy_dtype(self, dtype: Any) -> np.dtype[Any]:
         """See `looproto.backends.SupportsDtypes`: `tf.DType`s by `as_numpy_dtype`."""

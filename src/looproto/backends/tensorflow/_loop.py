@@ -19,7 +19,7 @@ from typing import Any, Final
 import numpy as np
 import tensorflow as tf
 
-from looproto import distributed
+from looproto import _recording, distributed
 from looproto.backends._common import run_python_loop
 from looproto.backends.base import LoopOptions, ReduceFn, StepFn
 from looproto.backends.tensorflow._batches import (
@@ -40,6 +40,7 @@ from looproto.backends.tensorflow._side_effects import (
     numeric_attributes,
 )
 from looproto.backends.tensorflow._stale import refusing_stale_reads
+from looproto.backends.tensorflow._summaries import SummarySlots
 from looproto.data import ArrayIterator
 from looproto.errors import ConfigError, LooprotoError, value_repr
 from looproto.module import Module, variables_by_path
@@ -124,6 +125,7 @@ class TensorflowLoop:
         self._data: str = settings["data"]
         self._stacked_fn = self._function(self._stacked_loop_body)
         self._stacked_calls: dict[Any, Any] = {}
+        self._summaries = SummarySlots()  # what steps record with `looproto.summary`
 
     # -- building blocks (run at trace time) ---------------------------------
 
@@ -298,9 +300,13 @@ class TensorflowLoop:
             )
         lifted = self._lift()
         try:
-            if not self._compile_step:
-                return self._eager(iterator, num_steps, state, reduce_fn)
-            return self._compiled(iterator, num_steps, state, reduce_fn)
+            with _recording.recording(self._summaries):
+                if not self._compile_step:
+                    result = self._eager(iterator, num_steps, state, reduce_fn)
+                else:
+                    result = self._compiled(iterator, num_steps, state, reduce_fn)
+            self._summaries.deliver()
+            return result
         except PEER_FAILURES as err:
             if distributed.process_count() < 2:
                 raise

@@ -37,6 +37,7 @@ from looproto.backends.torch._gradients import array_namespace, grad, value_and_
 from looproto.backends.torch._keras import keras_refusal
 from looproto.backends.torch._loop import NULL_SCOPE, TorchLoop
 from looproto.backends.torch._options import parse_backend_options
+from looproto.backends.torch._research import TorchmetricsAdapter, hyperparameters, metric_adapter
 from looproto.backends.torch._state_dicts import is_state_dict_object, state_dict_pairs
 from looproto.backends.torch._tensors import (
     fill_tensor,
@@ -215,6 +216,14 @@ class TorchBackend:
     def state_from_json(self, tag: str, payload: Any) -> Any:
         """See `looproto.backends.SupportsStateJSON`."""
         return tensor_from_json(tag, payload)
+
+    def hyperparameters(self, obj: Any) -> dict[str, float] | None:
+        """See base class: a torch optimizer's param groups (or its scheduler's optimizer's)."""
+        return hyperparameters(obj)
+
+    def metric_adapter(self, obj: Any) -> TorchmetricsAdapter | None:
+        """See base class: torchmetrics metrics and collections."""
+        return metric_adapter(obj)
 
     def numpy_dtype(self, dtype: Any) -> np.dtype[Any]:
         """See `looproto.backends.SupportsDtypes`."""
