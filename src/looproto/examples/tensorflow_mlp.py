@@ -194,6 +194,10 @@ def make_trainer(
 ) -> MLPTrainer:
     """The trainer (model, optimizer state and shuffled `tf.data` pipeline) for `seed`."""
     train = make_data(4096, seed=seed)
+    # A shuffle's order depends on TensorFlow's global seed as well as its own; setting it
+    # makes the order `seed`'s alone, whatever ran earlier in this process (a Keras
+    # `set_random_seed` call, say), so every worker and every rerun sees the same batches.
+    tf.random.set_seed(seed)
     dataset = (
         tf.data.Dataset.from_tensor_slices(train)
         .shuffle(1024, seed=seed)
