@@ -41,7 +41,7 @@ from looproto._controller_checks import (
     check_steps,
 )
 from looproto._step_timer import Formatted, StepTimer, eta
-from looproto.errors import ConfigError
+from looproto.errors import CheckpointError, ConfigError, NonFiniteError
 from looproto.module import read_int
 from looproto.runner import Evaluator, Output, Trainer
 from looproto.summary import SummaryManager
@@ -136,6 +136,8 @@ class Controller:
         eval_summary_manager: SummaryManager | None = None,
         # Preemption.
         preemption_signals: Iterable[int] | None = preemption.DEFAULT_SIGNALS,
+        # Divergence.
+        check_finite: bool = False,
     ) -> None:
         """Initialises the controller and restores the latest checkpoint.
 
@@ -163,6 +165,9 @@ class Controller:
                 raise `Preempted`) while `train()`/`train_and_evaluate()` run; None
                 or `()` leaves signals alone (`looproto.preemption.request()` still
                 stops training).
+            check_finite: After each inner loop, stop with `NonFiniteError` (naming
+                the step and the output) if a floating-point train output is NaN or
+                infinite, before any summary or checkpoint of that loop is written.
 
         Raises:
             ConfigError: An argument is invalid; the message says which and why.
@@ -180,6 +185,11 @@ class Controller:
             eval_summary_manager=eval_summary_manager,
         )
         self.preemption_signals = preemption.check_signals(preemption_signals)
+        if not isinstance(check_finite, bool):
+            raise ConfigError(
+                f"`check_finite` must be a bool; received check_finite={check_finite!r}."
+            )
+        self.check_finite = check_finite
 
         self.trainer = trainer
         self.evaluator = evaluator
@@ -320,14 +330,15 @@ class Controller:
         Trains `eval_interval` steps at a time, counted from the current global step
         (the last stretch ends at `train_steps`), and evaluates after each stretch;
         inner loops are cut short to end where a stretch does. Without
-        `eval_interval`, trains to `train_steps` and evaluates once.
+        `eval_interval`, trains to `train_steps` and evaluates once. `train_steps=-1`
+        trains until the data ends (evaluating after each stretch and at the end).
 
         Returns:
             The output of the last evaluation, or None if no training was needed.
         """
         self._require("trainer", for_method="train_and_evaluate")
         self._require("evaluator", for_method="train_and_evaluate")
-        train_steps = check_steps(train_steps, "train_steps", allow_zero=True, allow_all=False)
+        train_steps = check_steps(train_steps, "train_steps", allow_zero=True)
         # Checked now, not at the first evaluation: after a whole stretch of training,
         # or never when there is nothing to train.
         eval_steps = check_steps(eval_steps, "eval_steps", allow_zero=False)
@@ -336,18 +347,19 @@ class Controller:
                 eval_interval, "eval_interval", allow_zero=False, allow_all=False
             )
         current_step = read_int(self.global_step)
-        eval_interval = eval_interval or (train_steps - current_step)
         output = None
         with preemption.watch(self.preemption_signals), self._close_if_preempted():
             try:
-                while current_step < train_steps:
-                    interval = min(train_steps - current_step, eval_interval)
-                    target = current_step + interval
+                while train_steps == -1 or current_step < train_steps:
+                    if train_steps == -1:  # until the data ends
+                        target = -1 if eval_interval is None else current_step + eval_interval
+                    else:
+                        target = min(train_steps, current_step + (eval_interval or train_steps))
                     self.train(steps=target, checkpoint_at_completion=False)
                     output = self.evaluate(steps=eval_steps)
                     self._stop_if_preempted()  # a signal during the evaluation
                     reached = read_int(self.global_step)
-                    if reached < target:  # the training data ended
+                    if target == -1 or reached < target:  # the training data ended
                         break
                     current_step = reached
                 self._maybe_save_checkpoint(check_interval=False)
@@ -382,7 +394,15 @@ class Controller:
         for checkpoint_path in checkpoints_iterator(
             self.checkpoint_manager.directory, timeout=timeout, timeout_fn=timeout_fn
         ):
-            self.restore_checkpoint(checkpoint_path)
+            try:
+                self.restore_checkpoint(checkpoint_path)
+            except CheckpointError:
+                if os.path.isdir(checkpoint_path):
+                    raise
+                # The trainer's retention deleted it before or while it was read: the
+                # newer checkpoint that replaced it comes next.
+                _log.info("skipped %s: deleted by its owner before it was read.", checkpoint_path)
+                continue
             output = self.evaluate(steps)
         return output
 
@@ -472,6 +492,8 @@ class Controller:
         for action in self.train_actions:
             action(raw_output)
         output: dict[str, Any] = dict(_nest.map_output(_nest.to_numpy_leaf, raw_output))
+        if self.check_finite:
+            self._refuse_non_finite(output, current_step, new_step)
         target = self._train_target
         _log.info(
             "train | step: %6d | steps/sec: %6.1f | ETA %s | output: %s",
@@ -488,6 +510,31 @@ class Controller:
             # An action may move the step (a restore, say): the loop goes on from there.
             new_step = read_int(self.global_step)
         return new_step
+
+    def _refuse_non_finite(self, output: Output, old_step: int, new_step: int) -> None:
+        """Raises `NonFiniteError` if a floating-point output leaf is NaN or infinite."""
+        for path, leaf in _nest.flatten_with_paths(output):
+            value = np.asarray(leaf)
+            if value.dtype.kind in "fc" and not np.isfinite(value).all():
+                manager = self.checkpoint_manager
+                newest = manager.latest_checkpoint if manager is not None else None
+                kept = (
+                    f"the newest checkpoint, {newest}, is kept"
+                    if newest
+                    else "no checkpoint was saved"
+                )
+                shown = (
+                    repr(value.item())
+                    if value.size == 1
+                    else f"an array with {value.size - np.isfinite(value).sum()} NaN or "
+                    "infinite value(s)"
+                )
+                raise NonFiniteError(
+                    f"Training diverged: train output {_nest.path_to_str(path)!r} is "
+                    f"{shown} after steps {old_step + 1}-{new_step} (global step "
+                    f"{new_step}). Stopped before writing its summaries or a checkpoint; "
+                    f"{kept}."
+                )
 
     def _summary_due(self, old_step: int, new_step: int) -> bool:
         interval = self.summary_interval

@@ -18,18 +18,22 @@ import numpy as np
 
 from looproto import distributed
 from looproto._validate import positive_int
-from looproto.checkpoint._exit import PENDING, wait_at_exit
+from looproto.checkpoint._exit import OPEN, PENDING, close_at_exit, wait_at_exit
 from looproto.checkpoint._files import (
     META_ITEM,
     READ_ERRORS,
     STATE_ITEM,
     STEP_NAME,
+    check_usable_directory,
     committed_steps,
     delete_step,
     looks_complete,
     quarantine,
-    remove_deleting_leftovers,
+    remove_leftovers,
+    retry_listing,
+    save_failure,
 )
+from looproto.checkpoint._lock import DirectoryLock
 from looproto.checkpoint._processes import (
     agree_on_restore,
     check_replicas_agree,
@@ -43,10 +47,11 @@ from looproto.checkpoint._state import (
     check_matches,
     collect,
     is_stateful,
+    non_finite,
     parse_meta,
     write_all,
 )
-from looproto.errors import CheckpointError, ConfigError, value_repr
+from looproto.errors import CheckpointError, ConfigError, NonFiniteError, value_repr
 from looproto.module import read_int, variables_by_path
 
 __all__ = ["CheckpointManager"]
@@ -84,13 +89,29 @@ class CheckpointManager:
         init_fn: Called by `restore_or_initialize()` when there is nothing to restore.
         enable_async: Write in a background thread: `save()` returns once the arrays
             are copied. Call `sync()` or `close()` before the process exits.
+        read_only: Only read (an evaluator beside a trainer, a notebook): never take
+            the directory's lock, never delete, rename or create anything there;
+            `save()` raises. A damaged checkpoint is skipped but left in place.
+        check_finite: Refuse to save a checkpoint in which a floating-point variable
+            holds NaN or an infinity (`NonFiniteError`, naming the step and the
+            variable): a diverged run never replaces a good checkpoint.
+
+    A manager that is not `read_only` owns its directory from `__init__` until
+    `close()`: it takes the directory's lock (`<directory>/.looproto-lock`, naming its
+    host and process), so a second writer fails at once, and it removes what dead
+    writers left (unfinished saves and deletions). Managers in one process share the
+    ownership. Only the owner deletes (retention), renames (a damaged checkpoint) or
+    cleans; readers list and read, and tolerate steps the owner deletes meanwhile.
 
     Raises:
         ConfigError: An argument has the wrong type or value: `max_to_keep` or
             `checkpoint_interval` not a positive int (or None), `checkpoint_interval`
             without `step_counter`, a `step_counter` that is not an integer, a
-            non-callable `init_fn`, a non-bool `enable_async`, or a `directory`
-            that is not a path.
+            non-callable `init_fn`, a non-bool flag, or a `directory` that is not a
+            path.
+        CheckpointStorageError: `directory` cannot be used: it is a file or a dangling
+            symbolic link, cannot be created or written, or another live process
+            owns it.
     """
 
     def __init__(
@@ -103,6 +124,8 @@ class CheckpointManager:
         step_counter: Any = None,
         init_fn: Callable[[], None] | None = None,
         enable_async: bool = False,
+        read_only: bool = False,
+        check_finite: bool = False,
     ) -> None:
         path = _check_directory(directory)
         positive_int(max_to_keep, "max_to_keep", allow_none=True, hint=" (keep all)")
@@ -128,10 +151,14 @@ class CheckpointManager:
             raise ConfigError(
                 f"`init_fn` must be callable or None; received init_fn={value_repr(init_fn)}."
             )
-        if not isinstance(enable_async, bool):
-            raise ConfigError(
-                f"`enable_async` must be a bool; received enable_async={value_repr(enable_async)}."
-            )
+        for name, flag in (
+            ("enable_async", enable_async),
+            ("read_only", read_only),
+            ("check_finite", check_finite),
+        ):
+            if not isinstance(flag, bool):
+                raise ConfigError(f"`{name}` must be a bool; received {name}={value_repr(flag)}.")
+        check_usable_directory(path, create=not read_only)
         import orbax.checkpoint as ocp
 
         self._ocp: Any = ocp
@@ -147,18 +174,43 @@ class CheckpointManager:
         # Steps whose metadata check passed (files of a committed step do not change).
         self._verified: set[int] = set()
         self._closed = False
-        remove_deleting_leftovers(self._directory)
+        self._read_only = read_only
+        self._check_finite = check_finite
+        # The directory's lock, held by the writing process (the chief of a run).
+        self._lock: DirectoryLock | None = None
+        if not read_only and distributed.is_chief():
+            self._lock = DirectoryLock.acquire_shared(path)
+            removed = remove_leftovers(path)
+            if removed:
+                _log.info("Removed what earlier runs left unfinished in %s: %s", path, removed)
         options = ocp.CheckpointManagerOptions(
             # Retention is looproto's (`_prune`): orbax would delete old steps even
             # when the new save failed in its background thread.
             max_to_keep=None,
-            # Only a process that writes may delete what an unfinished save left behind.
-            cleanup_tmp_directories=writes_checkpoints(),
+            # Never orbax's own cleanup: it deletes every unfinished save, also one that
+            # a live trainer is writing. The owner removes dead writers' leftovers above.
+            cleanup_tmp_directories=False,
+            create=not read_only,
+            # No per-step metadata read at start: a step the owner deletes meanwhile
+            # would fail the listing.
+            lightweight_initialize=True,
             enable_async_checkpointing=enable_async,
         )
-        self._manager: Any = ocp.CheckpointManager(
-            self._directory, options=options, item_handlers=self._item_handlers()
-        )
+        try:
+            self._manager: Any = retry_listing(
+                lambda: ocp.CheckpointManager(
+                    self._directory, options=options, item_handlers=self._item_handlers()
+                )
+            )
+        except BaseException:
+            self._release_lock()
+            raise
+        close_at_exit(self)
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release_shared()
+            self._lock = None
 
     def _item_handlers(self) -> dict[str, Any]:
         return {
@@ -220,12 +272,22 @@ class CheckpointManager:
                 passed (still never twice at the same step).
 
         Raises:
-            CheckpointError: The manager is closed, a value cannot be stored, or an
-                earlier asynchronous save failed.
+            CheckpointError: The manager is closed or read-only, a value cannot be
+                stored, or an earlier asynchronous save failed.
+            CheckpointStorageError: The save could not be written (a full disk, a
+                directory that became unwritable) or this process no longer owns the
+                directory; the previous checkpoints are kept.
+            NonFiniteError: With `check_finite`, a variable holds NaN or infinity;
+                nothing was written.
         """
         if self._closed:
             raise CheckpointError(
                 f"`save()` called on a closed CheckpointManager ({self._directory})."
+            )
+        if self._read_only:
+            raise CheckpointError(
+                f"`save()` called on a read-only CheckpointManager ({self._directory}); "
+                "create it without `read_only=True` to write checkpoints."
             )
         if self._checkpoint_interval is not None:
             current = read_int(self._step_counter)
@@ -270,6 +332,8 @@ class CheckpointManager:
             )
             return None
         arrays, meta = self._collect(step)
+        if self._check_finite:
+            self._refuse_non_finite(arrays, step)
         ocp = self._ocp
         items: dict[str, Any] = {META_ITEM: ocp.args.JsonSave(meta)}
         if arrays:
@@ -279,12 +343,14 @@ class CheckpointManager:
         if multi:
             check_replicas_agree(meta, step)
         try:
+            if self._lock is not None:
+                self._lock.verify()
             if writes_checkpoints():
                 saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
             else:
                 saved = True
         except Exception as err:
-            error = CheckpointError(f"Saving checkpoint {step} to {self._directory} failed: {err}")
+            error = save_failure(err, f"Saving checkpoint {step} to {self._directory} failed")
             if multi:
                 share_save_outcome(step, str(error))
             raise error from err
@@ -304,6 +370,20 @@ class CheckpointManager:
         """Host copies of the root's arrays and the JSON item (`_state.collect`)."""
         return collect(self._checkpoint, step)
 
+    def _refuse_non_finite(self, arrays: dict[str, Any], step: int) -> None:
+        bad = non_finite(arrays)
+        if not bad:
+            return
+        path, count, size = bad[0]
+        others = f" (and {len(bad) - 1} more variable(s))" if len(bad) > 1 else ""
+        newest = latest_step(self._directory)
+        kept = "no checkpoint exists yet" if newest is None else f"checkpoint {newest} is kept"
+        raise NonFiniteError(
+            f"Not saving checkpoint {step}: variable {path!r} holds {count} NaN or infinite "
+            f"value(s) of {size}{others}; training diverged. {kept[0].upper()}{kept[1:]} "
+            f"in {self._directory}."
+        )
+
     # ------------------------------------------------------------------ async
 
     def _check_async_errors(self) -> None:
@@ -316,8 +396,8 @@ class CheckpointManager:
             # orbax logs a failed background commit instead of raising it.
             self._manager.check_for_errors()
         except Exception as err:
-            raise CheckpointError(
-                f"The asynchronous save of checkpoint {step} to {self._directory} failed: {err}"
+            raise save_failure(
+                err, f"The asynchronous save of checkpoint {step} to {self._directory} failed"
             ) from err
         if step not in committed_steps(self._directory):
             raise CheckpointError(
@@ -335,8 +415,8 @@ class CheckpointManager:
         `max_to_keep` do, nothing is deleted, so the last good checkpoint survives a
         save that came out damaged.
         """
-        if self._max_to_keep is None or not distributed.is_chief():
-            return  # In a multi-process run the chief alone deletes (plain file operations).
+        if self._max_to_keep is None or self._lock is None:
+            return  # The owner alone deletes (in a multi-process run: the chief).
         steps = committed_steps(self._directory)
         good: list[int] = []
         for step in reversed(steps):
@@ -396,7 +476,11 @@ class CheckpointManager:
         finally:
             self._closed = True
             PENDING.discard(self)
-            self._manager.close()
+            OPEN.discard(self)
+            try:
+                self._manager.close()
+            finally:
+                self._release_lock()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -497,7 +581,9 @@ class CheckpointManager:
         A checkpoint that is unreadable or fails its integrity checks is renamed to
         `<step>.corrupted-<unix time>` (kept, but no longer listed, so later saves
         may reuse its step) with a warning naming it and the reason, and the one
-        before it is tried. A checkpoint that does not match the live variables
+        before it is tried; a `read_only` manager skips it without renaming it. A
+        step that the directory's owner deletes while it is read is not damage: the
+        newest step is tried again. A checkpoint that does not match the live variables
         raises instead (that is a code change, not damage). After a restore, the
         save interval counts from the restored step.
 
@@ -508,20 +594,22 @@ class CheckpointManager:
             CheckpointError: The newest readable checkpoint does not match the live tree.
         """
         self.sync()
-        for step in reversed(committed_steps(self._directory)):
+        tried: set[int] = set()
+        while True:
+            untried = [s for s in committed_steps(self._directory) if s not in tried]
+            if not untried:
+                break
+            step = untried[-1]
+            tried.add(step)
             try:
                 self._restore_step(self._directory, step)
             except CorruptCheckpointError as err:
-                moved = quarantine(self._directory, step)
-                self._verified.discard(step)
-                self._manager.reload()
-                _log.warning(
-                    "Skipping corrupted checkpoint %d in %s and trying the previous one%s: %s",
-                    step,
-                    self._directory,
-                    f" (moved it to {moved})" if moved else "",
-                    err,
-                )
+                if step not in committed_steps(self._directory):
+                    # The owner's retention deleted it while this (reading) manager read
+                    # it: not damage. The newest step is tried instead.
+                    _log.info("Checkpoint %d was deleted while it was read; trying again.", step)
+                    continue
+                self._set_aside(step, err)
                 continue
             agree_on_restore(step)
             self._last_checkpoint_step = step
@@ -530,6 +618,28 @@ class CheckpointManager:
         if self._init_fn is not None:
             self._init_fn()
         return None
+
+    def _set_aside(self, step: int, err: CheckpointError) -> None:
+        """A damaged step: the owner renames it away; others only skip it."""
+        if self._lock is None:
+            _log.warning(
+                "Skipping corrupted checkpoint %d in %s and trying the previous one (left "
+                "in place: this manager does not own the directory): %s",
+                step,
+                self._directory,
+                err,
+            )
+            return
+        moved = quarantine(self._directory, step)
+        self._verified.discard(step)
+        self._manager.reload()
+        _log.warning(
+            "Skipping corrupted checkpoint %d in %s and trying the previous one%s: %s",
+            step,
+            self._directory,
+            f" (moved it to {moved})" if moved else "",
+            err,
+        )
 
     def __repr__(self) -> str:
         return (
