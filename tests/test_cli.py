@@ -93,7 +93,8 @@ def test_errors_are_one_line_with_exit_status_2_and_tracebacks_only_with_debug(
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"looproto: error: {config}: unknown key `train.step`; expected one of "
-        "['eval_interval', 'eval_steps', 'steps', 'steps_per_loop', 'summary_interval']. "
+        "['check_finite', 'eval_interval', 'eval_steps', 'steps', 'steps_per_loop', "
+        "'summary_interval']. "
         "Did you mean `train.steps`?"
     ]
     debug = looproto_cmd("--debug", "train", str(config), cwd=tmp_path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -178,8 +179,11 @@ class CheckpointManager:
         self._check_finite = check_finite
         # The directory's lock, held by the writing process (the chief of a run).
         self._lock: DirectoryLock | None = None
+        self._unlock: Callable[[], Any] = lambda: None
         if not read_only and distributed.is_chief():
             self._lock = DirectoryLock.acquire_shared(path)
+            # A manager dropped without `close()` no longer writes: its share goes with it.
+            self._unlock = weakref.finalize(self, self._lock.release_shared)
             removed = remove_leftovers(path)
             if removed:
                 _log.info("Removed what earlier runs left unfinished in %s: %s", path, removed)
@@ -208,9 +212,8 @@ class CheckpointManager:
         close_at_exit(self)
 
     def _release_lock(self) -> None:
-        if self._lock is not None:
-            self._lock.release_shared()
-            self._lock = None
+        self._unlock()
+        self._lock = None
 
     def _item_handlers(self) -> dict[str, Any]:
         return {

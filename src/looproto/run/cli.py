@@ -175,6 +175,17 @@ def _check_built(obj: Any, key: str, method: str, config: RunConfig) -> None:
 
 
 @contextlib.contextmanager
+def _closing(controller: Any) -> Iterator[Any]:
+    """Closes the controller, then its checkpoint manager (its lock, orbax's threads)."""
+    try:
+        with controller:
+            yield controller
+    finally:
+        if controller.checkpoint_manager is not None:
+            controller.checkpoint_manager.close()
+
+
+@contextlib.contextmanager
 def _progress(controller: Any, total: int, enabled: bool) -> Iterator[Any]:
     """A live bar on a terminal (with log records printed above it), else nothing."""
     from looproto.run import progress
@@ -291,21 +302,23 @@ def _train_here(args: argparse.Namespace, config: RunConfig) -> int:
         check_model_dir(config, train=True)
     with distributed.scope():  # Variables made here are the engine's (mirrored on TF).
         controller = build(config, train=True)
-    with controller:
+    with _closing(controller):
         if preemption.requested():  # a signal during start-up: stop before training
             signal = preemption.signal_received()
             preemption.acknowledge()
             raise StoppedInStartUp(signal.name if signal is not None else "a stop request")
-    with controller, _progress(controller, run.steps, not args.no_progress) as bar:
-        if bar is not None:
-            controller.train_actions = (*controller.train_actions, bar)
-        if controller.evaluator is not None:
-            output = controller.train_and_evaluate(
-                train_steps=run.steps, eval_steps=run.eval_steps, eval_interval=run.eval_interval
-            )
-        else:
-            controller.train(run.steps)
-            output = None
+        with _progress(controller, run.steps, not args.no_progress) as bar:
+            if bar is not None:
+                controller.train_actions = (*controller.train_actions, bar)
+            if controller.evaluator is not None:
+                output = controller.train_and_evaluate(
+                    train_steps=run.steps,
+                    eval_steps=run.eval_steps,
+                    eval_interval=run.eval_interval,
+                )
+            else:
+                controller.train(run.steps)
+                output = None
     if not distributed.is_chief():
         return 0
     step = int(np.asarray(_read(controller.global_step)))
@@ -342,7 +355,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     check_model_dir(config, train=False)
     controller = build(config, train=False)
     steps = config.evaluate.steps
-    with controller:
+    with _closing(controller):
         if args.continuous:
             if controller.checkpoint_manager is None:
                 raise ConfigError(
