@@ -143,7 +143,7 @@ class DirectoryLock:
     # ------------------------------------------------------------------ taking
 
     def _acquire(self) -> None:
-        for _ in range(20):
+        for _ in range(30):
             if self._create():
                 self._start_heartbeat()
                 return
@@ -152,7 +152,7 @@ class DirectoryLock:
                 continue  # released between the two calls: try again
             reason = self._stale_reason(owner, age)
             if reason is None:
-                if owner is None:  # being written by a process starting now
+                if owner is None:  # being written by a process starting right now?
                     time.sleep(0.1)
                     continue
                 raise CheckpointStorageError(
@@ -171,7 +171,9 @@ class DirectoryLock:
                 self._start_heartbeat()
                 return
         raise CheckpointStorageError(
-            f"Could not take the lock {self.path}: other processes keep taking it."
+            f"The lock {self.path} of the checkpoint directory is unreadable, or keeps "
+            "changing hands; it is taken over once it is "
+            f"{EXPIRY_SECONDS:.0f} s old (remove it if no process uses the directory)."
         )
 
     def _create(self) -> bool:
