@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -439,3 +440,22 @@ def test_a_run_that_diverges_on_resume_keeps_its_good_checkpoint(tmp_path: Path)
     )
     after = looproto_cmd("inspect", str(run / "checkpoints"), "--json", cwd=tmp_path).stdout
     assert json.loads(after) == json.loads(before)  # nothing was saved over it
+
+
+def test_ctrl_c_while_evaluate_waits_is_one_line_with_status_130(tmp_path: Path) -> None:
+    config = _config(tmp_path, extra='[evaluator]\nfactory = "looproto.examples.mlp:evaluator"\n')
+    environment = dict(os.environ, JAX_PLATFORMS="cpu")
+    environment.pop("LOOPROTO_BACKEND", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "looproto", "evaluate", str(config), "--continuous"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    assert proc.stderr.readline().startswith("restoring or initializing model")
+    time.sleep(0.5)  # waiting for a first checkpoint that never comes
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1] == "looproto: interrupted"
+    assert "Traceback" not in err
+    assert os.listdir(tmp_path / "run") == ["summaries"]  # a reader: no checkpoint dir made
