@@ -461,7 +461,10 @@ class Controller:
         try:
             yield
         except preemption.Preempted:
-            self.close()
+            # Not `close()`: the checkpoint manager stays open, so that a program that
+            # catches `Preempted` may go on training.
+            self._sync_on_async_checkpointing()
+            self._close_summaries()
             raise
 
     # ----------------------------------------------------------------- private
@@ -574,8 +577,18 @@ class Controller:
             )
 
     def close(self) -> None:
-        """Waits for pending checkpoints and closes the summary writers."""
+        """Waits for pending checkpoints, then closes the checkpoint manager and summaries.
+
+        Closing the checkpoint manager (when it has a `close()`) releases its
+        directory: another process may write it from then on.
+        """
         self._sync_on_async_checkpointing()
+        close_checkpoints = getattr(self.checkpoint_manager, "close", None)
+        if callable(close_checkpoints):
+            close_checkpoints()
+        self._close_summaries()
+
+    def _close_summaries(self) -> None:
         self.summary_manager.close()
         eval_manager = getattr(self, "eval_summary_manager", None)
         if eval_manager is not None:

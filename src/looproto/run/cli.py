@@ -61,14 +61,12 @@ from typing import Any, NoReturn
 import numpy as np
 
 from looproto import backends, distributed, preemption
-from looproto.errors import (
-    ConfigError,
-    LooprotoError,
-    value_repr,
-)
+from looproto.errors import ConfigError, LooprotoError, value_repr
 from looproto.preemption import EXIT_PREEMPTED, Preempted
 from looproto.run import launch
 from looproto.run.config import RunConfig, call_factory, load
+from looproto.run.faults import EXIT_DISTRIBUTED as EXIT_DISTRIBUTED
+from looproto.run.faults import EXIT_DIVERGED as EXIT_DIVERGED
 from looproto.run.faults import (
     EXIT_INTERRUPTED,
     StoppedInStartUp,
@@ -76,6 +74,8 @@ from looproto.run.faults import (
     exit_status,
     one_line,
 )
+from looproto.run.faults import EXIT_STORAGE as EXIT_STORAGE
+from looproto.run.faults import EXIT_USAGE as EXIT_USAGE
 
 __all__ = ["build", "main"]
 
@@ -172,17 +172,6 @@ def _check_built(obj: Any, key: str, method: str, config: RunConfig) -> None:
         f"{config.source}: `{key}.factory` = {spec} returned {what}; expected a {key} (an "
         f"object with a `{method}(num_steps)` method and a `global_step`)."
     )
-
-
-@contextlib.contextmanager
-def _closing(controller: Any) -> Iterator[Any]:
-    """Closes the controller, then its checkpoint manager (its lock, orbax's threads)."""
-    try:
-        with controller:
-            yield controller
-    finally:
-        if controller.checkpoint_manager is not None:
-            controller.checkpoint_manager.close()
 
 
 @contextlib.contextmanager
@@ -302,7 +291,7 @@ def _train_here(args: argparse.Namespace, config: RunConfig) -> int:
         check_model_dir(config, train=True)
     with distributed.scope():  # Variables made here are the engine's (mirrored on TF).
         controller = build(config, train=True)
-    with _closing(controller):
+    with controller:
         if preemption.requested():  # a signal during start-up: stop before training
             signal = preemption.signal_received()
             preemption.acknowledge()
@@ -355,7 +344,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     check_model_dir(config, train=False)
     controller = build(config, train=False)
     steps = config.evaluate.steps
-    with _closing(controller):
+    with controller:
         if args.continuous:
             if controller.checkpoint_manager is None:
                 raise ConfigError(
