@@ -30,7 +30,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, ClassVar
 
 from looproto.errors import CheckpointStorageError
 
@@ -41,28 +41,21 @@ _log = logging.getLogger("looproto")
 LOCK_NAME = ".looproto-lock"
 HEARTBEAT_SECONDS = 30.0
 EXPIRY_SECONDS = 300.0
-# A lock file still being written by a starting process: wait this long for its content.
-_UNREADABLE_GRACE_SECONDS = 2.0
+
+
+def _proc_stat(pid: int) -> list[str]:
+    """The fields of `/proc/<pid>/stat` after the command name (Linux); [] if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rpartition(")")[2].split()
+    except OSError:
+        return []
 
 
 def _process_start(pid: int) -> str | None:
-    """The start time of `pid` (clock ticks since boot, Linux), or None if unknown."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            fields = f.read().rpartition(")")[2].split()
-    except OSError:
-        return None
-    # After the command name: state is field 3, starttime field 22 (1-based).
-    return fields[19] if len(fields) > 19 else None
-
-
-def _process_state(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            fields = f.read().rpartition(")")[2].split()
-    except OSError:
-        return None
-    return fields[0] if fields else None
+    """The start time of `pid` in clock ticks since boot, or None if unknown."""
+    fields = _proc_stat(pid)
+    return fields[19] if len(fields) > 19 else None  # field 22 of stat(5)
 
 
 def _pid_alive(pid: int, start: str | None) -> bool:
@@ -75,7 +68,8 @@ def _pid_alive(pid: int, start: str | None) -> bool:
         pass  # another user's process: it exists
     except OSError:
         return False
-    if _process_state(pid) in ("Z", "X"):  # killed, not yet reaped by its parent
+    state = _proc_stat(pid)[:1]
+    if state in (["Z"], ["X"]):  # killed, not yet reaped by its parent
         return False
     now = _process_start(pid)
     return start is None or now is None or now == start
@@ -95,8 +89,9 @@ def describe_owner(record: dict[str, Any]) -> str:
 class DirectoryLock:
     """The lock of one checkpoint directory (see the module docstring)."""
 
-    _held: dict[str, tuple[DirectoryLock, int]] = {}
-    _held_guard = threading.Lock()
+    # This process's locks by real path, with how many managers share each.
+    _held: ClassVar[dict[str, tuple[DirectoryLock, int]]] = {}
+    _held_guard: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
@@ -222,7 +217,7 @@ class DirectoryLock:
 
     def _stale_reason(self, owner: dict[str, Any] | None, age: float) -> str | None:
         if owner is None:
-            if age > max(EXPIRY_SECONDS, _UNREADABLE_GRACE_SECONDS):
+            if age > EXPIRY_SECONDS:  # not a process writing it right now
                 return f"the lock file is unreadable and {age:.0f} s old"
             return None
         if owner.get("host") == self.record["host"]:

@@ -380,11 +380,10 @@ class CheckpointManager:
         path, count, size = bad[0]
         others = f" (and {len(bad) - 1} more variable(s))" if len(bad) > 1 else ""
         newest = latest_step(self._directory)
-        kept = "no checkpoint exists yet" if newest is None else f"checkpoint {newest} is kept"
+        kept = "No checkpoint exists yet" if newest is None else f"Checkpoint {newest} is kept"
         raise NonFiniteError(
             f"Not saving checkpoint {step}: variable {path!r} holds {count} NaN or infinite "
-            f"value(s) of {size}{others}; training diverged. {kept[0].upper()}{kept[1:]} "
-            f"in {self._directory}."
+            f"value(s) of {size}{others}; training diverged. {kept} in {self._directory}."
         )
 
     # ------------------------------------------------------------------ async
