@@ -40,6 +40,12 @@ def raises() -> Any:
     raise RuntimeError("the data bucket is not reachable")
 
 
+def missing_data() -> Any:
+    """A factory whose data file is not there."""
+    with open("/nonexistent/looproto/train.npz", "rb") as f:
+        return f.read()
+
+
 class _NoTrain:
     def __init__(self) -> None:
         self.global_step = looproto.create_global_step()

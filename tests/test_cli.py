@@ -291,6 +291,20 @@ def test_config_and_factory_faults_are_one_line_with_status_2(
     assert not [path for path in (tmp_path / "run").rglob("*") if not path.is_dir()]
 
 
+def test_a_factory_that_cannot_read_its_data_is_one_line_with_status_4(
+    tmp_path: Path, in_process: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _config(tmp_path, "tests.run_factories:missing_data")
+    code = in_process(["train", str(config)])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert code == 4
+    assert line == (
+        f"looproto: error: {config}: `trainer.factory` = tests.run_factories:missing_data "
+        "raised FileNotFoundError: [Errno 2] No such file or directory: "
+        "'/nonexistent/looproto/train.npz' (--debug shows the traceback)."
+    )
+
+
 @pytest.mark.parametrize("timeout", ["-5", "nan", "inf"])
 def test_evaluate_timeout_argument_must_be_finite_and_not_negative(
     tmp_path: Path, in_process: Any, capsys: pytest.CaptureFixture[str], timeout: str

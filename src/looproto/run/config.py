@@ -64,7 +64,13 @@ from types import UnionType
 from typing import Any
 
 from looproto import backends
-from looproto.errors import BackendNotAvailableError, ConfigError, LooprotoError, value_repr
+from looproto.errors import (
+    BackendNotAvailableError,
+    ConfigError,
+    LooprotoError,
+    StorageError,
+    value_repr,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -581,10 +587,12 @@ def call_factory(
     except LooprotoError:
         raise
     except Exception as err:
-        raise ConfigError(
+        message = (
             f"{config.source}: `{key}.factory` = {factory_config.factory} raised "
             f"{type(err).__name__}: {_first_line(err)} (--debug shows the traceback)."
-        ) from err
+        )
+        # A file it could not read is the environment's fault, not the config's.
+        raise (StorageError if isinstance(err, OSError) else ConfigError)(message) from err
 
 
 def _first_line(err: BaseException) -> str:
