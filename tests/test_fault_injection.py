@@ -652,8 +652,9 @@ def test_full_disk_mid_run_exits_4_keeps_the_checkpoints_and_resumes_exactly(
         assert line.startswith("looproto: error: Saving checkpoint ")
         kept = latest_step(disk / "run" / "checkpoints")
         assert kept is not None and 0 < kept < CLI_STEPS
-        # What was kept is whole; the unfinished save is the next owner's to remove.
+        # What was kept is whole, and the failed save gave its space back.
         read_metadata(disk / "run" / "checkpoints", kept)
+        assert all(name.isdigit() for name in os.listdir(disk / "run" / "checkpoints"))
         subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
         resumed = looproto_train(config, disk / "run")
         assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -101,6 +101,20 @@ def remove_leftovers(directory: str) -> list[str]:
     return removed
 
 
+def remove_unfinished(directory: str, step: int) -> None:
+    """Removes the temporary directory of this owner's own failed save of `step`.
+
+    On a full disk this gives the space back at once instead of at the next start.
+    """
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if _TEMPORARY.fullmatch(name) and name.partition(".")[0] == str(step):
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
 def quarantine(directory: str, step: int) -> str | None:
     """Renames a damaged step to `<step>.corrupted-<time>`; returns the new path."""
     target = os.path.join(directory, f"{step}{_CORRUPTED}{int(time.time())}")

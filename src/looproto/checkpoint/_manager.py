@@ -31,6 +31,7 @@ from looproto.checkpoint._files import (
     looks_complete,
     quarantine,
     remove_leftovers,
+    remove_unfinished,
     retry_listing,
     save_failure,
 )
@@ -356,6 +357,8 @@ class CheckpointManager:
             error = save_failure(err, f"Saving checkpoint {step} to {self._directory} failed")
             if multi:
                 share_save_outcome(step, str(error))
+            else:
+                self._remove_own_unfinished(step)
             raise error from err
         if multi:
             share_save_outcome(step, None if saved else "orbax declined to save it")
@@ -372,6 +375,12 @@ class CheckpointManager:
     def _collect(self, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
         """Host copies of the root's arrays and the JSON item (`_state.collect`)."""
         return collect(self._checkpoint, step)
+
+    def _remove_own_unfinished(self, step: int) -> None:
+        # Only the owner, and only in a run of one process (collective writers may
+        # still be writing their part of it).
+        if self._lock is not None and step not in committed_steps(self._directory):
+            remove_unfinished(self._directory, step)
 
     def _refuse_non_finite(self, arrays: dict[str, Any], step: int) -> None:
         bad = non_finite(arrays)
@@ -398,6 +407,8 @@ class CheckpointManager:
             # orbax logs a failed background commit instead of raising it.
             self._manager.check_for_errors()
         except Exception as err:
+            if distributed.process_count() == 1:
+                self._remove_own_unfinished(step)
             raise save_failure(
                 err, f"The asynchronous save of checkpoint {step} to {self._directory} failed"
             ) from err
