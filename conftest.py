@@ -1,4 +1,4 @@
-"""Root pytest configuration: doctests of `src/looproto` skip backends whose framework is absent."""
+"""Root pytest configuration: doctests of `src/looproto` skip code whose framework is absent."""
 
 from __future__ import annotations
 
@@ -15,3 +15,9 @@ collect_ignore_glob = [
     for name, module in _FRAMEWORKS.items()
     if importlib.util.find_spec(module) is None
 ]
+# The Flax NNX example needs flax and optax besides JAX.
+if any(importlib.util.find_spec(module) is None for module in ("jax", "flax", "optax")):
+    collect_ignore_glob += ["src/looproto/examples/flax_mlp.py"]
+# Orbit's API (`looproto.orbit`) is TensorFlow code.
+if importlib.util.find_spec("tensorflow") is None:
+    collect_ignore_glob += ["src/looproto/orbit/*", "src/looproto/orbit/*/*"]

@@ -12,6 +12,9 @@ nox.options.default_venv_backend = "venv"
 def tests(session: nox.Session) -> None:
     """Every test, with TensorFlow, JAX and PyTorch installed (nothing skipped)."""
     session.install("-e", ".[all,dev]")
+    # Orbit's own test files (run against `looproto.orbit`); their dependencies would
+    # install a second TensorFlow over tensorflow-cpu.
+    session.install("--no-deps", "tf-models-official==2.20.0", "tf-keras~=2.21.0")
     session.run("python", "-m", "pytest", *session.posargs)
 
 

@@ -14,6 +14,11 @@ Contenders, interleaved round by round (`benchmarks/_timing.py`), each running
   loop, so the outer loop's cost is counted.
 * `looproto data=device`: the dataset kept on device, only indices sent.
 * `per-step jit loop`: a Python loop over a jitted, donated step (for contrast).
+* with flax installed, the same MLP as a Flax NNX model with an `nnx.Optimizer`
+  (optax SGD): `nnx.jit + nnx.scan` (hand-written NNX), `split/merge + jit scan`
+  (NNX's functional API, state never written back into the objects) and
+  `looproto train() (NNX)` (`benchmarks/_nnx_contenders.py`); their ratios to each
+  other are reported too.
 
 After timing, every contender has run the same number of steps on the same
 batches, so their parameters must agree; the script fails if they do not.
@@ -190,8 +195,9 @@ class Trainer(looproto.StandardTrainer):
 
 def throughput(
     workload: _workloads.Workload, steps: int, rounds: int, tmp: str, loops: int = 1
-) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Interleaved rounds of every contender; returns table rows and parameter agreement."""
+) -> tuple[list[dict[str, Any]], dict[str, float], dict[str, float]]:
+    """Interleaved rounds of every contender: table rows, parameter agreement, and the
+    paired ratios of looproto's NNX loop to the hand-written NNX loops (if flax is here)."""
     data = make_data(workload)
     hand, per_step = HandWrittenScan(workload, data), PerStepJit(workload, data)
     trainer = Trainer(workload, data)
@@ -215,6 +221,9 @@ def throughput(
         "looproto data=device": lambda: device_trainer.train(steps),
         "per-step jit loop": lambda: per_step(steps),
     }
+    nnx_contenders = _nnx_contenders(workload, data)
+    for name, runner in nnx_contenders.items():
+        contenders[name] = lambda runner=runner: runner(steps)
     if _keras.available():
         for spe in (1, 100):
             contenders[f"keras fit spe={spe}"] = _keras.contender(workload, steps, min(spe, steps))[
@@ -236,6 +245,7 @@ def throughput(
         "looproto Controller": ctl_trainer.param_values(),
         "looproto data=device": device_trainer.param_values(),
         "per-step jit loop": [np.asarray(p) for p in per_step.params],
+        **{name: runner.param_values() for name, runner in nnx_contenders.items()},
     }
     agreement = {
         name: max(float(np.max(np.abs(a - b))) for a, b in zip(values, reference))
@@ -245,7 +255,47 @@ def throughput(
     for name, diff in agreement.items():
         if diff > 1e-4 * scale:
             raise SystemExit(f"{workload.title}: {name} diverged from {BASELINE} by {diff}")
-    return _timing.summarize(workload.title, times, baseline=BASELINE), agreement
+    nnx_ratios = {  # looproto's NNX loop against the hand-written NNX loops, paired
+        other: _timing.paired_ratio(times, NNX_LOOPROTO, other)
+        for other in (NNX_JIT, NNX_SPLIT)
+        if nnx_contenders
+    }
+    return _timing.summarize(workload.title, times, baseline=BASELINE), agreement, nnx_ratios
+
+
+NNX_JIT, NNX_SPLIT, NNX_LOOPROTO = (
+    "nnx.jit + nnx.scan",
+    "NNX split/merge + jit scan",
+    "looproto train() (NNX)",
+)
+
+
+def _nnx_contenders(workload: _workloads.Workload, data: Any) -> dict[str, Any]:
+    """The Flax NNX contenders, if flax is installed."""
+    try:
+        from benchmarks import _nnx_contenders as nnx_bench
+    except ImportError:
+        return {}
+    trainer = nnx_bench.NnxTrainer(workload, data)
+    return {
+        NNX_JIT: nnx_bench.NnxJitScan(workload, data),
+        NNX_SPLIT: nnx_bench.SplitMergeScan(workload, data),
+        NNX_LOOPROTO: _Runner(trainer),
+    }
+
+
+class _Runner:
+    """`trainer.train(steps)`, with the trainer's `param_values`."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+
+    def __call__(self, steps: int) -> Any:
+        return self.trainer.train(steps)
+
+    def param_values(self) -> list[np.ndarray[Any, Any]]:
+        values: list[np.ndarray[Any, Any]] = self.trainer.param_values()
+        return values
 
 
 _COMPILE_EVENTS = {
@@ -377,18 +427,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     compile_rows: list[dict[str, Any]] = []
     data_rows: list[dict[str, Any]] = []
     agreement: dict[str, Any] = {}
+    nnx_ratios: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             workload = {"A": _workloads.A, "B": _workloads.B}[name]
             # First calls before anything else is compiled in this process.
             compile_rows += first_calls(workload, counts[name], reps[name])
             loops = 1 if args.smoke else _timing.LOOPS_PER_ROUND[name]
-            table, agreement[name] = throughput(workload, steps, rounds[name], tmp, loops)
+            table, agreement[name], nnx_ratios[name] = throughput(
+                workload, steps, rounds[name], tmp, loops
+            )
             rows += table
             data_rows.append(data_options(workload, steps))
     print(f"JAX {jax.__version__} on {jax.default_backend()}, {steps} steps per call\n")
     print(_timing.markdown(rows, BASELINE))
     print("\nMax |param difference| to the hand-written scan after the timed runs:", agreement)
+    for name, ratios in nnx_ratios.items():
+        for other, ratio in ratios.items():
+            print(f"{name}: {NNX_LOOPROTO} / {other} = {ratio:.3f} (paired median)")
     if compile_rows:
         print("\n" + compile_markdown(compile_rows))
     print("\n" + data_markdown(data_rows))
@@ -399,6 +455,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "steps_per_call": steps,
         "rows": rows,
         "param_agreement": agreement,
+        "nnx_ratios": nnx_ratios,
         "first_calls": compile_rows,
         "data_options": data_rows,
     }

@@ -1241,3 +1241,15 @@ def test_torch_generator_state_round_trips(tmp_path: Path) -> None:
         generator.manual_seed(0)
         manager.restore(1)
     assert torch.equal(torch.rand(4, generator=generator), expected)
+
+
+def test_a_root_with_nothing_to_save_is_refused(tmp_path: Path) -> None:
+    class Holder:  # neither a Module nor a container: looproto finds nothing in it
+        def __init__(self) -> None:
+            self.w = Variable(np.zeros(3, np.float32))
+
+    with CheckpointManager(tmp_path, Holder()) as manager:
+        with pytest.raises(CheckpointError, match=r"holds no variable or state"):
+            manager.save(checkpoint_number=1)
+        assert manager.checkpoints == []
+    assert os.listdir(tmp_path) == []

@@ -588,3 +588,40 @@ def test_evaluate_continuously_skips_a_checkpoint_deleted_before_it_was_read(tmp
     output = controller.evaluate_continuously(steps=2, timeout=0.5)
     assert seen == [str(tmp_path / "2"), str(tmp_path / "3")]
     assert int(reader_runner.global_step) == 3 and "eval_loss" in output
+
+
+# ------------------------------------------------ the restored step is the checkpoint's
+
+
+def test_a_restored_step_counter_that_is_not_in_the_checkpoint_is_refused(tmp_path):
+    # The global step kept apart from what the manager saves: after a restart the
+    # weights would be those of step 10 while training went on from step 0.
+    runner = TestRunner()
+    ckpt = CheckpointManager(
+        tmp_path, {"w": runner.w, "b": runner.b}, step_counter=runner.global_step
+    )
+    controller = looproto.Controller(
+        trainer=runner, global_step=runner.global_step, steps_per_loop=5, checkpoint_manager=ckpt
+    )
+    controller.train(steps=10)
+    assert steps_on_disk(tmp_path) == [10]
+
+    restarted = TestRunner()
+    again = CheckpointManager(
+        tmp_path, {"w": restarted.w, "b": restarted.b}, step_counter=restarted.global_step
+    )
+    with pytest.raises(
+        looproto.CheckpointError,
+        match=r"global step is not part of what was checkpointed.*checkpoint 10.*reads 0",
+    ):
+        looproto.Controller(
+            trainer=restarted,
+            global_step=restarted.global_step,
+            steps_per_loop=5,
+            checkpoint_manager=again,
+        )
+    # Evaluation only: the step labels the summaries, nothing resumes from it.
+    evaluation = looproto.Controller(
+        evaluator=restarted, global_step=restarted.global_step, checkpoint_manager=again
+    )
+    assert evaluation.restore_checkpoint() == str(tmp_path / "10")

@@ -120,9 +120,8 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     saved_environ = dict(os.environ)
     logger = logging.getLogger("looproto")
     saved_level = logger.level
-    # The registry a page may add to (`backends.register`), with the shipped backends in
-    # it first: they register on first use, and a snapshot taken before that would
-    # restore an empty registry after the first page that used one.
+    # The registry a page may add to (`backends.register`). The shipped backends register
+    # once per process, on first use: before the snapshot, or restoring it would drop them.
     backends.available()
     registries: list[Any] = [
         backends._entries,
@@ -297,3 +296,17 @@ def test_every_test_the_reliability_table_names_exists() -> None:
             assert current is not None and current.exists(), (row, name)
             if function:
                 assert f"def {function}(" in current.read_text(), (row, name)
+
+
+def test_ci_runs_the_readme_test_command_verbatim() -> None:
+    # `.ci/run` marks the README's test command; the two must not drift apart.
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(ci) if line.startswith("# --- the README's test"))
+    end = next(i for i in range(start + 1, len(ci)) if ci[i].strip() == "# ---")
+    ci_command = [line for line in ci[start + 1 : end] if line.strip()]
+    readme = [
+        block.code.strip()
+        for block in code_blocks(ROOT / "README.md")
+        if block.language == "bash" and "-m pytest" in block.code
+    ]
+    assert readme == ["\n".join(ci_command)]

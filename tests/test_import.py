@@ -39,13 +39,13 @@ def test_import_does_not_import_frameworks() -> None:
         heavy = {HEAVY_MODULES!r}
         loaded = sorted(
             name for name in sys.modules
-            if name.partition(".")[0] in heavy
+            if name.partition(".")[0] in heavy or name.startswith("looproto.orbit")
         )
         print(json.dumps({{"loaded": loaded, "elapsed": elapsed}}))
         """
     )
     report = json.loads(out.strip().splitlines()[-1])
-    assert report["loaded"] == []
+    assert report["loaded"] == []  # nor `looproto.orbit`, which is TensorFlow code
 
 
 def test_using_module_and_variable_imports_no_framework() -> None:

@@ -15,8 +15,10 @@ import copy
 import dataclasses
 import functools
 import itertools
+import operator
 import re
 import threading
+import weakref
 from typing import Any
 
 import numpy as np
@@ -1475,7 +1477,7 @@ class TestVariable:
     def test_numpy_bool_trainable_is_accepted(self) -> None:
         assert Variable(0.0, trainable=np.bool_(False)).trainable is False
 
-    @pytest.mark.parametrize("bad", [object(), {"a": 1}, [object()]])
+    @pytest.mark.parametrize("bad", [object(), {"a": object()}, [object()]])
     def test_bad_initial_value(self, bad: Any) -> None:
         with pytest.raises(ProtocolError):
             Variable(bad)
@@ -1511,6 +1513,37 @@ class TestGlobalStep:
         m.step = step
         assert same(m.non_trainable_variables, [step])
         assert m.trainable_variables == ()
+
+
+class TestComparisons:
+    """`tf.Variable`'s comparisons against values; identity between Variables."""
+
+    def test_against_values_elementwise_like_tf_variable(self) -> None:
+        step = create_global_step()
+        assert step == 0  # what Orbit's code asks of its global step
+        assert isinstance(step == 0, np.bool_)
+        assert not operator.ne(step, 0)
+        step.assign_add(3)
+        assert step != 0
+        assert (step < 4, step <= 3, step > 2, step >= 3) == (True, True, True, True)
+        assert operator.eq(3, step) and operator.gt(4, step)  # reflected: int, then Variable
+        w = Variable(np.array([1.0, 2.0, 3.0], np.float32))
+        np.testing.assert_array_equal(w == 2.0, [False, True, False])
+        np.testing.assert_array_equal(w > np.float32(1.5), [False, True, True])
+        np.testing.assert_array_equal(w < Variable(np.full(3, 2.5, np.float32)), [1, 1, 0])
+
+    def test_between_variables_identity_so_containers_keep_working(self) -> None:
+        a = Variable(np.zeros((2, 3), np.float32))
+        b = Variable(np.zeros((2, 3), np.float32))  # equal values, another variable
+        assert a == a and a != b and not operator.eq(a, b)
+        assert [a, b].index(b) == 1 and b in [a, b] and a not in [b]
+        assert len({a, b, a}) == 2 and {a: 1, b: 2}[b] == 2
+        assert hash(a) == hash(a) and hash(a) != hash(b)
+        twins: Any = weakref.WeakKeyDictionary({a: "a", b: "b"})
+        assert twins[b] == "b"
+        m = Module(name="m")
+        m.pair = [a, b]
+        assert same(m.variables, [a, b])
 
 
 # ----------------------------------------------------------------------------

@@ -12,7 +12,11 @@ from looproto import actions as actions
 from looproto import backends as backends
 from looproto import data as data
 from looproto import distributed as distributed
+from looproto import metrics as metrics
 from looproto import preemption as preemption
+from looproto import schedules as schedules
+from looproto import summary as summary
+from looproto._logging import enable_logging as enable_logging
 from looproto.checkpoint import CheckpointManager as CheckpointManager
 from looproto.controller import Action as Action
 from looproto.controller import Controller as Controller
@@ -81,7 +85,11 @@ __all__ = [
     "current_name_scope",
     "data",
     "distributed",
+    "enable_logging",
+    "metrics",
     "name_scope",
     "preemption",
+    "schedules",
+    "summary",
     "variables_by_path",
 ]

@@ -7,6 +7,7 @@ methods it needs) naming the argument and what was received.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from looproto import distributed
 from looproto._validate import positive_int
-from looproto.errors import ConfigError, ProtocolError, value_repr
+from looproto.errors import CheckpointError, ConfigError, ProtocolError, value_repr
 from looproto.module import is_variable, read_int, variable_to_numpy
 from looproto.runner import Evaluator, Output, Trainer
 
@@ -23,9 +24,11 @@ __all__ = [
     "check_actions",
     "check_global_step",
     "check_outputs",
+    "check_restored_step",
     "check_runners",
     "check_step_agrees",
     "check_steps",
+    "checkpoint_number",
 ]
 
 
@@ -120,8 +123,10 @@ def check_outputs(
     if checkpoint_manager is not None and not isinstance(checkpoint_manager, CheckpointManagerLike):
         raise ProtocolError(
             "`checkpoint_manager` must be a `looproto.CheckpointManager` (or have its "
-            f"`save`/`restore_or_initialize`/`sync` methods); received "
-            f"{value_repr(checkpoint_manager)}."
+            "`directory`, `checkpoint_interval` and `latest_checkpoint` properties and its "
+            "`save`/`restore`/`restore_or_initialize`/`sync` methods); received "
+            f"{value_repr(checkpoint_manager)}. (A `tf.train.CheckpointManager` works with "
+            "`looproto.orbit.Controller`.)"
         )
     for argument, value in (
         ("summary_dir", summary_dir),
@@ -143,6 +148,45 @@ def check_outputs(
                 f"`{argument}` must be a `looproto.SummaryManager` (or have its "
                 f"`write_summaries`/`flush`/`close` methods); received {value_repr(manager)}."
             )
+
+
+# The number at the end of a checkpoint's name: `<dir>/200` (looproto), `ckpt-200`.
+_CHECKPOINT_NUMBER = re.compile(r"(\d+)$")
+
+
+def checkpoint_number(path: Any) -> int | None:
+    """The number a checkpoint's path ends with (`<dir>/200`, `<dir>/ckpt-200`), or None."""
+    match = _CHECKPOINT_NUMBER.search(os.path.basename(os.fspath(path).rstrip("/")))
+    return None if match is None else int(match.group(1))
+
+
+def check_restored_step(manager: Any, path: Any) -> None:
+    """After restoring checkpoint N, a manager's step counter must read N.
+
+    Checkpoints the `Controller` saves are numbered by the global step, so a counter
+    that reads anything else after a restore was not restored with the rest: training
+    would go on from the wrong step (or restart at 0) with the weights of step N.
+    Managers without a `step_counter` (their numbers may count saves) are not checked.
+
+    Raises:
+        CheckpointError: The step counter does not read the checkpoint's number.
+    """
+    counter = getattr(manager, "step_counter", None)
+    number = checkpoint_number(path)
+    if counter is None or not is_variable(counter) or number is None:
+        return
+    restored = read_int(counter)
+    if restored != number:
+        raise CheckpointError(
+            "The global step is not part of what was checkpointed: after restoring "
+            f"checkpoint {number} ({path}) the step counter "
+            f"{getattr(counter, 'name', value_repr(counter))!r} reads {restored}, so training "
+            f"would go on from step {restored} with the state of step {number}. Make the "
+            "step counter part of the checkpoint: hold it in the object the checkpoint "
+            "manager saves (an attribute of the trainer, an entry of the "
+            "`tf.train.Checkpoint`); when it is an optimizer's `iterations`, checkpoint "
+            "that optimizer."
+        )
 
 
 def check_step_agrees(global_step: Any, when: str) -> None:

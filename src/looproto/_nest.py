@@ -41,12 +41,18 @@ def sorted_keys(mapping: Mapping[Any, Any]) -> list[Any]:
 _leaf_types: set[type] = set()
 
 
-def children(value: Any) -> list[tuple[Any, Any]] | None:
-    """Returns `(path element, child)` pairs if `value` is a container, else None."""
+def children(
+    value: Any, is_leaf: Callable[[Any], bool] | None = None
+) -> list[tuple[Any, Any]] | None:
+    """Returns `(path element, child)` pairs if `value` is a container, else None.
+
+    `is_leaf(value)` True keeps `value` whole. It must depend on the type alone: the
+    type is remembered as a leaf type, as every other leaf's is.
+    """
     cls = type(value)
     if cls in _leaf_types:
         return None
-    kids = _children(value)
+    kids = None if is_leaf is not None and is_leaf(value) else _children(value)
     if kids is None:
         _leaf_types.add(cls)
     return kids
@@ -75,7 +81,6 @@ def _children(value: Any) -> list[tuple[Any, Any]] | None:
 def flatten_with_paths(
     value: Any,
     path: Path = (),
-    *,
     is_leaf: Callable[[Any], bool] | None = None,
     expand: Callable[[Any], list[tuple[Path, Any]] | None] | None = None,
 ) -> Iterator[tuple[Path, Any]]:
@@ -87,7 +92,7 @@ def flatten_with_paths(
         is_leaf: True for objects kept whole even if they are containers.
         expand: `(path, leaf)` pairs for other containers (None: a leaf).
     """
-    kids = None if is_leaf is not None and is_leaf(value) else children(value)
+    kids = children(value, is_leaf)
     if kids is None:
         expanded = None if expand is None else expand(value)
         if expanded is None:
@@ -97,7 +102,7 @@ def flatten_with_paths(
                 yield path + tuple(sub_path), leaf
         return
     for key, child in kids:
-        yield from flatten_with_paths(child, (*path, key), is_leaf=is_leaf, expand=expand)
+        yield from flatten_with_paths(child, (*path, key), is_leaf, expand)
 
 
 def path_to_str(path: Path) -> str:

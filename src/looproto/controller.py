@@ -25,23 +25,25 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Final
 
 import numpy as np
 
-from looproto import _nest, preemption
+from looproto import _nest, _recording, preemption
 from looproto._controller_checks import (
     CheckpointManagerLike,
     check_actions,
     check_global_step,
     check_outputs,
+    check_restored_step,
     check_runners,
     check_step_agrees,
     check_steps,
+    checkpoint_number,
 )
 from looproto._step_timer import Formatted, StepTimer, eta
-from looproto.errors import CheckpointError, ConfigError, NonFiniteError
+from looproto.errors import CheckpointError, ConfigError, NonFiniteError, ProtocolError
 from looproto.module import read_int
 from looproto.runner import Evaluator, Output, Trainer
 from looproto.summary import SummaryManager
@@ -52,7 +54,9 @@ _log = logging.getLogger("looproto")
 
 Action = Callable[[Output], None]
 """Called after each inner loop (train actions) or evaluation (eval actions) with
-the raw output of `train()`/`evaluate()` (`{}` when it returned None)."""
+the raw output of `train()`/`evaluate()` (`{}` when it returned None). An action that
+needs its `Controller` (to `stop()` it, say) defines `set_controller(controller)`,
+which the Controller calls once, when it is created."""
 
 MSG_STEP_NOT_ADVANCED: Final = (
     "`trainer.train({num_steps})` did not advance `global_step` (it stayed at {step}). "
@@ -82,6 +86,18 @@ class Controller:
     checkpoint (`SummaryManager(purge_step=...)`), so a resumed run shows every step
     once.
 
+    Schedule: inner loops end at multiples of an int `steps_per_loop`, evaluations
+    (`train_and_evaluate`) at multiples of `eval_interval` and at `train_steps`, and
+    summaries are written at multiples of `summary_interval`: all counted from step 0,
+    so a run resumed from any checkpoint evaluates, summarises and checkpoints at the
+    steps an uninterrupted run does. A checkpoint due at an evaluation step is saved
+    after that evaluation, so a resumed run never skips one.
+
+    Stopping: `stop()` (called by an action such as `looproto.actions.EarlyStopping`,
+    or by any code holding the Controller) ends training cleanly after the running
+    inner loop or evaluation: the final checkpoint is saved and `train()` /
+    `train_and_evaluate()` return normally.
+
     Preemption: while `train()` or `train_and_evaluate()` runs in the main thread,
     SIGTERM and SIGINT (`preemption_signals`) ask for a clean stop. The inner loop
     that is running finishes; then the Controller saves a checkpoint, waits for it,
@@ -97,6 +113,9 @@ class Controller:
       and on `save_checkpoint()`; Orbit silently saved nothing.
     * `train(-1)` trains until the data ends; a trainer that does not advance the
       global step stops training with a warning instead of looping forever.
+    * Inner loops and evaluations fall on multiples of `steps_per_loop` and
+      `eval_interval` counted from step 0; Orbit counts both from the step each
+      call starts at, so a resumed run shifts them.
 
     Example:
         >>> import numpy as np, looproto
@@ -200,6 +219,12 @@ class Controller:
         self._steps_per_loop = steps_per_loop
         self.step_timer: StepTimer | None = None
         self._train_target: int | None = None
+        # Why training should end at the next safe point (`stop()`), or None.
+        self._stop_reason: str | None = None
+        self._entries = 0  # nesting depth of the public entry points running now
+        # The step `train_and_evaluate` evaluates at next: its save comes after that.
+        self._evaluation_due_at: int | None = None
+        self._saved_at: int | None = None  # the step this Controller last saved at
 
         if checkpoint_manager is not None:
             restored_path = self.restore_checkpoint()
@@ -225,6 +250,10 @@ class Controller:
                 self.eval_summary_manager = eval_summary_manager or SummaryManager(
                     eval_summary_dir, global_step=global_step, purge_step=purge_step
                 )
+        for action in (*self.train_actions, *self.eval_actions):
+            bind = getattr(action, "set_controller", None)
+            if callable(bind):
+                bind(self)
 
     # ------------------------------------------------------------------ public
 
@@ -246,30 +275,39 @@ class Controller:
     def train(self, steps: int, checkpoint_at_completion: bool = True) -> None:
         """Trains until the global step reaches `steps` (an absolute step).
 
+        Inner loops end at multiples of an int `steps_per_loop` (the first one may be
+        shorter, from a restored step) and at `steps`.
+
         Args:
             steps: The global step to stop at. `-1` trains until the data ends.
             checkpoint_at_completion: Save a checkpoint at the end, whatever the
-                interval says.
+                interval says (also when `stop()` ended training early).
         """
         self._require("trainer", for_method="train")
         steps = check_steps(steps, "steps", allow_zero=True)
-        with preemption.watch(self.preemption_signals), self._close_if_preempted():
+        with (
+            self._entry(),
+            preemption.watch(self.preemption_signals),
+            self._close_if_preempted(),
+        ):
             current_step = read_int(self.global_step)
             target = "the end of the data" if steps == -1 else f"step {steps}"
             _log.info("train | step: %6d | training until %s...", current_step, target)
             self._train_target = None if steps == -1 else steps
             try:
-                while steps == -1 or current_step < steps:
-                    loop_steps = self.steps_per_loop
-                    num_steps = loop_steps if steps == -1 else min(steps - current_step, loop_steps)
+                while (steps == -1 or current_step < steps) and self._stop_reason is None:
+                    num_steps = self._next_loop_steps(current_step, steps)
                     new_step = self._train_n_steps(num_steps, current_step)
                     advanced, current_step = new_step - current_step, new_step
-                    self._maybe_save_checkpoint()
-                    self._stop_if_preempted()
+                    if current_step != self._evaluation_due_at:
+                        # At an evaluation step, `train_and_evaluate` saves (and
+                        # stops) after the evaluation.
+                        self._maybe_save_checkpoint()
+                        self._stop_if_preempted()
                     if advanced < num_steps:
                         _log.info(
-                            "train | step: %6d | the data ended after %d of %d steps of the "
-                            "last loop.",
+                            "train | step: %6d | the data ended after %d of %d steps of "
+                            "the last loop.",
                             current_step,
                             advanced,
                             num_steps,
@@ -282,7 +320,8 @@ class Controller:
                 self._sync_on_async_checkpointing()
                 self.summary_manager.flush()
             # A signal that came during the final save still stops the run.
-            self._stop_if_preempted()
+            if read_int(self.global_step) != self._evaluation_due_at:
+                self._stop_if_preempted()
 
     def evaluate(self, steps: int = -1) -> Output:
         """Runs one evaluation of `steps` steps (`-1`: until the data ends).
@@ -302,8 +341,9 @@ class Controller:
         current_step = read_int(self.global_step)
         _log.info(" eval | step: %6d | %s", current_step, steps_msg)
 
+        _recording.clear()  # what steps recorded before belongs to no evaluation
         start = time.perf_counter()
-        raw_output = self.evaluator.evaluate(steps)
+        raw_output = self._run_evaluator(steps)
         _nest.check_output(raw_output, "evaluator.evaluate")
         elapsed = time.perf_counter() - start
         raw_output = raw_output or {}
@@ -318,7 +358,7 @@ class Controller:
             elapsed,
             Formatted(output),
         )
-        self.eval_summary_manager.write_summaries(output)
+        self.eval_summary_manager.write_summaries(_with_recorded(output, "evaluator.evaluate"))
         self.eval_summary_manager.flush()
         return output
 
@@ -327,14 +367,19 @@ class Controller:
     ) -> Output | None:
         """Alternates training and evaluation until `train_steps` (absolute).
 
-        Trains `eval_interval` steps at a time, counted from the current global step
-        (the last stretch ends at `train_steps`), and evaluates after each stretch;
-        inner loops are cut short to end where a stretch does. Without
-        `eval_interval`, trains to `train_steps` and evaluates once. `train_steps=-1`
-        trains until the data ends (evaluating after each stretch and at the end).
+        Evaluates at every multiple of `eval_interval` (counted from step 0, so a
+        resumed run evaluates at the same steps as an uninterrupted one) and at
+        `train_steps`; inner loops are cut short to end there. Without
+        `eval_interval`, trains to `train_steps` and evaluates once. A checkpoint due
+        at an evaluation step is saved after the evaluation; with a manager that keeps
+        the best checkpoints (`CheckpointManager(best_fn=...)`) every evaluated step is
+        saved, with the evaluation's output as its metrics.
+        `train_steps=-1` trains until the data ends (evaluating at each multiple of
+        `eval_interval` and at the end).
 
         Returns:
-            The output of the last evaluation, or None if no training was needed.
+            The output of the last evaluation, or None if there was none (nothing to
+            train, or `stop()` before the first evaluation).
         """
         self._require("trainer", for_method="train_and_evaluate")
         self._require("evaluator", for_method="train_and_evaluate")
@@ -348,15 +393,29 @@ class Controller:
             )
         current_step = read_int(self.global_step)
         output = None
-        with preemption.watch(self.preemption_signals), self._close_if_preempted():
+        with (
+            self._entry(),
+            preemption.watch(self.preemption_signals),
+            self._close_if_preempted(),
+        ):
             try:
-                while train_steps == -1 or current_step < train_steps:
-                    if train_steps == -1:  # until the data ends
-                        target = -1 if eval_interval is None else current_step + eval_interval
-                    else:
-                        target = min(train_steps, current_step + (eval_interval or train_steps))
-                    self.train(steps=target, checkpoint_at_completion=False)
+                while (
+                    train_steps == -1 or current_step < train_steps
+                ) and self._stop_reason is None:
+                    target = train_steps  # -1: until the data ends
+                    if eval_interval is not None:
+                        target = (current_step // eval_interval + 1) * eval_interval
+                        if train_steps != -1:
+                            target = min(train_steps, target)
+                    self._evaluation_due_at = target
+                    try:
+                        self.train(steps=target, checkpoint_at_completion=False)
+                    finally:
+                        self._evaluation_due_at = None
+                    if self._stop_reason is not None:
+                        break  # a train action stopped training: no more evaluation
                     output = self.evaluate(steps=eval_steps)
+                    self._save_after_evaluation(output)
                     self._stop_if_preempted()  # a signal during the evaluation
                     reached = read_int(self.global_step)
                     if target == -1 or reached < target:  # the training data ended
@@ -391,26 +450,40 @@ class Controller:
         from looproto.checkpoint import checkpoints_iterator
 
         output = None
-        for checkpoint_path in checkpoints_iterator(
-            self.checkpoint_manager.directory, timeout=timeout, timeout_fn=timeout_fn
-        ):
-            try:
-                self.restore_checkpoint(checkpoint_path)
-            except CheckpointError:
-                if os.path.isdir(checkpoint_path):
-                    raise
-                # The trainer's retention deleted it before or while it was read: the
-                # newer checkpoint that replaced it comes next.
-                _log.info("skipped %s: deleted by its owner before it was read.", checkpoint_path)
-                continue
-            output = self.evaluate(steps)
+        with self._entry():
+            for checkpoint_path in checkpoints_iterator(
+                self.checkpoint_manager.directory, timeout=timeout, timeout_fn=timeout_fn
+            ):
+                try:
+                    self.restore_checkpoint(checkpoint_path)
+                except CheckpointError:
+                    if os.path.isdir(checkpoint_path):
+                        raise
+                    # The trainer's retention deleted it before or while it was read:
+                    # the newer checkpoint that replaced it comes next.
+                    _log.info(
+                        "skipped %s: deleted by its owner before it was read.", checkpoint_path
+                    )
+                    continue
+                output = self.evaluate(steps)
+                if self._stop_reason is not None:  # an eval action asked to stop
+                    break
         return output
 
     def restore_checkpoint(self, checkpoint_path: str | None = None) -> str | None:
         """Restores `checkpoint_path`, or the latest checkpoint (or initialises).
 
+        With a trainer, and a manager that numbers checkpoints by a `step_counter`,
+        restoring checkpoint N must set that counter to N: anything else means the
+        global step is not in the checkpoint, and training would silently go on from
+        the wrong step.
+
         Returns:
             The path restored from, or None if there was no checkpoint.
+
+        Raises:
+            CheckpointError: The step counter does not read the restored checkpoint's
+                number (the message says how to checkpoint it).
         """
         self._require("checkpoint_manager", for_method="restore_checkpoint")
         assert self.checkpoint_manager is not None
@@ -424,6 +497,8 @@ class Controller:
                 checkpoint_path = self.checkpoint_manager.restore_or_initialize()
         if checkpoint_path is not None:
             _log.info("restored model from %s.", checkpoint_path)
+            if self.trainer is not None:
+                check_restored_step(self.checkpoint_manager, checkpoint_path)
         return checkpoint_path
 
     def save_checkpoint(self) -> None:
@@ -431,6 +506,31 @@ class Controller:
         self._require("checkpoint_manager", for_method="save_checkpoint")
         self._maybe_save_checkpoint(check_interval=False)
         self._sync_on_async_checkpointing()
+
+    def stop(self, reason: str = "`Controller.stop()` was called") -> None:
+        """Ends training cleanly at the next safe point, as if it had completed.
+
+        The running inner loop (or evaluation) finishes; then `train()` and
+        `train_and_evaluate()` skip what is left, save the final checkpoint and return
+        normally (`looproto train` exits with status 0). `evaluate_continuously()`
+        stops after the evaluation that is running. A stop requested while nothing
+        runs ends the next call at its start. Unlike a preemption, it means "done":
+        the run is not meant to be resumed.
+
+        Args:
+            reason: Why, for the log (e.g. "no improvement of eval_loss in 3
+                evaluations").
+        """
+        if not isinstance(reason, str):
+            raise ConfigError(f"`reason` must be a str; received reason={reason!r}.")
+        if self._stop_reason is None:
+            _log.info("stop | step: %6d | %s", read_int(self.global_step), reason)
+            self._stop_reason = reason
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why `stop()` ended (or will end) the running call; None when it was not called."""
+        return self._stop_reason
 
     # -------------------------------------------------------------- preemption
 
@@ -450,7 +550,7 @@ class Controller:
             checkpoint = self._maybe_save_checkpoint(check_interval=False)
             manager.sync()  # the process may exit right after: the save must be on disk
             latest = manager.latest_checkpoint
-            if checkpoint is None and latest is not None and os.path.basename(latest) == str(step):
+            if checkpoint is None and latest is not None and checkpoint_number(latest) == step:
                 checkpoint = latest  # saved at this step already (interval or completion)
         preemption.acknowledge()  # a signal while closing down still exits at once
         raise preemption.Preempted(step, signal_number, checkpoint)
@@ -469,14 +569,41 @@ class Controller:
 
     # ----------------------------------------------------------------- private
 
+    @contextlib.contextmanager
+    def _entry(self) -> Iterator[None]:
+        """Marks a public entry point; the outermost one ends a `stop()` it honoured."""
+        self._entries += 1
+        try:
+            yield
+        finally:
+            self._entries -= 1
+            if self._entries == 0 and self._stop_reason is not None:
+                _log.info(
+                    "stop | step: %6d | training stopped: %s",
+                    read_int(self.global_step),
+                    self._stop_reason,
+                )
+                self._stop_reason = None
+
+    def _next_loop_steps(self, current_step: int, steps: int) -> int:
+        """Steps of the next inner loop: to the next multiple of an int `steps_per_loop`."""
+        spl = self._steps_per_loop
+        if callable(spl):
+            loop_steps = self.steps_per_loop
+        else:
+            assert spl is not None
+            loop_steps = spl - current_step % spl
+        return loop_steps if steps == -1 else min(steps - current_step, loop_steps)
+
     def _train_n_steps(self, num_steps: int, current_step: int) -> int:
         """Runs one inner loop from `current_step`; returns the global step after it."""
         assert self.trainer is not None
         if self.step_timer is None:
             self.step_timer = StepTimer(self.global_step)
+        _recording.clear()  # what steps recorded before belongs to no loop
         # Time the inner loop alone: checkpoints and summaries are not training speed.
         self.step_timer.start(current_step)
-        raw_output = self.trainer.train(num_steps)
+        raw_output = self._run_trainer(num_steps)
         _nest.check_output(raw_output, "trainer.train")
         new_step = read_int(self.global_step)
         steps_per_second = self.step_timer.steps_per_second(current_step=new_step)
@@ -505,8 +632,11 @@ class Controller:
             eta(target - new_step if target is not None else None, steps_per_second),
             Formatted(output),
         )
+        recorded = _recording.take()  # in-step summaries, and the train actions' own
         if self._summary_due(current_step, new_step):
             output["steps_per_second"] = steps_per_second
+            if recorded:
+                output.update(_check_recorded(recorded, output, "trainer.train"))
             self.summary_manager.write_summaries(output, step=new_step)
             self.summary_manager.flush()
         if self.train_actions:
@@ -539,23 +669,54 @@ class Controller:
                     f"{kept}."
                 )
 
+    def _run_trainer(self, num_steps: int) -> Output | None:
+        """One inner loop: `trainer.train(num_steps)` (a subclass may wrap the call)."""
+        assert self.trainer is not None
+        return self.trainer.train(num_steps)
+
+    def _run_evaluator(self, steps: int) -> Output | None:
+        """One evaluation: `evaluator.evaluate(steps)` (a subclass may wrap the call)."""
+        assert self.evaluator is not None
+        return self.evaluator.evaluate(steps)
+
     def _summary_due(self, old_step: int, new_step: int) -> bool:
         interval = self.summary_interval
         if interval is None:
             return new_step != old_step
         return math.floor(new_step / interval) > math.floor(old_step / interval)
 
-    def _maybe_save_checkpoint(self, check_interval: bool = True) -> str | None:
-        """Saves if due; returns the new checkpoint's path, or None if none was saved."""
+    def _save_after_evaluation(self, output: Output) -> None:
+        """The save due at an evaluation step; every evaluated step when keeping the best."""
+        manager = self.checkpoint_manager
+        if manager is not None and getattr(manager, "best_fn", None) is not None:
+            self._maybe_save_checkpoint(check_interval=False, metrics=output)
+        else:
+            self._maybe_save_checkpoint()
+
+    def _maybe_save_checkpoint(
+        self, check_interval: bool = True, metrics: Output | None = None
+    ) -> str | None:
+        """Saves if due; returns the new checkpoint's path, or None if none was saved.
+
+        `metrics` (an evaluation's output) go with the checkpoint to a manager that
+        keeps the best ones.
+        """
         manager = self.checkpoint_manager
         if manager is None:
             return None
         if check_interval and not manager.checkpoint_interval:
             return None
-        path = manager.save(
-            checkpoint_number=read_int(self.global_step), check_interval=check_interval
-        )
+        step = read_int(self.global_step)
+        if step == self._saved_at and step == _latest_step(manager):
+            return None  # saved at this step already (after its evaluation, say)
+        if metrics is not None:
+            path = manager.save(  # type: ignore[call-arg]
+                checkpoint_number=step, check_interval=check_interval, metrics=metrics
+            )
+        else:
+            path = manager.save(checkpoint_number=step, check_interval=check_interval)
         if path is not None:
+            self._saved_at = step
             _log.info("saved checkpoint to %s.", path)
             # The summaries of the steps this checkpoint covers outlive a crash with it.
             self.summary_manager.sync()
@@ -603,3 +764,27 @@ class Controller:
 
 def _null() -> Any:
     return contextlib.nullcontext()
+
+
+def _latest_step(manager: CheckpointManagerLike) -> int | None:
+    latest = manager.latest_checkpoint
+    return None if latest is None else checkpoint_number(latest)
+
+
+def _check_recorded(recorded: Mapping[str, Any], output: Output, where: str) -> Mapping[str, Any]:
+    """In-step summaries, checked not to shadow a key of the loop's output."""
+    clashes = sorted(name for name in recorded if name in output)
+    if clashes:
+        raise ProtocolError(
+            f"The summaries recorded with `looproto.summary.scalar/histogram` {clashes} have "
+            f"the names of keys `{where}` returned; rename one of them."
+        )
+    return recorded
+
+
+def _with_recorded(output: dict[str, Any], where: str) -> dict[str, Any]:
+    """`output` plus what the evaluation's steps and the eval actions recorded."""
+    recorded = _recording.take()
+    if not recorded:
+        return output
+    return {**output, **_check_recorded(recorded, output, where)}

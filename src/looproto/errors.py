@@ -22,6 +22,7 @@ __all__ = [
     "NonFiniteError",
     "ProtocolError",
     "ShapeError",
+    "StaleReadError",
     "StorageError",
     "value_repr",
 ]
@@ -40,6 +41,15 @@ class ProtocolError(LooprotoError, TypeError):
 
     For example a `train_step` that returns something other than arrays, or a
     decorator applied to something that is not a method.
+    """
+
+
+class StaleReadError(ProtocolError):
+    """A compiled step read a variable that its loop does not carry.
+
+    Its value at the first trace would be baked into the compiled program as a
+    constant and never change again; the message names the variable and how to make
+    it reachable from the trainer or evaluator.
     """
 
 

@@ -20,6 +20,8 @@ loop, and a checkpoint written under one backend restores under any other: it is
 the same tree of plain arrays. Gradients come from the backend
 (`value_and_grad(fn, module, backend=...)`); the optimizers here (`SGD`, `Adam`)
 are written against the array API too, so their state is the same tree everywhere.
+They take a learning-rate schedule (`looproto.schedules`), decoupled weight decay
+and gradient clipping (`clipvalue`, `clipnorm`, `global_clipnorm`, Keras's names).
 The NumPy backend runs the model's forward pass (evaluation, serving a checkpoint)
 but cannot differentiate.
 
@@ -189,6 +191,17 @@ def _positive(value: Any, argument: str) -> float:
     return float(value)
 
 
+def _optional_positive(value: Any, argument: str) -> float | None:
+    return None if value is None else _positive(value, argument)
+
+
+def _learning_rate(value: Any) -> float | Callable[[Any], Any]:
+    """A positive number, or a schedule (a callable of the update count)."""
+    if callable(value):
+        return value  # type: ignore[no-any-return]
+    return _positive(value, "learning_rate")
+
+
 def _fraction(value: Any, argument: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
         raise ConfigError(f"`{argument}` must be a number in [0, 1); received {value_repr(value)}.")
@@ -201,27 +214,65 @@ class Optimizer(Module, metaclass=abc.ABCMeta):
     The parameters are found once, at construction, with `variables_by_path`; slot
     variables (momentum, moments) are `looproto.Variable`s holding NumPy arrays,
     stored by the parameter's path, so the optimizer's state is the same checkpoint
-    tree on every backend. Subclasses implement `_update(path, param, grad, context)`, and
-    `_prepare()` for what all parameters' updates of one step share.
+    tree on every backend. Subclasses implement `_update(path, param, grad, context)`,
+    and `_prepare(learning_rate)` for what all parameters' updates of one step share
+    (it gets this update's learning rate; its result is the `context`).
+
+    Each `apply` clips the gradients (one of `clipvalue`, `clipnorm`,
+    `global_clipnorm`), takes this update's learning rate (the schedule at the count
+    of earlier updates, kept in the int64 slot `iterations`), decays the weights
+    (`param -= learning_rate * weight_decay * param`, decoupled from the gradient, as
+    AdamW and Keras do) and then updates them.
 
     Args:
         module: The model whose trainable floating-point `looproto.Variable`s it updates.
-        learning_rate: The step size (a positive number).
+        learning_rate: The step size: a positive number, or a schedule, a callable of
+            the update count (`looproto.schedules`, or array-API code of your own).
         name: The module name (its slots are named under it).
+        weight_decay: Decoupled weight decay (0: none).
+        clipvalue: Clip each gradient element to `[-clipvalue, clipvalue]`.
+        clipnorm: Scale each gradient down to this L2 norm at most.
+        global_clipnorm: Scale all gradients together down to this global L2 norm at most.
 
     Raises:
-        ConfigError: `module` has no trainable floating-point variables, or a
-            hyper-parameter is out of range.
+        ConfigError: `module` has no trainable floating-point variables, a
+            hyper-parameter is out of range, or more than one clipping is given.
         ProtocolError: A trainable variable is not a `looproto.Variable` (a framework's
             own variable is updated by that framework's optimizer).
     """
 
     # The parameters belong to the model: a walk of the trainer must find them there.
     _TF_MODULE_IGNORED_PROPERTIES: ClassVar[frozenset[str]] = frozenset({"_params"})
+    # Whether this optimizer counts its updates even with a constant learning rate.
+    _counts_updates: ClassVar[bool] = False
 
-    def __init__(self, module: Any, learning_rate: float, name: str | None = None) -> None:
+    def __init__(
+        self,
+        module: Any,
+        learning_rate: float | Callable[[Any], Any],
+        name: str | None = None,
+        *,
+        weight_decay: float = 0.0,
+        clipvalue: float | None = None,
+        clipnorm: float | None = None,
+        global_clipnorm: float | None = None,
+    ) -> None:
         super().__init__(name=name)
-        self.learning_rate = _positive(learning_rate, "learning_rate")
+        self.learning_rate = _learning_rate(learning_rate)
+        # 0 (the default) is no decay; anything else must be a positive number.
+        self.weight_decay = 0.0 if weight_decay == 0 else _positive(weight_decay, "weight_decay")
+        clips = {"clipvalue": clipvalue, "clipnorm": clipnorm, "global_clipnorm": global_clipnorm}
+        given = [name for name, value in clips.items() if value is not None]
+        if len(given) > 1:
+            raise ConfigError(
+                f"Pass at most one of `clipvalue`, `clipnorm`, `global_clipnorm`; received {given}."
+            )
+        self.clipvalue, self.clipnorm, self.global_clipnorm = (
+            _optional_positive(value, name) for name, value in clips.items()
+        )
+        if self._counts_updates or callable(self.learning_rate):
+            with self.name_scope:
+                self.iterations = Variable(np.int64(0), trainable=False, name="iterations")
         params: dict[str, Variable] = {}
         for path, variable in variables_by_path(module, predicate=is_trainable).items():
             if not isinstance(variable, Variable):
@@ -275,17 +326,65 @@ class Optimizer(Module, metaclass=abc.ABCMeta):
             ProtocolError: `grads` does not have exactly one entry per parameter.
         """
         self._check(grads)
-        context = self._prepare()
+        grads = self._clip(grads)
+        rate: Any = self.learning_rate
+        if hasattr(self, "iterations"):
+            count = self.iterations.value
+            if callable(rate):
+                rate = rate(count)
+            self.iterations.assign(count + 1)
+        context = self._prepare(rate)
+        decay = self.weight_decay
         for path, param in self._params.items():
+            if decay:
+                param.assign(param.value - (rate * decay) * param.value)
             self._update(path, param, grads[path], context)
 
-    def _prepare(self) -> Any:
-        """Runs once per `apply`, before the updates; its result is their `context`."""
-        return None
+    def _clip(self, grads: Mapping[str, Any]) -> Mapping[str, Any]:
+        """`grads` clipped as `clipvalue`, `clipnorm` or `global_clipnorm` says."""
+        if self.clipvalue is not None:
+            limit = self.clipvalue
+            return {p: array_namespace(g).clip(g, -limit, limit) for p, g in grads.items()}
+        if self.clipnorm is not None:
+            limit = self.clipnorm
+            return {p: g * _shrink(array_namespace(g), [g], limit) for p, g in grads.items()}
+        if self.global_clipnorm is not None:
+            xp = array_namespace(*grads.values())
+            factor = _shrink(xp, list(grads.values()), self.global_clipnorm)
+            return {p: g * factor for p, g in grads.items()}
+        return grads
+
+    def hyperparameters(self) -> dict[str, float]:
+        """What the next update applies: `learning_rate` (the schedule at `iterations`), ...
+
+        The names `looproto.actions.LearningRateMonitor` summarises.
+        """
+        rate: Any = self.learning_rate
+        if callable(rate):
+            rate = float(np.asarray(rate(int(self.iterations.numpy()))))
+        out = {"learning_rate": float(rate)}
+        if self.weight_decay:
+            out["weight_decay"] = self.weight_decay
+        return out
+
+    def _prepare(self, learning_rate: Any) -> Any:
+        """Runs once per `apply`, before the updates; its result is their `context`.
+
+        Args:
+            learning_rate: This update's rate (an array of the running backend when it
+                comes from a schedule; keep it local, never on an attribute).
+        """
+        return learning_rate
 
     @abc.abstractmethod
     def _update(self, path: str, param: Variable, grad: Any, context: Any) -> None:
         """Updates `param` (at `path`) from its gradient `grad`."""
+
+
+def _shrink(xp: Any, grads: list[Any], limit: float) -> Any:
+    """The factor that scales the joint L2 norm of `grads` down to `limit` at most."""
+    norm = xp.sqrt(sum(xp.sum(g * g) for g in grads))
+    return limit / xp.maximum(norm, limit)
 
 
 class SGD(Optimizer):
@@ -309,12 +408,14 @@ class SGD(Optimizer):
     def __init__(
         self,
         module: Any,
-        learning_rate: float = 0.01,
+        learning_rate: float | Callable[[Any], Any] = 0.01,
         momentum: float = 0.0,
         nesterov: bool = False,
         name: str | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__(module, learning_rate, name=name)
+        """See the class docstring; `options` are `Optimizer`'s keyword arguments."""
+        super().__init__(module, learning_rate, name=name, **options)
         self.momentum = _fraction(momentum, "momentum")
         if not isinstance(nesterov, bool):
             raise ConfigError(f"`nesterov` must be a bool; received {value_repr(nesterov)}.")
@@ -323,8 +424,15 @@ class SGD(Optimizer):
         self.nesterov = nesterov
         self.velocity = self._slots("velocity") if self.momentum else {}
 
+    def hyperparameters(self) -> dict[str, float]:
+        """See base class; with `momentum` when there is some."""
+        out = super().hyperparameters()
+        if self.momentum:
+            out["momentum"] = self.momentum
+        return out
+
     def _update(self, path: str, param: Variable, grad: Any, context: Any) -> None:
-        lr, momentum = self.learning_rate, self.momentum
+        lr, momentum = context, self.momentum
         if not momentum:
             param.assign(param.value - lr * grad)
             return
@@ -343,35 +451,40 @@ class Adam(Optimizer):
     `v/<path>`.
     """
 
+    _counts_updates = True  # the bias correction needs the count
+
     def __init__(
         self,
         module: Any,
-        learning_rate: float = 0.001,
+        learning_rate: float | Callable[[Any], Any] = 0.001,
         beta_1: float = 0.9,
         beta_2: float = 0.999,
         epsilon: float = 1e-7,
         name: str | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__(module, learning_rate, name=name)
+        """See the class docstring; `options` are `Optimizer`'s keyword arguments."""
+        super().__init__(module, learning_rate, name=name, **options)
         self.beta_1 = _fraction(beta_1, "beta_1")
         self.beta_2 = _fraction(beta_2, "beta_2")
         self.epsilon = _positive(epsilon, "epsilon")
-        with self.name_scope:
-            self.iterations = Variable(np.int64(0), trainable=False, name="iterations")
         self.m = self._slots("m")
         self.v = self._slots("v")
 
-    def _prepare(self) -> Any:
-        step = self.iterations.value + 1
-        self.iterations.assign(step)
-        return step
+    def _prepare(self, learning_rate: Any) -> Any:
+        return learning_rate, self.iterations.value  # the rate; this update's number (from 1)
+
+    def hyperparameters(self) -> dict[str, float]:
+        """See base class; with `beta_1` and `beta_2`."""
+        return {**super().hyperparameters(), "beta_1": self.beta_1, "beta_2": self.beta_2}
 
     def _update(self, path: str, param: Variable, grad: Any, context: Any) -> None:
         b1, b2 = self.beta_1, self.beta_2
+        rate, count = context
         value = param.value
         xp = array_namespace(value)
-        t = xp.astype(context, value.dtype)
-        lr_t = self.learning_rate * xp.sqrt(1 - b2**t) / (1 - b1**t)
+        t = xp.astype(count, value.dtype)
+        lr_t = rate * xp.sqrt(1 - b2**t) / (1 - b1**t)
         m, v = self.m[path], self.v[path]
         new_m = b1 * m.value + (1 - b1) * grad
         new_v = b2 * v.value + (1 - b2) * grad * grad

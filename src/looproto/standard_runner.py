@@ -16,6 +16,12 @@ TensorFlow, one `jax.jit(lax.scan)` call on JAX, `torch.compile` on PyTorch.
     <for each step: state = eval_reduce(state, eval_step(iterator))>
     return eval_end(state)      # eval_end() when state is None
 
+Metrics: a trainer's `train_metrics` and an evaluator's `eval_metrics` (mappings of
+names to `looproto.metrics` metrics, or torchmetrics/Keras/Flax NNX ones; or lists of
+metrics with names, as TensorFlow Models' trainers keep) are reset before each inner
+loop or evaluation, and their results are added to its output (under their names; a
+key the hook returns itself wins).
+
 Which backend: `options.backend`, else the `LOOPROTO_BACKEND` environment
 variable, else the framework of the module's variables, else NumPy.
 """
@@ -30,7 +36,7 @@ import types
 from collections.abc import Mapping
 from typing import Any
 
-from looproto import _nest, backends
+from looproto import _nest, backends, metrics
 from looproto.backends.base import Backend, Loop, LoopOptions, StepFn
 from looproto.errors import ConfigError, ProtocolError, value_repr
 from looproto.module import Module, Variable, backend_for_variable
@@ -210,6 +216,22 @@ def check_num_steps(num_steps: Any, method: str) -> int:
     return num_steps
 
 
+def _metric_table(runner: Any, attribute: str) -> Any:
+    """The runner's `train_metrics`/`eval_metrics` (checked by `looproto.metrics`), or None."""
+    table = getattr(runner, attribute, None)
+    return table if table else None
+
+
+def _with_results(output: Output | None, table: Mapping[str, Any], attribute: str) -> Any:
+    """`output` plus the metrics' results (a key of `output` wins)."""
+    found = metrics.results(table, attribute)
+    if output is None:
+        return found
+    if not isinstance(output, Mapping):
+        return output  # `check_output` says what is wrong with it
+    return {**found, **output}
+
+
 def resolve_backend(name: str | None, module: Any) -> Backend:
     """The backend named `name`, else `LOOPROTO_BACKEND`, else inferred from `module`."""
     import os
@@ -233,7 +255,9 @@ class StandardTrainer(AbstractTrainer, metaclass=abc.ABCMeta):
     """A trainer written as per-step hooks; the backend compiles the inner loop.
 
     Implement `train_step(iterator)`. Optionally implement `train_loop_begin()`
-    (reset metrics) and `train_loop_end()` (return the outputs of the loop).
+    (reset metrics) and `train_loop_end()` (return the outputs of the loop). Metrics
+    in a `train_metrics` mapping are reset and reported without either (see the
+    module docstring).
 
     The data iterator is created when the trainer is constructed and persists
     across `train()` calls, so training walks through the dataset rather than
@@ -309,17 +333,29 @@ class StandardTrainer(AbstractTrainer, metaclass=abc.ABCMeta):
             What `train_loop_end` returns.
         """
         num_steps = check_num_steps(num_steps, "train")
+        table = _metric_table(self, "train_metrics")
+        if table:
+            metrics.reset(table, "train_metrics")
         self.train_loop_begin()
-        if self._train_loop_fn is None:
-            self._train_loop_fn = self.create_train_loop_fn()
-        if self._train_iter is None and self._train_dataset is not None:
-            self._train_iter = make_iterator(self._train_dataset)
-        _, steps_run = self._train_loop_fn(self._train_iter, num_steps)
-        if num_steps != -1 and steps_run < num_steps:
-            _log.info("train: the data ended after %d of %d steps.", steps_run, num_steps)
+        self._run_train_loop(num_steps)
         output = self.train_loop_end()
+        if table:
+            output = _with_results(output, table, "train_metrics")
         _nest.check_output(output, "train_loop_end")
         return output
+
+    def _run_train_loop(self, num_steps: int, loop: Loop | None = None) -> int:
+        """Runs `num_steps` steps with `loop` (default the trainer's); returns the steps run."""
+        if loop is None:
+            if self._train_loop_fn is None:
+                self._train_loop_fn = self.create_train_loop_fn()
+            loop = self._train_loop_fn
+        if self._train_iter is None and self._train_dataset is not None:
+            self._train_iter = make_iterator(self._train_dataset)
+        _, steps_run = loop(self._train_iter, num_steps)
+        if num_steps != -1 and steps_run < num_steps:
+            _log.info("train: the data ended after %d of %d steps.", steps_run, num_steps)
+        return int(steps_run)
 
     def train_loop_begin(self) -> None:
         """Called before each inner loop (e.g. reset metrics). Does nothing by default."""
@@ -353,6 +389,7 @@ class StandardEvaluator(AbstractEvaluator, metaclass=abc.ABCMeta):
     Implement `eval_step(iterator)`. Optionally `eval_begin()` (reset metrics, or
     return an initial reduce state), `eval_reduce(state, step_outputs)` (fold one
     step's outputs into the state) and `eval_end(state)` (return the outputs).
+    Metrics in an `eval_metrics` mapping are reset and reported without them.
 
     By default each `evaluate()` starts from the beginning of `eval_dataset`; with
     `recreate_iterator_for_each_eval=False` it continues where the last one stopped.
@@ -410,7 +447,18 @@ class StandardEvaluator(AbstractEvaluator, metaclass=abc.ABCMeta):
             What `eval_end` returns.
         """
         num_steps = check_num_steps(num_steps, "evaluate")
-        state = self.eval_begin()
+        table = _metric_table(self, "eval_metrics")
+        if table:
+            metrics.reset(table, "eval_metrics")
+        state = self._run_eval_loop(num_steps, self.eval_begin())
+        output = self.eval_end() if state is None else self.eval_end(state)
+        if table:
+            output = _with_results(output, table, "eval_metrics")
+        _nest.check_output(output, "eval_end")
+        return output
+
+    def _run_eval_loop(self, num_steps: int, state: Any) -> Any:
+        """Runs `num_steps` steps from the reduce state `state`; returns the final state."""
         if self._eval_loop_fn is None:
             self._eval_loop_fn = self.create_eval_loop_fn()
         if self._eval_iter is None:
@@ -423,9 +471,7 @@ class StandardEvaluator(AbstractEvaluator, metaclass=abc.ABCMeta):
         state, _ = self._eval_loop_fn(
             iterator, num_steps, state, self.eval_reduce if reduces else None
         )
-        output = self.eval_end() if state is None else self.eval_end(state)
-        _nest.check_output(output, "eval_end")
-        return output
+        return state
 
     def eval_begin(self) -> Any:
         """Called before each evaluation; its return is the initial reduce state."""

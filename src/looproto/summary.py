@@ -28,11 +28,11 @@ from typing import Any, Final
 
 import numpy as np
 
-from looproto import distributed
+from looproto import _recording, distributed
 from looproto._nest import to_numpy_leaf
 from looproto.errors import ConfigError, ProtocolError, value_repr
 
-__all__ = ["SummaryManager"]
+__all__ = ["SummaryManager", "histogram", "pending", "scalar"]
 
 # Makes every event file name unique within a process even if `time_ns` repeats.
 _FILE_COUNTER: Final = itertools.count()
@@ -400,3 +400,63 @@ def _histogram(tbx: _TensorboardX, values: np.ndarray[Any, Any]) -> Any:
         sum=float(finite.sum()),
         sum_squares=float(finite @ finite),
     )
+
+
+# ----------------------------------------------------------------------------
+# Summaries recorded inside steps
+
+
+def scalar(name: str, value: Any) -> None:
+    """Records a scalar summary from inside a step (or anywhere on the host).
+
+    Call it in `train_step`/`eval_step` on any backend, compiled or not: the running
+    loop keeps the latest value on the device (in the compiled call's carried state
+    under JAX, in a `tf.Variable` under TensorFlow, as a tensor under torch) and hands
+    it over when the inner loop returns. The `Controller` then writes it, with the
+    loop's other summaries, at the loop's last step when `summary_interval` says
+    summaries are due (train steps into the train summaries, eval steps into the eval
+    summaries). A name recorded several times in a loop keeps its last value: with
+    `summary_interval` a multiple of `steps_per_loop`, the value of the step the summary
+    is written at. Values recorded outside a loop (in an action, say) are written with
+    the next summaries the Controller writes.
+
+    Example:
+        >>> import looproto
+        >>> class Trainer(looproto.StandardTrainer):
+        ...     def __init__(self):
+        ...         super().__init__(train_dataset=None)
+        ...         self.global_step = looproto.create_global_step()
+        ...     def train_step(self, iterator):
+        ...         looproto.summary.scalar("step_seen", self.global_step.value)
+        ...         self.global_step.assign_add(1)
+        >>> _ = Trainer().train(3)
+        >>> int(looproto.summary.pending()["step_seen"])  # the loop's last step
+        2
+
+    Args:
+        name: The tag (`/` groups tags in TensorBoard, e.g. `"grads/norm"`).
+        value: A number or a one-element array of the step's framework.
+
+    Raises:
+        ProtocolError: `name` is not a non-empty string.
+    """
+    _recording.record(_recording.SCALAR, name, value)
+
+
+def histogram(name: str, values: Any) -> None:
+    """Records a histogram summary of `values` (an array) from inside a step.
+
+    Kept and written as `scalar` is; a one-element array is written as a scalar.
+
+    Raises:
+        ProtocolError: `name` is not a non-empty string.
+    """
+    _recording.record(_recording.HISTOGRAM, name, values)
+
+
+def pending() -> dict[str, Any]:
+    """The recorded values the Controller has not written yet: name -> value.
+
+    Values stay as recorded (framework arrays too); `Controller` takes and writes them.
+    """
+    return {name: value for name, (_, value) in _recording.pending().items()}

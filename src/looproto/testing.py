@@ -31,7 +31,9 @@ from looproto.backends.base import (
     SupportsDtypes,
     SupportsGradients,
     SupportsHookGate,
+    SupportsHyperparameters,
     SupportsIteratorState,
+    SupportsMetrics,
     SupportsStateJSON,
 )
 from looproto.errors import ConfigError, LooprotoError, ShapeError
@@ -116,7 +118,9 @@ _CAPABILITIES: dict[str, type] = {
         SupportsDtypes,
         SupportsGradients,
         SupportsHookGate,
+        SupportsHyperparameters,
         SupportsIteratorState,
+        SupportsMetrics,
         SupportsStateJSON,
     )
 }
@@ -207,6 +211,13 @@ def _check_capabilities(backend: Backend) -> list[str]:
         raise _fail("`iterator_state` must be None for an object of no framework.")
     if isinstance(backend, SupportsStateJSON) and backend.state_to_json(foreign) is not None:
         raise _fail("`state_to_json` must be None for an object of no framework.")
+    if isinstance(backend, SupportsMetrics) and backend.metric_adapter(foreign) is not None:
+        raise _fail("`metric_adapter` must be None for an object of no framework.")
+    if (
+        isinstance(backend, SupportsHyperparameters)
+        and backend.hyperparameters(foreign) is not None
+    ):
+        raise _fail("`hyperparameters` must be None for an object of no framework.")
     if isinstance(backend, SupportsHookGate) and not isinstance(backend.hooks_gated(), bool):
         raise _fail("`hooks_gated()` must return a bool.")
     if (

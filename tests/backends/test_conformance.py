@@ -50,6 +50,8 @@ CAPABILITIES = {
         "SupportsAssignHook",
         "SupportsDistributed",
         "SupportsGradients",
+        "SupportsHyperparameters",
+        "SupportsMetrics",
     ],
     "tensorflow": [
         "SupportsArrayAPI",
@@ -57,7 +59,9 @@ CAPABILITIES = {
         "SupportsDistributed",
         "SupportsDtypes",
         "SupportsGradients",
+        "SupportsHyperparameters",
         "SupportsIteratorState",
+        "SupportsMetrics",
     ],
     "torch": [
         "SupportsArrayAPI",
@@ -65,7 +69,9 @@ CAPABILITIES = {
         "SupportsDtypes",
         "SupportsGradients",
         "SupportsHookGate",
+        "SupportsHyperparameters",
         "SupportsIteratorState",
+        "SupportsMetrics",
         "SupportsStateJSON",
     ],
 }
@@ -165,3 +171,51 @@ def test_entry_point_may_name_an_instance_a_class_or_a_factory(monkeypatch, kind
     backend = backends.get("plugged")
     assert isinstance(backend, Plugged)
     assert backends.get("plugged") is backend  # loaded once
+
+
+class _BatchPopper(looproto.StandardTrainer):
+    """Takes the label out of each batch dict, as Orbit's `single_task` example does."""
+
+    __test__ = False
+
+    def __init__(self, dataset: Any, backend: str, compiled: bool) -> None:
+        options = looproto.StandardTrainerOptions(
+            backend=backend, use_compiled_step=compiled, use_compiled_loop=compiled
+        )
+        super().__init__(train_dataset=dataset, options=options)
+        self.global_step = looproto.create_global_step()
+        self.total = looproto.Variable(np.float32(0), trainable=False)
+
+    def train_step(self, iterator: Any) -> None:
+        batch = next(iterator)
+        label = batch.pop("label")
+        assert set(batch) == {"x"}
+        self.total.assign_add(label[0] + label[1])
+        self.global_step.assign_add(1)
+
+
+# A compiled loop hands the step containers of its own; an eager one, what the iterator
+# yields (a Python iterator's own dicts, as in any Python loop).
+@pytest.mark.parametrize("source", ["array_dataset", "python_iterator"])
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager"])
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_a_step_may_change_the_batch_it_is_given(name, compiled, source):
+    framework, _ = FACTORIES[name]
+    if framework is not None:
+        pytest.importorskip(framework)
+    data = {
+        "x": np.arange(12, dtype=np.float32).reshape(6, 2),
+        "label": np.arange(6, dtype=np.float32),
+    }
+    if source == "array_dataset":
+        dataset: Any = looproto.data.ArrayDataset(data, batch_size=2)
+    else:
+        dataset = [
+            {"x": data["x"][i : i + 2], "label": data["label"][i : i + 2]} for i in (0, 2, 4)
+        ]
+    trainer = _BatchPopper(dataset if source == "array_dataset" else iter(dataset), name, compiled)
+    trainer.train(3)
+    assert int(trainer.global_step) == 3
+    assert float(trainer.total.numpy()) == 15.0  # every label, each taken once
+    if source == "array_dataset":
+        assert set(data) == {"x", "label"}  # each batch is new: the arrays' dict is untouched

@@ -736,3 +736,111 @@ def test_trace_side_effect_warning_class_is_a_user_warning() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Trainer(dataset()).train(1)  # a clean step warns about nothing
+
+
+# ---------------------------------------------------------------------------
+# A step that changes its batch; TensorFlow's own checkpoints; Variables as tensors
+
+
+class _LabelPopper(looproto.StandardTrainer):
+    """Orbit's `single_task` step: the label is taken out of the batch dict."""
+
+    def __init__(self, compile_loop: bool) -> None:
+        data = {"features": np.ones((8, 2), np.float32), "label": np.arange(8, dtype=np.float32)}
+        super().__init__(
+            train_dataset=tf.data.Dataset.from_tensor_slices(data).batch(2),
+            options=looproto.StandardTrainerOptions(use_compiled_loop=compile_loop),
+        )
+        self.total = tf.Variable(0.0)
+
+    def train_step(self, iterator: Any) -> None:
+        inputs = next(iterator)
+        label = inputs.pop("label")
+        self.total.assign_add(tf.reduce_sum(label) + tf.reduce_sum(inputs["features"]) * 0)
+
+
+@pytest.mark.parametrize("compile_loop", [True, False], ids=["while_loop", "per_step"])
+def test_a_compiled_step_may_pop_from_its_tf_data_batch(compile_loop: bool) -> None:
+    trainer = _LabelPopper(compile_loop)
+    trainer.train(3)
+    trainer.train(-1)  # and to the end of the data
+    assert float(trainer.total.numpy()) == sum(range(8))
+
+
+def _keras_parts() -> tuple[Any, Any]:
+    tf_keras = pytest.importorskip("tf_keras")
+    model = tf_keras.Sequential([tf_keras.Input(shape=(3,)), tf_keras.layers.Dense(2)])
+    optimizer = tf_keras.optimizers.SGD(0.1)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(model(tf.ones((1, 3))))
+    optimizer.apply_gradients(zip(tape.gradient(loss, model.variables), model.variables))
+    return model, optimizer
+
+
+def test_a_tf_train_checkpoint_root_saves_what_it_tracks(tmp_path: Any) -> None:
+    model, optimizer = _keras_parts()
+    step = tf.Variable(1, dtype=tf.int64)
+    root = tf.train.Checkpoint(model=model, step=step)
+    paths = variables_by_path(root)
+    assert paths and all(p.split("/")[0] in ("model", "step") for p in paths)
+    assert any(v is step for v in paths.values())
+    with looproto.CheckpointManager(tmp_path, root, step_counter=step) as manager:
+        saved = [w.numpy() for w in model.weights]
+        assert manager.save() == str(tmp_path / "1")  # numbered by `step`
+        for w in model.weights:
+            w.assign(tf.zeros_like(w))
+        step.assign(0)
+        manager.restore_or_initialize()
+    assert int(step.numpy()) == 1
+    for w, expected in zip(model.weights, saved, strict=True):
+        np.testing.assert_array_equal(w.numpy(), expected)
+    # A tf_keras optimizer it tracks is state looproto cannot capture whole: refused.
+    with_optimizer = tf.train.Checkpoint(model=model, optimizer=optimizer)
+    with looproto.CheckpointManager(tmp_path / "opt", with_optimizer) as manager:
+        with pytest.raises(looproto.CheckpointError, match=r"'optimizer'.*tf_keras"):
+            manager.save(checkpoint_number=1)
+
+
+def test_tf_checkpoint_manager_refuses_a_checkpoint_that_tracks_nothing(tmp_path: Any) -> None:
+    manager = tf_backend.TfCheckpointManager(
+        tf.train.CheckpointManager(tf.train.Checkpoint(), str(tmp_path), max_to_keep=None)
+    )
+    with pytest.raises(looproto.CheckpointError, match=r"tracks no variable"):
+        manager.save(checkpoint_number=1)
+    assert not tf.io.gfile.glob(str(tmp_path / "ckpt*"))
+    with pytest.raises(ConfigError, match=r"tf\.train\.CheckpointManager"):
+        tf_backend.TfCheckpointManager(manager)
+
+
+def test_tf_checkpoint_manager_saves_restores_and_passes_the_rest_through(tmp_path: Any) -> None:
+    model, optimizer = _keras_parts()
+    tf_manager = tf.train.CheckpointManager(
+        tf.train.Checkpoint(model=model, optimizer=optimizer),
+        str(tmp_path),
+        max_to_keep=2,
+        step_counter=optimizer.iterations,
+        checkpoint_interval=1,
+    )
+    manager = tf_backend.TfCheckpointManager(tf_manager, enable_async=True)
+    assert isinstance(manager, looproto.controller.CheckpointManagerLike)
+    assert manager.step_counter is optimizer.iterations
+    assert (manager.directory, manager.checkpoint_interval) == (str(tmp_path), 1)
+    first = manager.save(checkpoint_number=1)
+    manager.sync()
+    assert manager.latest_checkpoint == first == str(tmp_path / "ckpt-1")
+    assert manager.checkpoints == tf_manager.checkpoints == [first]
+    assert manager.checkpoint is tf_manager.checkpoint
+    kernel = model.weights[0].numpy()
+    model.weights[0].assign(tf.zeros_like(model.weights[0]))
+    assert manager.restore(first) == first
+    np.testing.assert_array_equal(model.weights[0].numpy(), kernel)
+
+
+def test_tensorflow_reads_a_looproto_variable_by_its_current_value() -> None:
+    # Converted to a tensor, a Variable is its value at that moment (its bound twin in
+    # a loop), never a copy frozen into the graph traced first.
+    v = looproto.Variable(np.float32(1.0))
+    read = tf.function(lambda: tf.identity(v) * 2)
+    assert float(read()) == 2.0
+    v.assign(np.float32(5.0))
+    assert float(tf.add(v, 1)) == 6.0

@@ -41,16 +41,21 @@ from looproto.backends.base import (
     Launcher,
     Loop,
     LoopOptions,
+    MetricAdapter,
     ReduceFn,
     StepFn,
     SupportsArrayAPI,
     SupportsAssignHook,
     SupportsDistributed,
     SupportsDtypes,
+    SupportsGlobalValues,
     SupportsGradients,
     SupportsHookGate,
+    SupportsHyperparameters,
     SupportsIteratorState,
+    SupportsMetrics,
     SupportsStateJSON,
+    Unsaveable,
     WorkerEnvironment,
 )
 from looproto.errors import BackendNotAvailableError, ConfigError
@@ -64,16 +69,21 @@ __all__ = [
     "Launcher",
     "Loop",
     "LoopOptions",
+    "MetricAdapter",
     "ReduceFn",
     "StepFn",
     "SupportsArrayAPI",
     "SupportsDistributed",
     "SupportsDtypes",
+    "SupportsGlobalValues",
     "SupportsGradients",
     "SupportsAssignHook",
     "SupportsHookGate",
+    "SupportsHyperparameters",
     "SupportsIteratorState",
+    "SupportsMetrics",
     "SupportsStateJSON",
+    "Unsaveable",
     "WorkerEnvironment",
     "assign_hooks",
     "available",
@@ -86,6 +96,7 @@ __all__ = [
     "json_tag_owner",
     "launcher",
     "numpy_dtype",
+    "read_hooks",
     "register",
     "scope_hooks",
     "to_numpy",
@@ -120,6 +131,8 @@ _by_type: dict[type, tuple[Backend, ...]] = {}
 
 assign_hooks: list[Callable[[Any, Any], bool | None]] = []
 """The loaded backends' `on_assign` hooks, which `Variable.assign` calls (read-only)."""
+read_hooks: list[Callable[[Any], None]] = []
+"""Hooks `Variable.value` calls on every read; a backend adds one only while it traces."""
 _scope_hooks: list[Callable[[str], AbstractContextManager[Any]]] = []
 _gates: list[Callable[[], bool]] = []
 
@@ -338,7 +351,7 @@ def _load(entry: _Entry) -> Backend:
     entry.backend = backend
     if entry in _waiting:
         _waiting.remove(entry)
-    _install(backend)
+    _install(backend, mirrors_scopes=bool(entry.packages))
     _by_type.clear()
     return backend
 
@@ -393,6 +406,9 @@ def for_object(obj: Any) -> tuple[Backend, ...]:
     for base in cls.__mro__:
         package = getattr(base, "__module__", "").partition(".")[0]
         names = [e.name for e in _entries.values() if package in e.packages]
+        # The shipped backends in `_SHIPPED`'s order whatever order their packages were
+        # imported in (importing one registers the others first): Keras -> TensorFlow.
+        names.sort(key=lambda n: _SHIPPED.index(n) if n in _SHIPPED else len(_SHIPPED))
         if names:
             for name in names:
                 try:
@@ -457,11 +473,16 @@ def hooks_gated() -> bool:
     code, and what those hooks guard cannot happen there. Name scopes check it
     themselves; an `on_assign` hook that calls into its framework checks it first.
     """
-    return any(gate() for gate in _gates)
+    for gate in _gates:  # noqa: SIM110 (a generator costs more; this runs per scope entry)
+        if gate():
+            return True
+    return False
 
 
-def _install(backend: Backend) -> None:
-    if backend.name_scope not in _scope_hooks:
+def _install(backend: Backend, mirrors_scopes: bool) -> None:
+    # A backend of no framework's packages (NumPy) has no framework scopes to mirror;
+    # skipping it keeps `NameScope` free of hooks in a NumPy-only process.
+    if mirrors_scopes and backend.name_scope not in _scope_hooks:
         _scope_hooks.append(backend.name_scope)
     if isinstance(backend, SupportsAssignHook) and backend.on_assign not in assign_hooks:
         assign_hooks.append(backend.on_assign)

@@ -27,7 +27,18 @@ What a backend may supply beyond that is a set of small protocols, each checked 
   `Engine`;
 * `SupportsAssignHook` -- `on_assign`, called before every `Variable.assign`;
 * `SupportsHookGate` -- `hooks_gated()`: while it says so, no framework hook runs;
-* `SupportsDtypes` -- `numpy_dtype(dtype)` for its framework's dtypes.
+* `SupportsDtypes` -- `numpy_dtype(dtype)` for its framework's dtypes;
+* `SupportsMetrics` -- `metric_adapter(obj)`: its framework's metric objects
+  (torchmetrics, Keras, Flax NNX metrics) reset and read by `looproto.metrics`;
+* `SupportsHyperparameters` -- `hyperparameters(obj)`: what one of its framework's
+  optimizers applies next (learning rate, momentum, ...), for
+  `looproto.actions.LearningRateMonitor`;
+* `SupportsGlobalValues` -- on an `Engine`: its processes' steps compute global values.
+
+What `expand` yields may include, besides variables, objects following the
+iterator-state protocol (`IteratorState`: the JSON part of an object's state, such as a
+scheduler's flags) and `Unsaveable` leaves, for state a checkpoint cannot hold: the
+tree still walks, and a save (or a restore into it) raises, naming the leaf's path.
 
 Facts needed before a framework is imported -- which packages' objects a backend
 understands, how to install it, how its processes find each other (a `Launcher`) --
@@ -54,11 +65,16 @@ __all__ = [
     "ReduceFn",
     "StepFn",
     "SupportsArrayAPI",
+    "MetricAdapter",
     "SupportsDistributed",
     "SupportsDtypes",
+    "SupportsGlobalValues",
     "SupportsGradients",
+    "SupportsHyperparameters",
     "SupportsIteratorState",
+    "SupportsMetrics",
     "SupportsStateJSON",
+    "Unsaveable",
     "WorkerEnvironment",
 ]
 
@@ -208,6 +224,28 @@ class IteratorState(Protocol):
         ...
 
 
+class Unsaveable:
+    """A leaf standing, in a module tree, for framework state a checkpoint cannot hold.
+
+    A backend's `expand` yields one where an object's state holds something looproto
+    cannot store (a list of tensors whose length changes, a callable object, a
+    `state_dict()` that raises). Walking the tree still works; saving it, or restoring
+    into it, raises a `CheckpointError` that names the leaf's path and gives `reason`,
+    so an object is never left out of a checkpoint silently.
+
+    Args:
+        reason: What the object holds, why a checkpoint cannot store it, what to do.
+    """
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"Unsaveable({self.reason!r})"
+
+
 @runtime_checkable
 class SupportsIteratorState(Protocol):
     """A backend that saves the position of its framework's data iterators in checkpoints."""
@@ -262,6 +300,44 @@ class SupportsDtypes(Protocol):
 
     def numpy_dtype(self, dtype: Any) -> np.dtype[Any]:
         """NumPy's dtype for one of this framework's dtypes."""
+        ...
+
+
+@runtime_checkable
+class MetricAdapter(Protocol):
+    """A framework's metric object as `looproto.metrics` sees it."""
+
+    def reset(self) -> None:
+        """Clears the metric's state (before an inner loop or an evaluation)."""
+        ...
+
+    def result(self) -> Any:
+        """The result so far (an array, or a mapping of them for a collection),
+        already merged over processes the framework's own way."""
+        ...
+
+
+@runtime_checkable
+class SupportsMetrics(Protocol):
+    """A backend that knows its framework's metric objects (torchmetrics, Keras, ...)."""
+
+    def metric_adapter(self, obj: Any) -> MetricAdapter | None:
+        """A `MetricAdapter` for `obj` if it is one of its framework's metrics, else None."""
+        ...
+
+
+@runtime_checkable
+class SupportsHyperparameters(Protocol):
+    """A backend that reads its framework's optimizers' hyper-parameters."""
+
+    def hyperparameters(self, obj: Any) -> dict[str, float] | None:
+        """What optimizer `obj` applies at its next update, by name, else None.
+
+        Names are the same on every backend: `learning_rate`, `weight_decay`,
+        `momentum`, `beta_1`, `beta_2`; an optimizer with several parameter groups
+        adds `/group_<i>` to the names of all but the first group's (e.g.
+        `learning_rate/group_1`). A learning-rate scheduler stands for its optimizer.
+        """
         ...
 
 
@@ -350,6 +426,20 @@ class Engine(Protocol):
 
     def shutdown(self) -> None:
         """Leaves the process group (a clean exit; every process calls it)."""
+        ...
+
+
+@runtime_checkable
+class SupportsGlobalValues(Protocol):
+    """An `Engine` whose compiled steps compute global values on every process.
+
+    JAX's global mesh: a loss over a batch sharded across processes is the whole
+    batch's, the same on each. Without it (torch's DistributedDataParallel), each
+    process's values are its own slice's, and metrics are merged over processes.
+    """
+
+    def values_are_global(self) -> bool:
+        """True: a step's values are the same, global ones on every process."""
         ...
 
 

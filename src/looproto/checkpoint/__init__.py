@@ -21,6 +21,11 @@ over. Only the owner deletes, renames or cleans; readers (`read_only=True`,
 `read_metadata`, `checkpoints_iterator`, an evaluator beside the trainer) change
 nothing and tolerate steps the owner deletes while they read.
 
+A leaf that a backend marks `looproto.backends.Unsaveable` (framework state a
+checkpoint cannot hold) makes a save fail, naming its path. A variable of the tree
+inside an object's state (the variables a Keras optimizer was built for) is stored as a
+reference to its path.
+
 Restores are all-or-nothing: the stored tree is compared with the live one and
 every array is read and checked against its recorded shape, dtype and CRC-32
 before any variable is written, because orbax silently returns garbage for
@@ -28,6 +33,11 @@ overwritten bytes and an empty tree for a deleted item directory. A checkpoint
 that `restore_or_initialize()` finds damaged is renamed to
 `<step>.corrupted-<time>` (kept for inspection, never listed or deleted) and the
 one before it is restored.
+
+A live path the checkpoint lacks is refused, with the fix in the message, unless it
+matches `allow_missing` (for checkpoints written before that state was captured: it
+then keeps its live value). Object states marked `restore_first` are set before the
+comparison, since they create variables (a lazily built Keras optimizer's slots).
 
 `max_to_keep` is applied by looproto, not orbax: older checkpoints are deleted
 only once the newer ones being kept have been committed and pass a metadata check
@@ -46,7 +56,8 @@ orbax (and through it JAX) is imported only when a manager is created.
 
 The package's files: `_manager.py` (`CheckpointManager`), `_state.py` (what a
 checkpoint holds: arrays, object states as JSON, CRC-32s, and the all-or-nothing
-restore checks), `_files.py` (the directory layout: listing, deletion, quarantine),
+restore checks), `_live.py` (the live tree's side of a restore: `restore_first` states,
+`allow_missing`), `_files.py` (the directory layout: listing, deletion, quarantine),
 `_reading.py` (`latest_step`, `read_metadata`, `checkpoints_iterator`),
 `_processes.py` (agreement between the processes of a multi-process run), `_lock.py`
 (who owns the directory) and `_exit.py` (asynchronous saves waited for, and open

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -19,6 +19,7 @@ import numpy as np
 
 from looproto import distributed
 from looproto._validate import positive_int
+from looproto.checkpoint._best import BestFn, check_best, metrics_json, read_metrics, score, select
 from looproto.checkpoint._exit import OPEN, PENDING, close_at_exit, wait_at_exit
 from looproto.checkpoint._files import (
     META_ITEM,
@@ -35,6 +36,7 @@ from looproto.checkpoint._files import (
     retry_listing,
     save_failure,
 )
+from looproto.checkpoint._live import check_allow_missing, live_tree
 from looproto.checkpoint._lock import DirectoryLock
 from looproto.checkpoint._processes import (
     agree_on_restore,
@@ -48,13 +50,13 @@ from looproto.checkpoint._state import (
     check_arrays,
     check_matches,
     collect,
-    is_stateful,
+    json_crc32,
     non_finite,
     parse_meta,
     write_all,
 )
 from looproto.errors import CheckpointError, ConfigError, NonFiniteError, value_repr
-from looproto.module import read_int, variables_by_path
+from looproto.module import read_int
 
 __all__ = ["CheckpointManager"]
 
@@ -62,7 +64,7 @@ _log = logging.getLogger("looproto")
 
 
 class CheckpointManager:
-    """Saves and restores a root object's variables and state; keeps the newest N.
+    """Saves and restores a root object's variables and state; keeps the newest N (and best k).
 
     The surface of `tf.train.CheckpointManager`, with orbax-checkpoint underneath.
     Checkpoints live at `<directory>/<step>/`.
@@ -91,6 +93,18 @@ class CheckpointManager:
         init_fn: Called by `restore_or_initialize()` when there is nothing to restore.
         enable_async: Write in a background thread: `save()` returns once the arrays
             are copied. Call `sync()` or `close()` before the process exits.
+        allow_missing: Live paths (or glob patterns, `"scheduler/*"`) that a checkpoint
+            may lack: restores keep their live values instead of refusing. For
+            checkpoints written before looproto (or your code) captured that state;
+            the resumed run is then not exact for it. Default: none.
+        best_fn: Which checkpoints are best: an evaluation output key (`"eval_loss"`,
+            `"metrics/mae"` for a nested one) or a callable of the metrics a checkpoint
+            was saved with (`save(metrics=...)`; the `Controller` passes each
+            evaluation's output and saves every evaluated step) returning a number.
+        best_mode: `"max"` (higher is better) or `"min"`.
+        keep_best: Besides the newest `max_to_keep`, keep the `keep_best` best
+            checkpoints by `best_fn` (default 1 with a `best_fn`). Checkpoints saved
+            without metrics (or whose score is not finite) are kept by age alone.
         read_only: Only read (an evaluator beside a trainer, a notebook): never take
             the directory's lock, never delete, rename or create anything there;
             `save()` raises. A damaged checkpoint is skipped but left in place.
@@ -110,7 +124,8 @@ class CheckpointManager:
             `checkpoint_interval` not a positive int (or None), `checkpoint_interval`
             without `step_counter`, a `step_counter` that is not an integer, a
             non-callable `init_fn`, a non-bool flag, or a `directory` that is not a
-            path.
+            path, or a `best_fn`/`best_mode`/`keep_best` that is invalid (`keep_best`
+            without `best_fn`).
         CheckpointStorageError: `directory` cannot be used: it is a file or a dangling
             symbolic link, cannot be created or written, or another live process
             owns it.
@@ -126,10 +141,19 @@ class CheckpointManager:
         step_counter: Any = None,
         init_fn: Callable[[], None] | None = None,
         enable_async: bool = False,
+        allow_missing: Sequence[str] = (),
+        best_fn: str | BestFn | None = None,
+        best_mode: str = "max",
+        keep_best: int | None = None,
         read_only: bool = False,
         check_finite: bool = False,
     ) -> None:
         path = _check_directory(directory)
+        self._allow_missing = check_allow_missing(allow_missing)
+        self._keep_best = check_best(best_fn, best_mode, keep_best)
+        self._best_fn = best_fn
+        self._best_mode = best_mode
+        self._scores: dict[int, float | None] = {}  # by step, read from disk once
         positive_int(max_to_keep, "max_to_keep", allow_none=True, hint=" (keep all)")
         if checkpoint_interval is not None:
             positive_int(checkpoint_interval, "checkpoint_interval", allow_none=True)
@@ -240,9 +264,48 @@ class CheckpointManager:
         return self._checkpoint_interval
 
     @property
+    def step_counter(self) -> Any:
+        """The step counter checkpoints are numbered by, or None."""
+        return self._step_counter
+
+    @property
     def max_to_keep(self) -> int | None:
         """How many checkpoints are kept; None keeps all."""
         return self._max_to_keep
+
+    @property
+    def best_fn(self) -> str | BestFn | None:
+        """What ranks checkpoints (None: they are kept by age alone)."""
+        return self._best_fn
+
+    @property
+    def keep_best(self) -> int | None:
+        """How many of the best checkpoints are kept besides the newest (None: no ranking)."""
+        return self._keep_best
+
+    @property
+    def best_checkpoint(self) -> str | None:
+        """Path of the best committed checkpoint by `best_fn`, or None (none scored).
+
+        Example:
+            >>> import tempfile
+            >>> from looproto.module import Variable
+            >>> w = Variable(np.zeros(2, np.float32))
+            >>> manager = CheckpointManager(
+            ...     tempfile.mkdtemp(), w, best_fn="eval_loss", best_mode="min", max_to_keep=1)
+            >>> for step, loss in [(1, 0.5), (2, 0.2), (3, 0.9)]:
+            ...     _ = manager.save(step, metrics={"eval_loss": loss})
+            >>> [os.path.basename(p) for p in manager.checkpoints]  # the best and the newest
+            ['2', '3']
+            >>> os.path.basename(manager.best_checkpoint)
+            '2'
+            >>> manager.close()
+        """
+        if self._best_fn is None:
+            return None
+        newest_first = list(reversed(committed_steps(self._directory)))
+        best = select(newest_first, self._scores_of(newest_first), 1, self._best_mode)
+        return self._path(best[0]) if best else None
 
     @property
     def checkpoints(self) -> list[str]:
@@ -260,7 +323,12 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save
 
-    def save(self, checkpoint_number: int | None = None, check_interval: bool = True) -> str | None:
+    def save(
+        self,
+        checkpoint_number: int | None = None,
+        check_interval: bool = True,
+        metrics: Any = None,
+    ) -> str | None:
         """Saves a checkpoint unless the interval says not to; returns its path or None.
 
         `tf.train.CheckpointManager.save`'s rules: with a `checkpoint_interval`, a
@@ -274,15 +342,18 @@ class CheckpointManager:
                 `int(step_counter)`, or the newest step on disk + 1 without one.
             check_interval: False saves even if less than `checkpoint_interval` steps
                 passed (still never twice at the same step).
+            metrics: An evaluation's output (a nested mapping of numbers) saved with the
+                checkpoint and ranked by `best_fn`.
 
         Raises:
-            CheckpointError: The manager is closed or read-only, a value cannot be
-                stored, or an earlier asynchronous save failed.
+            CheckpointError: The manager is closed or read-only, the root holds nothing
+                to save, a value cannot be stored, or an earlier asynchronous save failed.
             CheckpointStorageError: The save could not be written (a full disk, a
                 directory that became unwritable) or this process no longer owns the
                 directory; the previous checkpoints are kept.
             NonFiniteError: With `check_finite`, a variable holds NaN or infinity;
                 nothing was written.
+            ConfigError: `best_fn` cannot score `metrics`.
         """
         if self._closed:
             raise CheckpointError(
@@ -336,6 +407,23 @@ class CheckpointManager:
             )
             return None
         arrays, meta = self._collect(step)
+        if not arrays and not meta["objects"]:
+            raise CheckpointError(
+                f"Not saving checkpoint {step} to {self._directory}: the root "
+                f"{value_repr(self._checkpoint)} holds no variable or state that looproto "
+                "finds, so the checkpoint would restore nothing. Pass the module (or a "
+                "mapping of the objects) whose variables should be saved."
+            )
+        if metrics is not None:
+            if not isinstance(metrics, Mapping):
+                raise ConfigError(
+                    f"`metrics` must be a mapping (an evaluation's output); received "
+                    f"{value_repr(metrics)}."
+                )
+            meta["metrics"] = metrics_json(metrics)
+            meta["crc32"] = json_crc32(meta)
+            if self._best_fn is not None:  # a key that is not there fails here, not later
+                self._scores[step] = score(self._best_fn, meta["metrics"], self._path(step))
         if self._check_finite:
             self._refuse_non_finite(arrays, step)
         ocp = self._ocp
@@ -426,10 +514,13 @@ class CheckpointManager:
 
         Only checkpoints that pass `_looks_complete` count; if fewer than
         `max_to_keep` do, nothing is deleted, so the last good checkpoint survives a
-        save that came out damaged.
+        save that came out damaged. With `keep_best`, the best good ones are kept too.
         """
         if self._max_to_keep is None or self._lock is None:
             return  # The owner alone deletes (in a multi-process run: the chief).
+        if self._keep_best is not None:
+            self._prune_keeping_best()
+            return
         steps = committed_steps(self._directory)
         good: list[int] = []
         for step in reversed(steps):
@@ -452,6 +543,38 @@ class CheckpointManager:
             self._verified.discard(step)
         if doomed:
             self._manager.reload()
+
+    def _prune_keeping_best(self) -> None:
+        """`_prune` when the `keep_best` best good checkpoints are kept besides the newest."""
+        assert self._max_to_keep is not None
+        assert self._keep_best is not None
+        steps = committed_steps(self._directory)
+        good = [step for step in reversed(steps) if self._looks_complete(step)]
+        newest = good[: self._max_to_keep]
+        if len(newest) < self._max_to_keep:
+            return
+        best = select(good, self._scores_of(good), self._keep_best, self._best_mode)
+        keep = {*newest, *best}
+        doomed = [step for step in steps if step not in keep and step < newest[-1]]
+        for step in doomed:
+            delete_step(self._directory, step)
+            self._verified.discard(step)
+            self._scores.pop(step, None)
+        if doomed:
+            self._manager.reload()
+
+    def _scores_of(self, steps: list[int]) -> dict[int, float | None]:
+        """`best_fn`'s score of each step (read from its JSON item once)."""
+        assert self._best_fn is not None
+        for step in steps:
+            if step not in self._scores:
+                metrics = read_metrics(self._path(step))
+                try:
+                    value = None if metrics is None else score(self._best_fn, metrics, "")
+                except ConfigError:  # an older checkpoint without that key: kept by age
+                    value = None
+                self._scores[step] = value
+        return {step: self._scores[step] for step in steps}
 
     def _looks_complete(self, step: int) -> bool:
         """Cheap check of a committed step: JSON item valid, array index lists every path.
@@ -508,7 +631,12 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ restore
 
-    def restore(self, checkpoint: str | int | os.PathLike[str]) -> str:
+    def restore(
+        self,
+        checkpoint: str | int | os.PathLike[str],
+        *,
+        allow_missing: Sequence[str] | None = None,
+    ) -> str:
         """Restores every variable and object state from a checkpoint; returns its path.
 
         Nothing is written unless the whole checkpoint matches the live tree and
@@ -517,6 +645,8 @@ class CheckpointManager:
         Args:
             checkpoint: A step number, or a checkpoint path `<dir>/<step>` (which may
                 be in another directory).
+            allow_missing: Live paths or glob patterns the checkpoint may lack (they
+                keep their live values); default: the manager's `allow_missing`.
 
         Raises:
             CheckpointError: There is no such checkpoint; it does not match the live
@@ -527,9 +657,12 @@ class CheckpointManager:
             raise CheckpointError(
                 f"`restore()` called on a closed CheckpointManager ({self._directory})."
             )
+        patterns = self._allow_missing
+        if allow_missing is not None:
+            patterns = check_allow_missing(allow_missing)
         directory, step = self._locate(checkpoint)
         self.sync()
-        self._restore_step(directory, step)
+        self._restore_step(directory, step, patterns)
         return os.path.join(directory, str(step))
 
     def _locate(self, checkpoint: str | int | os.PathLike[str]) -> tuple[str, int]:
@@ -568,14 +701,16 @@ class CheckpointManager:
                 f"{type(err).__name__}: {err}"
             ) from err
 
-    def _restore_step(self, directory: str, step: int) -> None:
+    def _restore_step(
+        self, directory: str, step: int, allow_missing: Sequence[str] | None = None
+    ) -> None:
         where = os.path.join(directory, str(step))
         meta = self._read(directory, step, **{META_ITEM: self._ocp.args.JsonRestore()})[META_ITEM]
         tree, objects = parse_meta(meta, where)
 
-        variables = variables_by_path(self._checkpoint)
-        live_objects = variables_by_path(self._checkpoint, predicate=is_stateful)
-        check_matches(tree, objects, variables, live_objects, where)
+        variables, live_objects = live_tree(self._checkpoint, objects, where)
+        patterns = self._allow_missing if allow_missing is None else allow_missing
+        check_matches(tree, objects, variables, live_objects, where, patterns)
 
         arrays: dict[str, Any] = {}
         if tree:
@@ -645,6 +780,7 @@ class CheckpointManager:
             return
         moved = quarantine(self._directory, step)
         self._verified.discard(step)
+        self._scores.pop(step, None)
         self._manager.reload()
         _log.warning(
             "Skipping corrupted checkpoint %d in %s and trying the previous one%s: %s",
@@ -655,9 +791,10 @@ class CheckpointManager:
         )
 
     def __repr__(self) -> str:
+        best = "" if self._best_fn is None else f", keep_best={self._keep_best}"
         return (
             f"CheckpointManager(directory={self._directory!r}, max_to_keep={self._max_to_keep}, "
-            f"checkpoint_interval={self._checkpoint_interval})"
+            f"checkpoint_interval={self._checkpoint_interval}{best})"
         )
 
 

@@ -1,29 +1,37 @@
 """The checkpoint format: what a checkpoint holds and how it is checked.
 
 Which reachable objects have a state to save (NumPy Generators, a backend's
-`iterator_state` adapter, anything with `get_state()` / `set_state(state)`), how
-their states become JSON (bytes, and framework values through their backend's
-`SupportsStateJSON`, behind tagged keys) and back, the CRC-32s of arrays and of the
-JSON item itself, and the
-restore-side helpers: parsing and validating the JSON item, comparing it with the
-live tree, checking the arrays read back, and writing everything into the live tree
-all-or-nothing.
+`iterator_state` adapter, anything with `get_state()` / `set_state(state)`, and the
+`Unsaveable` leaves that make a save fail), how their states become JSON (bytes,
+framework values through their backend's `SupportsStateJSON`, and variables of the
+tree as references to their paths, behind tagged keys) and back, the CRC-32s of arrays
+and of the JSON item itself, and the restore-side helpers (the live tree's side is in
+`_live.py`): parsing and validating the JSON item, comparing it with the live tree,
+checking the arrays read back, and writing everything into the live tree all-or-nothing.
 """
 
 from __future__ import annotations
 
 import base64
+import fnmatch
 import json
 import logging
 import zlib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from looproto import backends
-from looproto.backends.base import SupportsIteratorState, SupportsStateJSON
+from looproto.backends.base import SupportsIteratorState, SupportsStateJSON, Unsaveable
 from looproto.errors import CheckpointError, value_repr
-from looproto.module import assign_variable, variable_to_numpy, variables_by_path
+from looproto.module import (
+    TreeVariable,
+    assign_variable,
+    is_variable,
+    variable_to_numpy,
+    variables_by_path,
+)
 
 _log = logging.getLogger("looproto")
 
@@ -38,6 +46,9 @@ _WARNED_UNVERIFIED: set[str] = set()
 # The marker of bytes inside object states (a grain iterator's). A framework's values
 # (the tensors of a torch data loader's sampler state) have their backend's tags.
 _BYTES_KEY = "__looproto_bytes__"
+# A variable of the tree inside an object's state (the variables a Keras optimizer was
+# built for), stored as its path and restored as the live variable at that path.
+_VARIABLE_KEY = "__looproto_variable__"
 # Dtype kinds orbax/tensorstore cannot store: objects, strings, bytes.
 UNSUPPORTED_KINDS = frozenset("OUS")
 
@@ -77,11 +88,14 @@ def state_adapter(obj: Any) -> Any:
 
 
 def is_stateful(obj: Any) -> bool:
-    return is_generator(obj) or state_adapter(obj) is not None
+    return isinstance(obj, Unsaveable) or is_generator(obj) or state_adapter(obj) is not None
 
 
-def to_json(value: Any, where: str) -> Any:
+def to_json(value: Any, where: str, refs: Mapping[int, str] | None = None) -> Any:
     """`value` with NumPy scalars/arrays and tuples turned into JSON types.
+
+    With `refs` (variable id -> path), a variable of the tree becomes a reference to
+    its path.
 
     Raises:
         CheckpointError: Something is left that JSON cannot hold.
@@ -94,6 +108,15 @@ def to_json(value: Any, where: str) -> Any:
         return value.tolist()
     if isinstance(value, (bytes, bytearray)):
         return {_BYTES_KEY: base64.b64encode(bytes(value)).decode("ascii")}
+    if refs is not None and is_variable(value):
+        path = refs.get(id(value))
+        if path is None:
+            raise CheckpointError(
+                f"The state of {where!r} refers to the variable "
+                f"{getattr(value, 'name', value_repr(value))!r}, which the checkpoint's root "
+                "does not reach: hold the model it belongs to in the checkpointed tree."
+            )
+        return {_VARIABLE_KEY: path}
     for backend in backends.for_object(value):
         if isinstance(backend, SupportsStateJSON):
             tagged = backend.state_to_json(value)
@@ -101,7 +124,7 @@ def to_json(value: Any, where: str) -> Any:
                 tag, payload = tagged
                 return {tag: payload}
     if isinstance(value, (list, tuple)):
-        return [to_json(item, where) for item in value]
+        return [to_json(item, where, refs) for item in value]
     if isinstance(value, dict):
         converted: dict[str, Any] = {}
         for key, item in value.items():
@@ -110,7 +133,7 @@ def to_json(value: Any, where: str) -> Any:
                     f"The state of {where!r} has a dict key {key!r} of type "
                     f"{type(key).__name__}; expected string keys (JSON objects)."
                 )
-            converted[key] = to_json(item, where)
+            converted[key] = to_json(item, where, refs)
         return converted
     raise CheckpointError(
         f"The state of {where!r} holds {value_repr(value)} of type {type(value).__name__}; "
@@ -119,14 +142,22 @@ def to_json(value: Any, where: str) -> Any:
     )
 
 
-def _from_json(value: Any, where: str) -> Any:
-    """Undoes `to_json`'s markers for bytes and torch tensors."""
+def from_json(value: Any, where: str, live: Mapping[str, Any] | None = None) -> Any:
+    """Undoes `to_json`'s markers: bytes, framework values, variables (from `live`)."""
     if isinstance(value, list):
-        return [_from_json(item, where) for item in value]
+        return [from_json(item, where, live) for item in value]
     if not isinstance(value, dict):
         return value
     if len(value) == 1 and _BYTES_KEY in value:
         return base64.b64decode(value[_BYTES_KEY])
+    if len(value) == 1 and _VARIABLE_KEY in value:
+        path = value[_VARIABLE_KEY]
+        if live is None or path not in live:
+            raise CheckpointError(
+                f"The state of {where!r} refers to the variable {path!r}, which the live "
+                "tree does not have."
+            )
+        return live[path]
     if len(value) == 1:
         (tag,) = value
         owner = backends.json_tag_owner(tag)
@@ -138,7 +169,7 @@ def _from_json(value: Any, where: str) -> Any:
                     f"`{owner}` backend cannot read it back (no `state_from_json`)."
                 )
             return backend.state_from_json(tag, value[tag])
-    return {key: _from_json(item, where) for key, item in value.items()}
+    return {key: from_json(item, where, live) for key, item in value.items()}
 
 
 def array_crc32(array: np.ndarray[Any, Any]) -> int:
@@ -159,6 +190,22 @@ def _live_spec(variable: Any) -> tuple[tuple[int, ...], str]:
         return tuple(array.shape), str(array.dtype)
 
 
+def checkpoint_variables(root: Any) -> dict[str, Any]:
+    """`variables_by_path(root)` with each `TreeVariable` split into its leaves.
+
+    A leaf (a `TreeLeaf`, read and written as a variable is) is keyed by the variable's
+    path and the leaf's (`"opt_state/0/mu/w"`).
+    """
+    found: dict[str, Any] = {}
+    for path, variable in variables_by_path(root).items():
+        if isinstance(variable, TreeVariable):
+            for leaf_path, leaf in variable.leaves().items():
+                found[f"{path}/{leaf_path}"] = leaf
+        else:
+            found[path] = variable
+    return found
+
+
 # ----------------------------------------------------------------------------
 # Saving
 
@@ -167,13 +214,19 @@ def collect(root: Any, step: int) -> tuple[dict[str, np.ndarray[Any, Any]], dict
     """Host copies of all arrays reachable from `root`, and the JSON item describing them.
 
     Raises:
-    CheckpointError: A variable has a dtype checkpoints cannot store, or a state
-        is not JSON data.
+        CheckpointError: A variable has a dtype checkpoints cannot store, a state is not
+            JSON data, or a leaf is `Unsaveable` (each names the path).
     """
     arrays: dict[str, np.ndarray[Any, Any]] = {}
     tree: dict[str, Any] = {}
-    for path, variable in variables_by_path(root).items():
-        array = np.asarray(variable_to_numpy(variable))
+    variables = checkpoint_variables(root)
+    for path, variable in variables.items():
+        try:
+            array = np.asarray(variable_to_numpy(variable))
+        except Exception as err:
+            raise CheckpointError(
+                f"Cannot save {path!r}: reading it failed ({type(err).__name__}: {err})."
+            ) from err
         if array.dtype.kind in UNSUPPORTED_KINDS:
             raise CheckpointError(
                 f"Variable {path!r} has dtype {array.dtype}, which checkpoints cannot "
@@ -185,13 +238,14 @@ def collect(root: Any, step: int) -> tuple[dict[str, np.ndarray[Any, Any]], dict
             "dtype": str(array.dtype),
             "crc32": array_crc32(array),
         }
+    refs = {id(variable): path for path, variable in variables.items()}
     objects: dict[str, Any] = {}
     for path, obj in variables_by_path(root, predicate=is_stateful).items():
         if is_generator(obj):
             state = to_json(obj.bit_generator.state, path)
             objects[path] = {"kind": "numpy_generator", "state": state}
         else:
-            state = to_json(state_adapter(obj).get_state(), path)
+            state = to_json(read_state(obj, path, "save"), path, refs)
             objects[path] = {"kind": "state", "state": state}
     meta: dict[str, Any] = {
         "format": FORMAT,
@@ -218,6 +272,22 @@ def non_finite(arrays: dict[str, np.ndarray[Any, Any]]) -> list[tuple[str, int, 
             if count:
                 bad.append((path, count, int(array.size)))
     return bad
+
+
+def read_state(obj: Any, path: str, action: str) -> Any:
+    """The state of the live object `obj` at `path`; raises, naming it, if it has none.
+
+    Raises:
+        CheckpointError: `obj` is `Unsaveable`, or its `get_state()` raised.
+    """
+    if isinstance(obj, Unsaveable):
+        raise CheckpointError(f"Cannot {action} {path!r}: {obj.reason}")
+    try:
+        return _get_object_state(obj)
+    except Exception as err:
+        raise CheckpointError(
+            f"Cannot {action} {path!r}: reading its state raised {type(err).__name__}: {err}"
+        ) from err
 
 
 # ----------------------------------------------------------------------------
@@ -285,17 +355,30 @@ def parse_meta(meta: Any, where: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return tree, objects
 
 
+def allowed(path: str, patterns: Sequence[str]) -> bool:
+    """Whether `path` matches one of the `allow_missing` glob patterns."""
+    return any(fnmatch.fnmatchcase(path, pattern) for pattern in patterns)
+
+
 def check_matches(
     tree: dict[str, Any],
     objects: dict[str, Any],
     variables: dict[str, Any],
     live_objects: dict[str, Any],
     where: str,
+    allow_missing: Sequence[str] = (),
 ) -> None:
-    """Raises `CheckpointError` listing every path where checkpoint and live tree differ."""
+    """Raises `CheckpointError` listing every path where checkpoint and live tree differ.
+
+    Live paths the checkpoint lacks are let be when they match `allow_missing`.
+    """
     problems: list[str] = []
+    missing: list[str] = []
     for path in sorted(set(variables) - set(tree)):
+        if allowed(path, allow_missing):
+            continue
         shape, dtype = _live_spec(variables[path])
+        missing.append(path)
         problems.append(f"  {path!r}: not in the checkpoint (live {_spec_text(shape, dtype)})")
     for path in sorted(set(tree) - set(variables)):
         spec = tree[path]
@@ -312,6 +395,9 @@ def check_matches(
                 f"live {_spec_text(shape, dtype)}"
             )
     for path in sorted(set(live_objects) - set(objects)):
+        if allowed(path, allow_missing):
+            continue
+        missing.append(path)
         problems.append(f"  {path!r}: object state not in the checkpoint")
     for path in sorted(set(objects) - set(live_objects)):
         problems.append(f"  {path!r}: object state in the checkpoint but no live object")
@@ -323,18 +409,31 @@ def check_matches(
                 f"is a {live_kind!r}"
             )
     if problems:
+        hint = ""
+        if missing:
+            hint = (
+                "\nState the live tree has and the checkpoint lacks was probably captured only "
+                "after the checkpoint was written (by an older looproto or older code). To "
+                "restore everything else and keep the live, freshly built values of these "
+                "paths, pass them (or glob patterns) as `allow_missing`: "
+                f"`CheckpointManager(..., allow_missing={missing!r})` or "
+                "`manager.restore(step, allow_missing=[...])`. The resumed run is then not "
+                "exact for that state."
+            )
         raise CheckpointError(
             f"Checkpoint {where} does not match the variables of `checkpoint` "
-            f"({len(problems)} difference(s)); nothing was restored:\n" + "\n".join(problems)
+            f"({len(problems)} difference(s)); nothing was restored:\n" + "\n".join(problems) + hint
         )
 
 
-def _set_object_state(obj: Any, state: Any, path: str | None = None) -> None:
+def _set_object_state(
+    obj: Any, state: Any, path: str | None = None, live: Mapping[str, Any] | None = None
+) -> None:
     """Sets `state`; from a checkpoint's JSON (`path` given) it is decoded first."""
     if is_generator(obj):
         obj.bit_generator.state = state
     else:
-        state_adapter(obj).set_state(state if path is None else _from_json(state, path))
+        state_adapter(obj).set_state(state if path is None else from_json(state, path, live))
 
 
 def _get_object_state(obj: Any) -> Any:
@@ -355,7 +454,10 @@ def write_all(
     from a checkpoint of another backend's pipeline; a Generator whose bit generator
     changed). Object states go first (small, and the likeliest to refuse); each
     variable's value is kept just before it is overwritten, so what was written can be
-    put back.
+    put back. A live variable that `arrays` lacks (let be by `allow_missing`) is
+    written its own live value, so that state a framework object assembles from several
+    variables (a torch optimizer's per-parameter state) is still committed whole; a live
+    object that `objects` lacks keeps its state.
 
     Raises:
         CheckpointError: A write failed; the path and the reason are named.
@@ -365,19 +467,21 @@ def write_all(
     current, rejected = "", ""
     try:
         for path, obj in live_objects.items():
+            if path not in objects:
+                continue
             current = path
             rejected = (
                 f"; the live object at {path!r} ({type(obj).__name__}) rejected its saved "
                 "state (was its type changed?)"
             )
             previous = _get_object_state(obj)
-            _set_object_state(obj, objects[path]["state"], path)
+            _set_object_state(obj, objects[path]["state"], path, variables)
             written_objects.append((obj, previous))
         rejected = ""
         for path, variable in variables.items():
             current = path
             previous = variable_to_numpy(variable)
-            assign_variable(variable, arrays[path])
+            assign_variable(variable, arrays.get(path, previous))
             written_variables.append((variable, previous))
     except Exception as err:
         for variable, previous in reversed(written_variables):

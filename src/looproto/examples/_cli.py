@@ -72,7 +72,7 @@ def run(
     args = parser.parse_args(argv)
     # looproto's progress lines at INFO; orbax/absl chatter only when it is a warning.
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
-    logging.getLogger("looproto").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    looproto.enable_logging(logging.WARNING if args.quiet else logging.INFO)
     extra = controller_kwargs(args) if controller_kwargs is not None else {}
     controller, trainer = make_controller(
         args.model_dir, steps_per_loop=args.steps_per_loop, **extra

@@ -45,11 +45,11 @@ def _expand_framework_container(obj: Any) -> list[tuple[_nest.Path, Any]] | None
     return None
 
 
-def _leaves(value: Any) -> Iterator[tuple[_nest.Path, Any]]:
+def _leaves(value: Any, expand: bool = True) -> Iterator[tuple[_nest.Path, Any]]:
     """`(path, leaf)` of `value` as discovery sees it: Modules and Variables are leaves,
-    framework containers are walked by their backend."""
+    framework containers are walked by their backend (or are leaves, unless `expand`)."""
     return _nest.flatten_with_paths(
-        value, is_leaf=_is_opaque_leaf, expand=_expand_framework_container
+        value, (), _is_opaque_leaf, _expand_framework_container if expand else None
     )
 
 
@@ -168,6 +168,7 @@ class Module:
         predicate: Callable[[Any], bool] | None = None,
         attribute_traversal_key: Callable[[str], Any] | None = None,
         with_path: bool = False,
+        expand: bool = True,
     ) -> Iterator[Any]:
         """Yields the leaves of this module's attributes that match `predicate`.
 
@@ -179,6 +180,8 @@ class Module:
             with_path: Yield `(path, leaf)` pairs such as `(("layers", 0, "w"), w)`.
                 Paths are not deduplicated: a shared object is yielded once per path.
                 A module met again on its own ancestor chain is not re-entered.
+            expand: Walk framework containers (a `torch.nn.Module`, a Flax NNX module)
+                through their backend; if False they are leaves, offered to `predicate`.
 
         Raises:
             ValueError: An attribute could not be walked (e.g. a dict with unsortable
@@ -192,6 +195,7 @@ class Module:
             predicate=predicate,
             attribute_traversal_key=attribute_traversal_key,
             with_path=with_path,
+            expand=expand,
             module_path=(),
             seen={id(self)},
             recursion_stack=[],
@@ -274,6 +278,7 @@ def _flatten_module(
     predicate: Callable[[Any], bool],
     attribute_traversal_key: Callable[[str], Any] | None,
     with_path: bool,
+    expand: bool,
     module_path: _nest.Path,
     seen: set[int],
     recursion_stack: list[int],
@@ -288,7 +293,11 @@ def _flatten_module(
             continue
         prop = vars(module)[key]
         try:
-            leaves = list(_leaves(prop))
+            leaves = list(
+                _nest.flatten_with_paths(
+                    prop, (), _is_opaque_leaf, _expand_framework_container if expand else None
+                )
+            )
         except Exception as cause:
             raise ConfigError(
                 f"Error processing property {key!r} of {value_repr(prop)}: {cause}"
@@ -312,6 +321,7 @@ def _flatten_module(
             predicate=predicate,
             attribute_traversal_key=attribute_traversal_key,
             with_path=with_path,
+            expand=expand,
             module_path=path,
             seen=seen,
             recursion_stack=recursion_stack,

@@ -17,11 +17,15 @@ import numpy as np
 from looproto import backends
 from looproto.backends.base import Backend
 from looproto.errors import ProtocolError, ShapeError, value_repr
+from looproto.module import _tree
 from looproto.module._scope import current_name_scope
+from looproto.module._tree import TreeLeaf
 
 _assign_hooks = backends.assign_hooks
+_read_hooks = backends.read_hooks
 
 __all__ = [
+    "TreeVariable",
     "Variable",
     "assign_variable",
     "backend_for_variable",
@@ -57,9 +61,14 @@ def backend_for_variable(variable: Any) -> Backend:
         ProtocolError: No loaded backend understands `variable`.
     """
     target = variable.value if isinstance(variable, Variable) else variable
+    if isinstance(variable, TreeVariable):  # A tree's backend is its (first) leaves'.
+        target = next((leaf for _, leaf in _tree.leaves_with_paths(target)), np.zeros(()))
     if isinstance(target, (np.ndarray, np.generic)):
         return backends.get("numpy")
     found = backends.for_object(target)
+    for backend in found:  # A package several backends understand (Keras): the owner's.
+        if backend.is_variable(target):
+            return backend
     if found:
         return found[0]
     if isinstance(variable, Variable):
@@ -70,13 +79,18 @@ def backend_for_variable(variable: Any) -> Backend:
     )
 
 
-def variable_to_numpy(variable: Any) -> np.ndarray[Any, Any]:
-    """A host NumPy copy of any framework's variable."""
+def variable_to_numpy(variable: Any) -> Any:
+    """A host NumPy copy of any framework's variable (a tree of them for a `TreeVariable`)."""
+    if isinstance(variable, (TreeVariable, TreeLeaf)):
+        return variable.numpy()
     return backend_for_variable(variable).to_numpy(variable)
 
 
-def assign_variable(variable: Any, array: np.ndarray[Any, Any]) -> None:
-    """Writes the NumPy `array` into any framework's variable, in place."""
+def assign_variable(variable: Any, array: Any) -> None:
+    """Writes the NumPy `array` (a tree of them for a `TreeVariable`) into any variable."""
+    if isinstance(variable, (TreeVariable, TreeLeaf)):
+        variable.assign(array)
+        return
     backend_for_variable(variable).assign(variable, array)
 
 
@@ -115,6 +129,15 @@ class Variable:
     of another shape or dtype raises `ShapeError` instead of silently changing the
     model. Python numbers are cast to the variable's dtype when that is safe.
 
+    An `initial_value` that is a pytree of arrays -- dicts, lists, tuples and
+    namedtuples holding arrays, such as an optax optimizer state -- makes a
+    `TreeVariable` (see there): one variable, checkpointed leaf by leaf.
+
+    Compared with a number or an array, a variable compares its value elementwise, as a
+    `tf.Variable` does (`create_global_step() == 0` is a true NumPy bool); compared with
+    another `Variable`, `==` is identity, and a variable hashes by identity, so lists,
+    sets and dicts of variables work for variables of any shape.
+
     Example:
         >>> w = Variable(np.zeros((2, 3), np.float32), name="w")
         >>> w.name, w.shape, w.dtype
@@ -125,6 +148,11 @@ class Variable:
     """
 
     __slots__ = ("__weakref__", "_name", "_trainable", "_value")
+
+    def __new__(cls, initial_value: Any = None, *args: Any, **kwargs: Any) -> Variable:
+        if cls is Variable and _tree.is_tree(initial_value):
+            cls = TreeVariable
+        return object.__new__(cls)
 
     def __init__(
         self,
@@ -143,7 +171,7 @@ class Variable:
                 f"`trainable` must be a bool; received {value_repr(trainable)} "
                 f"of type {type(trainable).__name__}."
             )
-        self._value = _as_array(initial_value, dtype)
+        self._value = self._convert(initial_value, dtype)
         self._trainable = bool(trainable)
         self._name = f"{current_name_scope()}{name or 'Variable'}:0"
 
@@ -157,9 +185,16 @@ class Variable:
         """Whether optimisers should update this variable."""
         return self._trainable
 
+    _convert = staticmethod(_as_array)
+
     @property
     def value(self) -> Any:
         """The current array. Setting it is `assign`."""
+        # A backend that is tracing a compiled step checks each read (`read_hooks`):
+        # a Variable it did not lift would be baked into the program as a constant.
+        if _read_hooks:
+            for hook in _read_hooks:
+                hook(self)
         return self._value
 
     @value.setter
@@ -178,9 +213,11 @@ class Variable:
 
     def numpy(self) -> np.ndarray[Any, Any]:
         """Returns the value as a NumPy array (a host copy for device arrays)."""
-        if isinstance(self._value, (np.ndarray, np.generic)):
-            return np.array(self._value)
-        return variable_to_numpy(self)  # The framework's backend copies it to the host.
+        value = self.value
+        if isinstance(value, (np.ndarray, np.generic)):
+            return np.array(value)
+        array: np.ndarray[Any, Any] = variable_to_numpy(self)  # a host copy, by its backend
+        return array
 
     def assign(self, value: Any) -> Variable:
         """Replaces the value, keeping shape and dtype. Returns the variable.
@@ -250,7 +287,7 @@ class Variable:
         if isinstance(delta, Variable):
             delta = delta.value
         try:
-            return op(self._value, delta)
+            return op(self.value, delta)
         except ValueError as err:  # shapes that do not broadcast
             raise ShapeError(
                 f"Cannot update variable {self._name!r} of shape {self.shape} with a value of "
@@ -258,27 +295,165 @@ class Variable:
             ) from err
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray[Any, Any]:
-        array = np.asarray(self._value)
+        array = np.asarray(self.value)
         if dtype is not None and array.dtype != np.dtype(dtype):
             return array.astype(dtype)
         # NumPy 2 trusts `copy`: `np.array(var)` asks for a copy and must not get
         # the variable's own buffer.
         return array.copy() if copy else array
 
+    # Comparisons. Against a number or an array, elementwise on the value, as
+    # `tf.Variable`'s are (`create_global_step() == 0` is a true NumPy bool; inside a
+    # compiled loop the backend's tensor compares). Against another `Variable`, `==`
+    # and `!=` are identity: containers, `in`, `list.index`, weak-key dicts and
+    # discovery's bookkeeping keep working for variables of any shape (an elementwise
+    # answer there has no single truth value). `tf.Variable` answers elementwise and
+    # is unhashable; a `Variable` hashes by identity, which agrees with this `==`.
+
+    def __eq__(self, other: object) -> Any:
+        if isinstance(other, Variable):
+            return self is other
+        return self.value == other
+
+    def __ne__(self, other: object) -> Any:
+        if isinstance(other, Variable):
+            return self is not other
+        return self.value != other
+
+    __hash__ = object.__hash__
+
+    def __lt__(self, other: Any) -> Any:
+        return self.value < _unwrap(other)
+
+    def __le__(self, other: Any) -> Any:
+        return self.value <= _unwrap(other)
+
+    def __gt__(self, other: Any) -> Any:
+        return self.value > _unwrap(other)
+
+    def __ge__(self, other: Any) -> Any:
+        return self.value >= _unwrap(other)
+
     def __int__(self) -> int:
-        return int(np.asarray(self._value))
+        return int(np.asarray(self.value))
 
     def __float__(self) -> float:
-        return float(np.asarray(self._value))
+        return float(np.asarray(self.value))
 
     def __index__(self) -> int:
-        return int(np.asarray(self._value))
+        return int(np.asarray(self.value))
 
     def __repr__(self) -> str:
         return (
             f"<looproto.Variable {self._name!r} shape={self.shape} dtype={self.dtype} "
             f"trainable={self._trainable} value={value_repr(self._value, 60)}>"
         )
+
+
+class TreeVariable(Variable):
+    """A `Variable` holding a pytree of arrays: an optimizer state, a dict of parameters.
+
+    `Variable(tree)` makes one when its value is a dict, a namedtuple, or a list or
+    tuple holding arrays, dicts or namedtuples (a list of numbers stays one array).
+    It is one variable -- discovered, lifted into compiled loops and differentiated
+    whole -- and each leaf is checkpointed on its own, under the variable's path and
+    the leaf's (`"opt_state/0/mu/w"`: dict keys, namedtuple fields, indices).
+
+    * `.value` is the tree; `.shape` and `.dtype` are trees of the same structure
+      holding each leaf's shape and NumPy dtype; `numpy()` is a tree of host copies.
+    * `assign(tree)` takes a tree of the same structure (container types, keys,
+      lengths) whose leaves have the same shapes and dtypes (Python numbers are
+      cast when safe); anything else raises `ShapeError` naming the leaf's path.
+      `assign_add`/`assign_sub` and conversions to one array or number raise.
+
+    Example:
+        >>> v = Variable({"w": np.zeros((2, 3), np.float32), "step": 0}, name="state")
+        >>> v.shape, v.dtype["step"]
+        ({'step': (), 'w': (2, 3)}, dtype('int64'))
+        >>> _ = v.assign({"w": np.ones((2, 3), np.float32), "step": 1})
+        >>> float(v.numpy()["w"].sum())
+        6.0
+    """
+
+    __slots__ = ()
+
+    @staticmethod
+    def _convert(value: Any, dtype: Any = None) -> Any:
+        return _tree.from_value(value, lambda leaf: _as_array(leaf, dtype))
+
+    @property
+    def shape(self) -> Any:
+        """Each leaf's shape, in a tree of the value's structure."""
+        return _tree.map_leaves(lambda leaf: tuple(leaf.shape), self._value)
+
+    @property
+    def dtype(self) -> Any:
+        """Each leaf's NumPy dtype, in a tree of the value's structure."""
+        return _tree.map_leaves(lambda leaf: backends.numpy_dtype(leaf.dtype), self._value)
+
+    def numpy(self) -> Any:
+        """Host NumPy copies of the leaves, in a tree of the value's structure."""
+        return _tree.map_leaves(_tree.leaf_to_numpy, self.value)
+
+    def assign(self, value: Any) -> Variable:
+        """Replaces the tree, keeping its structure, shapes and dtypes. Returns the variable.
+
+        Raises:
+            ShapeError: `value` differs in structure, or a leaf in shape or dtype.
+        """
+        if _assign_hooks:
+            for hook in _assign_hooks:
+                if hook(self, value):
+                    return self
+        if isinstance(value, Variable):
+            value = value.value
+        self._value = _tree.checked_like(self._value, value, self._name)
+        return self
+
+    def leaves(self) -> dict[str, TreeLeaf]:
+        """Each leaf, by its path in the tree (`"0/mu/w"`), as a `TreeLeaf` to read or write."""
+        return {
+            _tree.path_str(path): TreeLeaf(self, path)
+            for path, _ in _tree.leaves_with_paths(self._value)
+        }
+
+    def _assign_leaf(self, path: _tree.Path, array: Any) -> None:
+        # Through a one-array Variable, so its backend's rules apply (dtype casts,
+        # device, sharding, typed keys); only the containers on the path are rebuilt.
+        single = Variable(_tree.leaf_at(self._value, path), trainable=False)
+        assign_variable(single, array)
+        self._value = _tree.replace_leaf(self._value, path, single._value)
+
+    def _combine(self, op: Callable[[Any, Any], Any], delta: Any) -> Any:
+        raise ProtocolError(
+            f"`assign_add`/`assign_sub` update one array; variable {self._name!r} holds a "
+            "tree. Compute the new tree and `assign` it."
+        )
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray[Any, Any]:
+        raise ProtocolError(
+            f"Variable {self._name!r} holds a tree, not one array; read `.value` or `numpy()`."
+        )
+
+    def __int__(self) -> int:
+        return int(self.__array__())
+
+    def __float__(self) -> float:
+        return float(self.__array__())
+
+    def __index__(self) -> int:
+        return int(self.__array__())
+
+    def __repr__(self) -> str:
+        leaves = sum(1 for _ in _tree.leaves_with_paths(self._value))
+        return (
+            f"<looproto.Variable {self._name!r} tree={type(self._value).__name__} "
+            f"leaves={leaves} trainable={self._trainable} value={value_repr(self._value, 60)}>"
+        )
+
+
+def _unwrap(value: Any) -> Any:
+    return value.value if isinstance(value, Variable) else value
 
 
 def create_global_step() -> Variable:

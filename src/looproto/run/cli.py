@@ -61,6 +61,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 from looproto import backends, distributed, preemption
+from looproto._logging import enable_logging
 from looproto.errors import ConfigError, LooprotoError, value_repr
 from looproto.preemption import EXIT_PREEMPTED, Preempted
 from looproto.run import launch
@@ -106,6 +107,7 @@ def build(config: RunConfig, *, train: bool = True, actions: Sequence[Any] = ())
     Returns:
         The `Controller` (restored from the newest checkpoint, if there is one).
     """
+    from looproto.actions import EarlyStopping
     from looproto.checkpoint import CheckpointManager
     from looproto.controller import Controller
 
@@ -137,11 +139,26 @@ def build(config: RunConfig, *, train: bool = True, actions: Sequence[Any] = ())
             checkpoint_interval=config.checkpoint.interval,
             step_counter=global_step,
             enable_async=config.checkpoint.async_save,
+            best_fn=config.checkpoint.best_metric,
+            best_mode=config.checkpoint.best_mode,
+            keep_best=config.checkpoint.keep_best,
             # An evaluation never changes the directory: it may run beside training.
             read_only=not train,
             check_finite=check_finite,
         )
     try:
+        eval_actions = []
+        early = config.early_stopping
+        if train and early is not None:
+            eval_actions.append(
+                EarlyStopping(
+                    early.metric,
+                    mode=early.mode,
+                    patience=early.patience,
+                    min_delta=early.min_delta,
+                    filename=os.path.join(config.model_dir, "early_stopping.json"),
+                )
+            )
         return Controller(
             trainer=trainer if train else None,
             evaluator=evaluator,
@@ -154,6 +171,7 @@ def build(config: RunConfig, *, train: bool = True, actions: Sequence[Any] = ())
             summary_dir=os.path.join(config.summary_dir, "train"),
             eval_summary_dir=os.path.join(config.summary_dir, "eval"),
             train_actions=actions,
+            eval_actions=eval_actions,
             check_finite=check_finite,
         )
     except BaseException:
@@ -317,6 +335,9 @@ def _train_here(args: argparse.Namespace, config: RunConfig) -> int:
     if distributed.process_count() > 1:
         summary += f" ({distributed.process_count()} processes)"
     print(summary)
+    for action in controller.eval_actions:
+        if getattr(action, "should_stop", False):
+            print(f"stopped early: {action.reason}")
     if output:
         print(f"eval: {_scalars(output)}")
     return 0
@@ -458,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up banner
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("looproto").setLevel(logging.INFO)
+    enable_logging(logging.INFO)
     # Factories named relative to the current directory import, as with `python -m`.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())

@@ -25,6 +25,14 @@ the same::
     [checkpoint]
     interval = 500
     max_to_keep = 3
+    keep_best = 2                # also keep the 2 best by an evaluation output
+    best_metric = "eval_loss"
+    best_mode = "min"
+
+    [early_stopping]             # stop when an evaluation output stops improving
+    metric = "eval_loss"
+    mode = "min"
+    patience = 3
 
     [backend_options.jax]        # passed only when that backend is active
     data = "device"
@@ -82,6 +90,7 @@ _UNIONS = (typing.Union, UnionType)
 __all__ = [
     "CheckpointConfig",
     "DistributedConfig",
+    "EarlyStoppingConfig",
     "EvaluateConfig",
     "FactoryConfig",
     "RunConfig",
@@ -141,6 +150,23 @@ class CheckpointConfig:
     interval: int | None = None
     max_to_keep: int | None = 5
     async_save: bool = False
+    keep_best: int | None = None
+    best_metric: str | None = None
+    best_mode: str = "max"
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlyStoppingConfig:
+    """Stop training when an evaluation output stops improving (`actions.EarlyStopping`).
+
+    The history is kept in `<model_dir>/early_stopping.json`, so a resumed run goes on
+    counting, and a run that stopped stays stopped.
+    """
+
+    metric: str
+    mode: str = "min"
+    patience: int = 3
+    min_delta: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +196,7 @@ class RunConfig:
     evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    early_stopping: EarlyStoppingConfig | None = None
     backend: str | None = None
     model_dir: str = os.path.join("runs", "looproto")
     seed: int = 0
@@ -205,6 +232,7 @@ _SECTIONS: dict[str, type] = {
     "evaluate": EvaluateConfig,
     "checkpoint": CheckpointConfig,
     "distributed": DistributedConfig,
+    "early_stopping": EarlyStoppingConfig,
 }
 _TOP_LEVEL = {
     "backend": (str,),
@@ -490,8 +518,45 @@ def _check_combinations(config: RunConfig) -> None:
         )
     _positive(config.checkpoint.interval, source, "checkpoint.interval")
     _positive(config.checkpoint.max_to_keep, source, "checkpoint.max_to_keep")
+    _check_research(config)
     if config.seed < 0:
         raise ConfigError(f"{source}: `seed` must be >= 0; received {config.seed}.")
+
+
+def _check_research(config: RunConfig) -> None:
+    """`[early_stopping]` and the keep-best keys of `[checkpoint]`."""
+    source, checkpoint, early = config.source, config.checkpoint, config.early_stopping
+    _positive(checkpoint.keep_best, source, "checkpoint.keep_best")
+    if checkpoint.keep_best is not None and checkpoint.best_metric is None:
+        raise ConfigError(
+            f"{source}: `checkpoint.keep_best` needs `checkpoint.best_metric`, the evaluation "
+            'output that ranks checkpoints (e.g. `best_metric = "eval_loss"`).'
+        )
+    modes = ("max", "min")
+    if checkpoint.best_mode not in modes:
+        raise ConfigError(
+            f"{source}: `checkpoint.best_mode` must be 'max' or 'min'; received "
+            f"{checkpoint.best_mode!r}."
+        )
+    if checkpoint.best_metric is not None and config.evaluator is None:
+        raise ConfigError(
+            f"{source}: `checkpoint.best_metric` is set but there is no `[evaluator]`."
+        )
+    if early is None:
+        return
+    if config.evaluator is None:
+        raise ConfigError(
+            f"{source}: `[early_stopping]` watches the evaluations, but there is no `[evaluator]`."
+        )
+    if early.mode not in modes:
+        raise ConfigError(
+            f"{source}: `early_stopping.mode` must be 'max' or 'min'; received {early.mode!r}."
+        )
+    _positive(early.patience, source, "early_stopping.patience")
+    if early.min_delta < 0:
+        raise ConfigError(
+            f"{source}: `early_stopping.min_delta` must be >= 0; received {early.min_delta}."
+        )
 
 
 # ----------------------------------------------------------------------------

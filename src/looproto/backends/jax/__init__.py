@@ -3,15 +3,18 @@
 Users write `train_step(iterator)` in the same stateful style as on every other
 backend: read `self.w.value`, assign new values. For each inner loop the adapter
 
-1. walks the module for its `looproto.Variable`s and lifts their arrays into a
-   list (the carried state of a `lax.scan`);
+1. walks the module for its `looproto.Variable`s (arrays or pytrees) and the Flax NNX
+   objects it holds, and lifts their arrays into a list (the carried state of a
+   `lax.scan`);
 2. pulls `num_steps` batches from the iterator on the host and stacks them
    (`data="stack"`), or -- for an `ArrayDataset` -- only the batch *indices*,
    gathering from a copy of the dataset kept on device (`data="device"`);
 3. runs all steps in one jitted `lax.scan`. Inside the traced body the Variables
-   are bound to the scan's tracers, `step_fn` runs against an iterator whose
+   are bound to the scan's tracers (NNX objects are replaced, where the module holds
+   them, by copies holding the tracers), `step_fn` runs against an iterator whose
    `next()` yields the current step's slice, and the new values are read back.
-   The bindings are always restored (`finally`), so no Variable keeps a tracer;
+   The bindings are always restored (`finally`), so no Variable keeps a tracer. A
+   read of state the loop does not carry raises `StaleReadError` (`_stale.py`);
 4. donates the old state buffers and writes the results back into the Variables
    before returning, so actions, summaries and checkpoints see current values.
 
@@ -19,14 +22,17 @@ backend: read `self.w.value`, assign new values. For each inner loop the adapter
 trainable variables, the role `nnx.value_and_grad` plays for Flax NNX.
 
 Flax NNX modules held in a `Module` are walked (`JaxBackend.expand`): their
-`nnx.Variable`s are discovered and checkpointed, but not lifted into compiled loops.
+`nnx.Variable`s are discovered and checkpointed, and trained inside compiled loops
+(`_nnx_lift.py`).
 
 See `docs/backends/jax.md` for what runs where and the traps.
 
 The package holds one concept a file: `_backend.py` (`JaxBackend`), `_loop.py` (the
-compiled loop), `_batches.py` (pulling and stacking batches), `_binding.py` (binding
-Variables to tracers; `TracerLeakError`), `_variables.py` (which Variables are lifted),
-`_nnx.py` (Flax NNX interop), `_gradients.py` (`value_and_grad`, `grad`,
+compiled loop), `_carry.py` (its carried values in and out), `_batches.py` (pulling and
+stacking batches), `_binding.py` (binding
+Variables to tracers; `TracerLeakError`), `_variables.py` (what is lifted), `_nnx.py`
+(Flax NNX interop), `_nnx_lift.py` (NNX objects in traced code), `_stale.py` (no stale
+reads), `_gradients.py` (`value_and_grad`, `grad`,
 `array_namespace`), `_options.py` (`BACKEND_OPTIONS`), `_distributed.py`
 (`jax.distributed`) and `_launch.py` (the workers' environment, framework-free). This
 file imports no JAX: it registers the backend, and each public name imports its file
@@ -84,7 +90,7 @@ __getattr__, __dir__ = lazy_exports(
 backends.register(
     "jax",
     "looproto.backends.jax._backend:BACKEND",
-    packages=("jax", "jaxlib", "flax", "keras"),
+    packages=("jax", "jaxlib", "flax", "optax", "keras"),
     install="looproto[jax]",
     launcher=LAUNCHER,
 )

@@ -24,6 +24,7 @@ from looproto.backends.base import Loop, LoopOptions, StepFn
 from looproto.backends.jax._binding import tracer_guard
 from looproto.backends.jax._distributed import JaxEngine, initialize_distributed
 from looproto.backends.jax._gradients import array_namespace, grad, value_and_grad
+from looproto.backends.jax._keras import keras_refusal
 from looproto.backends.jax._loop import JaxLoop
 from looproto.backends.jax._nnx import (
     expand_nnx,
@@ -33,6 +34,7 @@ from looproto.backends.jax._nnx import (
     nnx_set,
 )
 from looproto.backends.jax._options import parse_backend_options
+from looproto.backends.jax._research import NnxMetricAdapter, hyperparameters, metric_adapter
 from looproto.errors import ProtocolError, ShapeError, value_repr
 from looproto.module import Module, Variable
 
@@ -65,8 +67,12 @@ class JaxBackend:
         return param is not None and isinstance(obj, param)
 
     def expand(self, obj: Any) -> Iterable[tuple[tuple[Any, ...], Any]] | None:
-        """See base class: the `nnx.Variable`s of a Flax NNX module, by NNX path."""
-        return expand_nnx(obj)
+        """See base class: the `nnx.Variable`s of a Flax NNX module, by NNX path.
+
+        A Keras 3 object on Keras' JAX backend is refused (`_keras.py`).
+        """
+        pairs = expand_nnx(obj)
+        return pairs if pairs is not None else keras_refusal(obj)
 
     def to_numpy(self, value: Any) -> np.ndarray[Any, Any]:
         """See base class. A host copy (never a view of a buffer that may be donated).
@@ -164,6 +170,14 @@ class JaxBackend:
     def initialize_distributed(self, timeout: float = distributed.DEFAULT_TIMEOUT) -> JaxEngine:
         """See `looproto.backends.jax.initialize_distributed`."""
         return initialize_distributed(timeout)
+
+    def hyperparameters(self, obj: Any) -> dict[str, float] | None:
+        """See base class: an optax state of `optax.inject_hyperparams`."""
+        return hyperparameters(obj)
+
+    def metric_adapter(self, obj: Any) -> NnxMetricAdapter | None:
+        """See base class: Flax NNX metrics."""
+        return metric_adapter(obj)
 
     def on_assign(self, variable: Any, value: Any) -> None:
         """See `looproto.backends.SupportsAssignHook`: refuses tracers outside a trace."""

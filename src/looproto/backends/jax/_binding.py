@@ -17,7 +17,7 @@ from typing import Any
 import jax
 
 from looproto.errors import ProtocolError
-from looproto.module import Variable
+from looproto.module import TreeVariable, Variable
 
 Tracer = jax.core.Tracer
 
@@ -36,9 +36,17 @@ def _bind_depth() -> int:
     return getattr(_tls, "depth", 0)
 
 
+def _holds_tracer(variable: Variable, value: Any) -> bool:
+    if isinstance(value, Tracer):
+        return True
+    return isinstance(variable, TreeVariable) and any(
+        isinstance(leaf, Tracer) for leaf in jax.tree.leaves(value)
+    )
+
+
 def tracer_guard(variable: Variable, value: Any) -> None:
     """The backend's `on_assign`: no tracer may be stored outside a bound scope."""
-    if isinstance(value, Tracer) and not getattr(_tls, "depth", 0):
+    if not getattr(_tls, "depth", 0) and _holds_tracer(variable, value):
         raise TracerLeakError(
             f"Variable {variable.name!r} was assigned a JAX tracer outside a looproto JAX "
             "loop (for example under a bare `jax.jit`, `jax.grad` or `jax.vmap` of a "

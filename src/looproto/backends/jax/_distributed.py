@@ -82,6 +82,10 @@ class JaxEngine:
         """See `looproto.distributed.Engine`."""
         self._client.key_value_delete(key)
 
+    def values_are_global(self) -> bool:
+        """See `looproto.backends.SupportsGlobalValues`: steps run on one global mesh."""
+        return True
+
     def scope(self) -> contextlib.AbstractContextManager[Any]:
         """See `looproto.distributed.Engine`: nothing to enter."""
         return contextlib.nullcontext()

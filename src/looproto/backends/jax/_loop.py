@@ -1,15 +1,24 @@
 """The compiled inner loop, `JaxLoop`: one `jax.jit(lax.scan)` call per `train(n)`.
 
 This is the loop `JaxBackend.make_loop` returns; the package docstring lists its four
-steps (lift the Variables, pull and stack the batches, scan the traced step, write
-back). It also holds the trace-time checks (no Variable created, no tracer stored on
-an attribute, array outputs only) and the host-side moves of state and batches onto
-a mesh. Batch stacking is in `batches.py`; options are parsed in `options.py`.
+steps (lift the Variables and NNX objects, pull and stack the batches, scan the traced
+step, write back). It also holds the trace-time checks (no Variable or NNX object
+created or stored, no tracer stored on an attribute, array outputs only) and the
+host-side moves of state and batches onto a mesh. Batch stacking is in `_batches.py`,
+NNX objects in `_nnx_lift.py`, the stale-read checks in `_stale.py`; options are
+parsed in `_options.py`.
+
+Summaries a step records (`looproto.summary.scalar`/`histogram`) ride in the scan's
+carry, one slot per name, so only the last step's values leave the device. Which
+slots a step needs is learnt from its first trace: a trace that records names the
+carry lacks stops before anything runs, and the call is compiled again with them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 from typing import Any
 
 import jax
@@ -18,16 +27,25 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from looproto import distributed
+from looproto import _recording, distributed
 from looproto.backends._common import is_iterator_container
 from looproto.backends.base import ReduceFn, StepFn
 from looproto.backends.jax._batches import iter_spec, pull, segments, step_iterators
 from looproto.backends.jax._binding import Tracer, TracerLeakError, bound_to
+from looproto.backends.jax._carry import lift, write_back
 from looproto.backends.jax._distributed import is_peer_failure
-from looproto.backends.jax._nnx import is_nnx_variable
-from looproto.backends.jax._variables import loop_variables
-from looproto.errors import ConfigError, LooprotoError, ProtocolError, value_repr
-from looproto.module import Variable, variables_by_path
+from looproto.backends.jax._nnx import is_nnx_node
+from looproto.backends.jax._nnx_lift import NnxLift
+from looproto.backends.jax._stale import check_constants, refusing_stale_reads
+from looproto.backends.jax._variables import loop_state, pairs
+from looproto.errors import (
+    ConfigError,
+    LooprotoError,
+    ProtocolError,
+    StaleReadError,
+    value_repr,
+)
+from looproto.module import Variable
 
 _log = logging.getLogger("looproto")
 
@@ -48,7 +66,16 @@ def _check_outputs(outputs: Any, step_name: str) -> None:
 
 def _strong(value: Any, like: Any) -> Any:
     """`value` with `like`'s dtype and no weak type, so scan carries keep their type."""
-    return jnp.asarray(value, dtype=like.dtype)
+    if hasattr(like, "dtype"):
+        return jnp.asarray(value, dtype=like.dtype)
+    return jax.tree.map(lambda v, o: jnp.asarray(v, dtype=o.dtype), value, like)  # A tree.
+
+
+def _nnx_trace_error(err: Exception) -> bool:
+    """Flax NNX's refusal to write to an object made outside the current trace."""
+    errors = sys.modules.get("flax.errors")
+    cls = getattr(errors, "TraceContextError", None)
+    return cls is not None and isinstance(err, cls)
 
 
 def _mesh_processes(mesh: Mesh | None) -> int:
@@ -56,6 +83,31 @@ def _mesh_processes(mesh: Mesh | None) -> int:
     if mesh is None:
         return 1
     return len({device.process_index for device in mesh.devices.flat})
+
+
+class _StepRecorder:
+    """What one traced step records with `looproto.summary`: name -> (kind, array)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, tuple[str, Any]] = {}
+
+    def record(self, kind: str, name: str, value: Any) -> None:
+        self.values[name] = (kind, jnp.asarray(value))
+
+
+_SlotSpec = dict[str, tuple[str, tuple[int, ...], Any]]  # name -> (kind, shape, dtype)
+
+
+class _NewSummaries(Exception):  # noqa: N818 (a signal between the trace and the loop)
+    """Raised while tracing: the step records summaries the scan's carry has no slot for."""
+
+    def __init__(self, spec: _SlotSpec) -> None:
+        super().__init__(sorted(spec))
+        self.spec = spec
+
+
+def _spec_of(recorded: dict[str, tuple[str, Any]]) -> _SlotSpec:
+    return {name: (kind, tuple(a.shape), a.dtype) for name, (kind, a) in recorded.items()}
 
 
 class JaxLoop:
@@ -86,6 +138,9 @@ class JaxLoop:
         self._device_data: tuple[Any, Any] | None = None  # (source, device copy)
         self._twin: tuple[Any, Any] | None = None  # (dataset config, index dataset)
         self.trace_count = 0
+        # The summary slots of the scan's carry, by compiled loop and batch shapes.
+        self._slot_specs: dict[Any, _SlotSpec] = {}
+        self._kinds: dict[str, str] = {}  # the kind of each name a one-step call records
         """How many times `step_fn` was traced (a new batch shape, dtype or `num_steps`)."""
         self._replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
         self._processes = _mesh_processes(mesh)
@@ -93,17 +148,39 @@ class JaxLoop:
     # -- tracing ------------------------------------------------------------
 
     def _traced_step(
-        self, variables: list[Variable], spec: Any, values: list[Any], batch: Any, data: Any
-    ) -> tuple[list[Any], Any]:
-        """Runs `step_fn` once with `variables` bound to `values`; pure in and out."""
+        self,
+        variables: list[Variable],
+        nnx: NnxLift | None,
+        spec: Any,
+        values: list[Any],
+        batch: Any,
+        data: Any,
+    ) -> tuple[list[Any], Any, dict[str, tuple[str, Any]]]:
+        """Runs `step_fn` once with `variables` (then `nnx`'s) bound to `values`; pure.
+
+        Returns the new values, the step's outputs and what it recorded with
+        `looproto.summary`.
+        """
         self.trace_count += 1  # Runs at trace time only: once per compilation.
         if data is not None:  # "device": `batch` holds indices into `data`.
             batch = jax.tree.map(lambda d: d[batch], data)
         step_iterator = step_iterators(spec, batch, self._step_name)
-        known = {id(v) for v in variables}
-        with bound_to(variables, values):
+        n = len(variables)
+        known = {id(v) for v in variables} | {id(r) for r in (nnx.roots if nnx else ())}
+        carried = nnx.describe(self._module) if nnx is not None else {}
+        recorder = _StepRecorder()
+        with contextlib.ExitStack() as bindings:
+            bindings.enter_context(bound_to(variables, values[:n]))
+            bindings.enter_context(_recording.recording(recorder))
+            if nnx is not None:
+                copies = bindings.enter_context(
+                    nnx.bound(self._module, values[n:], self._step_name)
+                )
             try:
-                outputs = self._step_fn(step_iterator)
+                with refusing_stale_reads(self._step_name):
+                    outputs = self._step_fn(step_iterator)
+            except StaleReadError:
+                raise  # It names the step already.
             except LooprotoError as err:
                 raise type(err)(
                     f"In `{self._step_name}` (traced by the JAX backend's compiled loop): {err}"
@@ -115,22 +192,51 @@ class JaxLoop:
                     "Python control flow on array values, or run it eagerly with "
                     "`use_compiled_step=False`."
                 ) from err
+            except Exception as err:
+                if not _nnx_trace_error(err):
+                    raise
+                raise ProtocolError(
+                    f"`{self._step_name}` wrote to a Flax NNX object that the JAX backend's "
+                    "compiled loop does not carry, or reached one of its objects through a "
+                    "reference kept from before (a bound method, a `functools.partial`, a "
+                    "closure) instead of the traced copy the loop put in the module's "
+                    "attribute. Reach NNX objects through the module's attributes inside "
+                    f"the step (`self.model(x)`). NNX said: {str(err).splitlines()[0]}"
+                ) from err
             new_values = [v._value for v in variables]
-            self._check_module(known)
+            if nnx is not None:
+                new_values += nnx.read(copies, self._step_name)
+            check_constants(self._step_name, carried)
+        self._check_module(known)
         _check_outputs(outputs, self._step_name)
         new_values = [_strong(new, old) for new, old in zip(new_values, values)]
+        recorded = recorder.values
         if self._replicated is not None:
             new_values = [lax.with_sharding_constraint(x, self._replicated) for x in new_values]
-        return new_values, outputs
+            # One copy per process: the chief writes it without gathering shards.
+            recorded = {
+                name: (kind, lax.with_sharding_constraint(a, self._replicated))
+                for name, (kind, a) in recorded.items()
+            }
+        return new_values, outputs, recorded
 
     def _check_module(self, known: set[int]) -> None:
-        """At trace time: no Variable created in the step, no tracer on an attribute."""
-        found = variables_by_path(
-            self._module,
-            predicate=lambda x: isinstance(x, (Variable, Tracer)) or is_nnx_variable(x),
-        )
+        """At trace time: no Variable or NNX object created in the step, no tracer on an
+        attribute (`known`: the ids of the Variables and NNX objects carried)."""
+        found: dict[str, Any] = {}
+        for path, obj in pairs(
+            self._module, lambda x: isinstance(x, (Variable, Tracer)) or is_nnx_node(x)
+        ):
+            found.setdefault("/".join(map(str, path)), obj)
         created = {p: v for p, v in found.items() if isinstance(v, Variable) and id(v) not in known}
         tracers = [p for p, v in found.items() if isinstance(v, Tracer)]
+        stored = [p for p, v in found.items() if is_nnx_node(v) and id(v) not in known]
+        if stored:
+            raise TracerLeakError(
+                f"`{self._step_name}` stored Flax NNX objects at {sorted(stored)} inside the "
+                "JAX backend's compiled loop: a traced copy (or an object made there) would "
+                "leak out of it. Create NNX objects eagerly, outside the step."
+            )
         if created:
             for variable in created.values():  # Scrub: never leave a tracer behind.
                 aval = variable._value
@@ -148,76 +254,48 @@ class JaxLoop:
                 "return it from the step."
             )
 
-    def _compile(self, variables: list[Variable], spec: Any) -> tuple[Any, Any]:
+    def _compile(
+        self, variables: list[Variable], nnx: NnxLift | None, spec: Any
+    ) -> tuple[Any, Any]:
         donate = (0,) if self._donate else ()
 
-        def scan_loop(values: list[Any], xs: Any, data: Any, length: int) -> list[Any]:
-            def body(carry: list[Any], x: Any) -> tuple[list[Any], None]:
-                new, _ = self._traced_step(variables, spec, carry, x, data)
-                return new, None
+        def scan_loop(
+            values: list[Any], slots: dict[str, Any], xs: Any, data: Any, length: int
+        ) -> tuple[list[Any], dict[str, Any]]:
+            def body(
+                carry: tuple[list[Any], dict[str, Any]], x: Any
+            ) -> tuple[tuple[list[Any], dict[str, Any]], None]:
+                new, _, recorded = self._traced_step(variables, nnx, spec, carry[0], x, data)
+                found = _spec_of(recorded)
+                expected = {
+                    name: (found.get(name, ("",))[0], tuple(a.shape), a.dtype)
+                    for name, a in carry[1].items()
+                }
+                if found != expected:
+                    raise _NewSummaries(found)
+                return (new, {name: recorded[name][1] for name in carry[1]}), None
 
-            final, _ = lax.scan(body, values, xs, length=length)
-            return final
+            (final, slots), _ = lax.scan(body, (values, slots), xs, length=length)
+            return final, slots
 
-        def one_step(values: list[Any], x: Any, data: Any) -> tuple[list[Any], Any]:
-            return self._traced_step(variables, spec, values, x, data)
+        def one_step(values: list[Any], x: Any, data: Any) -> tuple[list[Any], Any, dict[str, Any]]:
+            new, outputs, recorded = self._traced_step(variables, nnx, spec, values, x, data)
+            for name, (kind, _) in recorded.items():  # at trace time: plain Python
+                self._kinds[name] = kind
+            return new, outputs, {name: a for name, (_, a) in recorded.items()}
 
         return (
-            jax.jit(scan_loop, donate_argnums=donate, static_argnums=3),
+            jax.jit(scan_loop, donate_argnums=donate, static_argnums=4),
             jax.jit(one_step, donate_argnums=donate),
         )
 
     # -- host side ----------------------------------------------------------
 
-    def _lift(self, variables: list[Variable]) -> tuple[list[Any], list[tuple[int, Any]]]:
-        """The Variables' arrays for the jitted call; also `(index, dtype)` of those JAX narrows.
-
-        Without `jax_enable_x64`, an int64/float64 NumPy value (the global step) runs
-        in 32 bits; `_write_back` returns it to NumPy in its own dtype.
-        """
-        values = [v._value for v in variables]
-        narrowed: list[tuple[int, Any]] = []
-        for i, value in enumerate(values):
-            if isinstance(value, Tracer):
-                raise TracerLeakError(
-                    f"Variable {variables[i].name!r} holds a JAX tracer before the loop starts; "
-                    "it leaked from an earlier trace. Re-assign it a concrete array."
-                )
-            if not isinstance(value, jax.Array):
-                dtype = jax.dtypes.canonicalize_dtype(value.dtype)
-                if dtype != value.dtype:
-                    narrowed.append((i, value.dtype))
-                # Cast on the host and let the jitted call transfer it: ~1 µs, against
-                # ~15 µs for `device_put` and a device op (~50 µs) for `jnp.asarray(x, dtype)`.
-                values[i] = np.asarray(value, dtype=dtype)
-            elif value.weak_type:
-                values[i] = lax.convert_element_type(value, value.dtype)
-        if self._donate and len({id(x) for x in values}) != len(values):
-            seen: set[int] = set()
-            for i, value in enumerate(values):  # Two Variables, one buffer: donate a copy.
-                if id(value) in seen:
-                    values[i] = jnp.array(value, copy=True)
-                seen.add(id(value))
-        if self._replicated is not None:
-            values = [
-                x
-                if getattr(x, "sharding", None) == self._replicated
-                else jax.device_put(x, self._replicated)
-                for x in values
-            ]
-        return values, narrowed
-
-    @staticmethod
-    def _write_back(
-        variables: list[Variable], new: list[Any], narrowed: list[tuple[int, Any]]
-    ) -> None:
-        for variable, value in zip(variables, new):
-            variable._value = value
-        if narrowed:  # A (small) host copy, so the dtype never changes.
-            # `jax.device_get`'s explicit transfer without its per-call overhead (~10 µs).
-            with jax.transfer_guard_device_to_host("allow"):
-                for i, dtype in narrowed:
-                    variables[i]._value = np.asarray(new[i]).astype(dtype)
+    def _lift(
+        self, variables: list[Variable], nnx: NnxLift | None
+    ) -> tuple[list[Any], list[tuple[int, Any]]]:
+        """The carried values of this call (see `_carry.lift`)."""
+        return lift(variables, nnx, donate=self._donate, replicated=self._replicated)
 
     def _put_batch(self, xs: Any, batch_axis: int) -> Any:
         """Shards the batch dimension over the mesh (no-op without one)."""
@@ -293,7 +371,8 @@ class JaxLoop:
         state: Any = None,
         reduce_fn: ReduceFn | None = None,
     ) -> tuple[Any, int]:
-        variables = loop_variables(self._module)
+        variables, roots = loop_state(self._module)
+        nnx = NnxLift(roots) if roots else None
         source, data = iterator, None
         if self._data == "device":
             source, data = self._device_dataset(iterator)
@@ -302,16 +381,16 @@ class JaxLoop:
             if source is not None and not is_iterator_container(source)
             else iter_spec(source)
         )
-        key = (spec, *map(id, variables))
+        key = (spec, *map(id, variables)) if nnx is None else (spec, *map(id, variables), nnx.key)
         compiled = self._compiled.get(key)
         if compiled is None:
-            compiled = self._compiled[key] = self._compile(variables, spec)
+            compiled = self._compiled[key] = self._compile(variables, nnx, spec)
         try:
             if self._scan and reduce_fn is None:
-                steps = self._run_scan(compiled[0], variables, source, num_steps, data)
+                steps = self._run_scan(compiled[0], key, variables, nnx, source, num_steps, data)
             else:
                 state, steps = self._run_steps(
-                    compiled[1], variables, source, num_steps, data, state, reduce_fn
+                    compiled[1], variables, nnx, source, num_steps, data, state, reduce_fn
                 )
             if self._processes > 1:
                 # A failed collective surfaces only when a result is used: here, inside
@@ -329,29 +408,55 @@ class JaxLoop:
         return state, steps
 
     def _run_scan(
-        self, jitted: Any, variables: list[Variable], source: Any, num_steps: int, data: Any
+        self,
+        jitted: Any,
+        key: Any,
+        variables: list[Variable],
+        nnx: NnxLift | None,
+        source: Any,
+        num_steps: int,
+        data: Any,
     ) -> int:
         total = 0
+        recorded: dict[str, tuple[str, Any]] = {}
         while num_steps < 0 or total < num_steps:
             want = self._chunk_size if num_steps < 0 else num_steps - total
             batches = pull(source, want)
             if not batches:
                 break
             for length, xs in segments(batches):
-                values, narrowed = self._lift(variables)
-                new = jitted(values, self._put_batch(xs, 1), data, length)
-                self._write_back(variables, new, narrowed)
+                values, narrowed = self._lift(variables, nnx)
+                xs = self._put_batch(xs, 1)
+                shapes = (key, length, tuple(np.shape(x) for x in jax.tree.leaves(xs)))
+                try:
+                    spec = self._slot_specs.get(shapes, {})
+                    new, slots = jitted(values, self._slots(spec), xs, data, length)
+                except _NewSummaries as found:
+                    # Only traced, nothing ran (nor was donated): compile with the slots.
+                    spec = self._slot_specs[shapes] = found.spec
+                    new, slots = jitted(values, self._slots(spec), xs, data, length)
+                write_back(variables, nnx, new, narrowed)
+                recorded.update({name: (spec[name][0], a) for name, a in slots.items()})
             total += len(batches)
             if len(batches) < want:
                 break
         if num_steps >= 0 and total < num_steps:
             _log.info("The data iterator is exhausted after %d steps.", total)
+        _recording.deliver(recorded)
         return total
+
+    def _slots(self, spec: _SlotSpec) -> dict[str, Any]:
+        """The carry's summary slots before a scan: zeros of each recorded shape."""
+        slots = {name: np.zeros(shape, dtype) for name, (_, shape, dtype) in spec.items()}
+        if self._replicated is not None and slots:
+            return jax.device_put(slots, self._replicated)
+        return slots
 
     def _run_steps(
         self,
         jitted: Any,
         variables: list[Variable],
+        nnx: NnxLift | None,
         source: Any,
         num_steps: int,
         data: Any,
@@ -359,15 +464,20 @@ class JaxLoop:
         reduce_fn: ReduceFn | None,
     ) -> tuple[Any, int]:
         steps = 0
+        recorded: dict[str, tuple[str, Any]] = {}
         while num_steps < 0 or steps < num_steps:
             pulled = pull(source, 1)
             if not pulled:
-                _log.info("The data iterator is exhausted after %d steps.", steps)
+                # The normal end of an evaluation until the data ends: not news.
+                level = logging.DEBUG if num_steps < 0 else logging.INFO
+                _log.log(level, "The data iterator is exhausted after %d steps.", steps)
                 break
-            values, narrowed = self._lift(variables)
-            new, outputs = jitted(values, self._put_batch(pulled[0], 0), data)
-            self._write_back(variables, new, narrowed)
+            values, narrowed = self._lift(variables, nnx)
+            new, outputs, step_recorded = jitted(values, self._put_batch(pulled[0], 0), data)
+            write_back(variables, nnx, new, narrowed)
+            recorded.update({name: (self._kinds[name], a) for name, a in step_recorded.items()})
             if reduce_fn is not None:
                 state = reduce_fn(state, outputs)
             steps += 1
+        _recording.deliver(recorded)
         return state, steps

@@ -41,6 +41,21 @@ def _nnx_graph_node_types(nnx: Any) -> tuple[type, ...]:
     return tuple(t for t in (getattr(nnx, n, None) for n in names) if isinstance(t, type))
 
 
+_node_types: tuple[Any, tuple[type, ...]] = (None, ())
+
+
+def is_nnx_node(obj: Any) -> bool:
+    """A Flax NNX object with state of its own: a graph node (`Module`, `Optimizer`,
+    `Rngs`, ...) or an `nnx.Variable`. Run on every leaf of every loop's walk."""
+    global _node_types
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is None:
+        return False
+    if _node_types[0] is not nnx:  # Once per import of flax, not per call.
+        _node_types = (nnx, (nnx.Variable, *_nnx_graph_node_types(nnx)))
+    return isinstance(obj, _node_types[1])
+
+
 def expand_nnx(obj: Any) -> list[tuple[tuple[Any, ...], Any]] | None:
     """`(path, nnx.Variable)` pairs of an NNX module (or `Rngs`, `Optimizer`), else None.
 

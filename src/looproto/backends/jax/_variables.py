@@ -1,51 +1,85 @@
-"""Which `looproto.Variable`s of a module the JAX backend lifts into traced code.
+"""What the JAX backend lifts into traced code: `looproto.Variable`s and Flax NNX objects.
 
-The compiled loop and `value_and_grad` both need the module's `looproto.Variable`s as
-a flat list (with their paths, for gradients). Flax NNX variables are found by the
-same walk but rejected here, with a message saying how to train them instead.
-`loop_variables` is the cheaper walk the loop runs on every call.
+The compiled loop and `value_and_grad` carry a module's `looproto.Variable`s (arrays or
+pytrees) as values, and the Flax NNX objects it holds (`nnx.Module`, `nnx.Optimizer`,
+`nnx.Rngs`, a lone `nnx.Variable`) as the state of their `nnx.Variable`s
+(`_nnx_lift.py`). `loop_state` is the walk the loop runs on every call: NNX objects
+are not walked into (NNX's own graph walk costs ~0.3 ms for a small model), only
+found. `module_state` is the same with paths, for gradients.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from looproto.backends.jax._nnx import is_nnx_variable
-from looproto.errors import ConfigError
-from looproto.module import Module, Variable, variables_by_path
+from looproto import _nest
+from looproto.backends.jax._nnx import is_nnx_node
+from looproto.module import Module, Variable
 
 
-def module_variables(module: Any) -> tuple[list[str], list[Variable]]:
-    """Paths and `looproto.Variable`s of `module` (other frameworks' are rejected)."""
-    paths: list[str] = []
-    variables: list[Variable] = []
-    for path, variable in variables_by_path(module).items():
-        if isinstance(variable, Variable):
-            paths.append(path)
-            variables.append(variable)
-        elif is_nnx_variable(variable):
-            # NNX refuses writes from inside a foreign `jax.jit` trace, and a value only
-            # read there would be baked into the compiled loop as a constant.
-            raise ConfigError(
-                f"Module variable {path!r} is a Flax NNX `{type(variable).__name__}`. The JAX "
-                "backend discovers, checkpoints and restores NNX variables, but lifts only "
-                "`looproto.Variable`s into its compiled loops and `value_and_grad`. Hold the "
-                "state in `looproto.Variable`s, or train the NNX module with NNX's own "
-                "transforms (`nnx.jit`, `nnx.value_and_grad`) in an eager step "
-                "(`StandardTrainerOptions(use_compiled_loop=False, use_compiled_step=False)`)."
-            )
-    return paths, variables
+def is_loop_state(obj: Any) -> bool:
+    return isinstance(obj, Variable) or is_nnx_node(obj)
 
 
-def _is_any_variable(obj: Any) -> bool:
-    return isinstance(obj, Variable) or is_nnx_variable(obj)
+def _stop(obj: Any) -> bool:
+    return isinstance(obj, Module) or is_loop_state(obj)
 
 
-def loop_variables(module: Any) -> list[Variable]:
-    """`module_variables(module)[1]`, without building paths (run on every loop call)."""
-    if not isinstance(module, Module):
-        return module_variables(module)[1]
-    found = list(module._flatten(predicate=_is_any_variable))
-    if not all(isinstance(v, Variable) for v in found):
-        return module_variables(module)[1]  # Raises, naming the NNX variable's path.
+def pairs(
+    module: Any, predicate: Callable[[Any], bool] = is_loop_state
+) -> list[tuple[_nest.Path, Any]]:
+    """`(path, leaf)` for every leaf of `module` matching `predicate`; NNX objects are
+    leaves, not walked into. Paths are `variables_by_path`'s; an object reachable twice
+    is listed at each path."""
+    if isinstance(module, Module):
+        return list(module._flatten(predicate=predicate, with_path=True, expand=False))
+    found: list[tuple[_nest.Path, Any]] = []
+    for path, leaf in _nest.flatten_with_paths(module, is_leaf=_stop):
+        if predicate(leaf):
+            found.append((path, leaf))
+        if isinstance(leaf, Module):
+            for sub, obj in leaf._flatten(predicate=predicate, with_path=True, expand=False):
+                found.append(((*path, *sub), obj))
     return found
+
+
+def module_state(module: Any) -> tuple[dict[str, Variable], dict[str, Any]]:
+    """`{path: looproto.Variable}` and `{path: NNX object}` of `module`, each listed once."""
+    variables: dict[str, Variable] = {}
+    nnx_objects: dict[str, Any] = {}
+    seen: set[int] = set()
+    for path, obj in pairs(module):
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        target = variables if isinstance(obj, Variable) else nnx_objects
+        target[_nest.path_to_str(path)] = obj
+    return variables, nnx_objects
+
+
+def nnx_places(module: Any, roots: list[Any]) -> list[tuple[_nest.Path, Any]]:
+    """Every `(path, root)` at which `module` holds one of the NNX objects `roots`."""
+    wanted = {id(root) for root in roots}
+    return [(path, obj) for path, obj in pairs(module) if id(obj) in wanted]
+
+
+def loop_state(module: Any) -> tuple[list[Variable], list[Any]]:
+    """The `looproto.Variable`s and the NNX objects of `module`, each once, in walk order.
+
+    Run on every loop call, so a replaced sub-module is never missed; for a `Module`
+    it is one `Module._flatten` walk (not walking into NNX objects).
+    """
+    if isinstance(module, Module):
+        found = list(module._flatten(predicate=is_loop_state, expand=False))
+    else:
+        seen: set[int] = set()
+        found = []
+        for _, obj in pairs(module):
+            if id(obj) not in seen:
+                seen.add(id(obj))
+                found.append(obj)
+    variables = [obj for obj in found if isinstance(obj, Variable)]
+    if len(variables) == len(found):
+        return variables, []
+    return variables, [obj for obj in found if not isinstance(obj, Variable)]

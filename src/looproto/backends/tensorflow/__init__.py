@@ -1,10 +1,11 @@
 """The TensorFlow backend: Orbit's `tf.function` + `tf.while_loop` inner loop.
 
 Discovery finds `tf.Variable`s (distributed ones included), Keras 3 variables on
-the TensorFlow backend, and the variables inside a `tf.Module`, a Keras layer or
-model, or a Keras optimizer held as a module attribute. `Module.name_scope`
-enters `tf.name_scope`, so a `tf.Variable` made in a module's scope is named
-like `my_module/Variable:0`.
+the TensorFlow backend, and the variables inside a `tf.Module` or a Keras layer or
+model, optimizer, metric or `SeedGenerator` held as a module attribute (Keras objects by
+attribute path; a lazily built Keras optimizer is built on restore, see `_keras.py`).
+`Module.name_scope` enters `tf.name_scope`, so a `tf.Variable` made in a module's scope
+is named like `my_module/Variable:0`.
 
 The inner loop (`make_loop`) has three forms, picked by `LoopOptions`:
 
@@ -72,6 +73,7 @@ Backend options (`StandardTrainerOptions(backend_options={...})`):
 #   _backend.py      `TensorflowBackend`, the `looproto.backends.Backend` of this package
 #   _options.py      the `backend_options` and their validation
 #   _variables.py    `tf.Variable` and Keras 3 variable discovery
+#   _keras.py        Keras 3 objects walked by attribute; optimizers built on restore
 #   _lifting.py      NumPy `looproto.Variable`s bound to `tf.Variable` twins while a loop
 #                    runs, and the assign hook that writes through to them
 #   _side_effects.py Python state a compiled step changes at trace time
@@ -80,6 +82,8 @@ Backend options (`StandardTrainerOptions(backend_options={...})`):
 #   _gradients.py    `value_and_grad` and `grad` over a module's variables
 #   _array_api.py    `array_namespace`, the Python array API on TensorFlow tensors
 #   _checkpoints.py  `tf.data` iterator positions in checkpoints
+#   _tf_checkpoints.py TensorFlow's own checkpoints: `tf.train.CheckpointManager` behind
+#                    the Controller's manager protocol, `tf.train.Checkpoint` roots
 #   _distributed.py  `MultiWorkerMirroredStrategy`: the engine and `distribute_dataset`
 #   _launch.py       `TF_CONFIG`: where a worker sits (framework-free)
 # This file imports no TensorFlow: it registers the backend, and each public name below
@@ -116,12 +120,16 @@ if TYPE_CHECKING:
     from looproto.backends.tensorflow._side_effects import (
         TraceSideEffectWarning as TraceSideEffectWarning,
     )
+    from looproto.backends.tensorflow._tf_checkpoints import (
+        TfCheckpointManager as TfCheckpointManager,
+    )
 
 __all__ = [
     "BACKEND",
     "TensorflowBackend",
     "TensorflowEngine",
     "TensorflowLoop",
+    "TfCheckpointManager",
     "TfDataIteratorState",
     "TraceSideEffectWarning",
     "array_namespace",
@@ -140,6 +148,7 @@ __getattr__, __dir__ = lazy_exports(
         "TensorflowBackend": "_backend",
         "TensorflowEngine": "_distributed",
         "TensorflowLoop": "_loop",
+        "TfCheckpointManager": "_tf_checkpoints",
         "TfDataIteratorState": "_checkpoints",
         "TraceSideEffectWarning": "_side_effects",
         "array_namespace": "_array_api",

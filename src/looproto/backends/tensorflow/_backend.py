@@ -17,18 +17,29 @@ import numpy as np
 import tensorflow as tf
 
 from looproto import _nest, distributed, portable
-from looproto.backends.base import LoopOptions, StepFn
+from looproto.backends.base import LoopOptions, StepFn, Unsaveable
 from looproto.backends.tensorflow._array_api import array_namespace
 from looproto.backends.tensorflow._checkpoints import TfDataIteratorState, iterator_state
 from looproto.backends.tensorflow._distributed import TensorflowEngine, initialize_distributed
 from looproto.backends.tensorflow._gradients import grad, value_and_grad
+from looproto.backends.tensorflow._keras import (
+    TF_KERAS_OPTIMIZER,
+    is_keras_object,
+    is_tf_keras_optimizer,
+    keras_pairs,
+)
 from looproto.backends.tensorflow._lifting import variable_assign_hook
 from looproto.backends.tensorflow._loop import TensorflowLoop
 from looproto.backends.tensorflow._options import check_settings
+from looproto.backends.tensorflow._research import (
+    KerasMetricAdapter,
+    hyperparameters,
+    metric_adapter,
+)
+from looproto.backends.tensorflow._tf_checkpoints import checkpoint_paths
 from looproto.backends.tensorflow._variables import (
     is_keras_variable,
     keras_module,
-    keras_paths,
     variable_dtype,
 )
 from looproto.errors import ProtocolError, ShapeError, value_repr
@@ -53,22 +64,25 @@ class TensorflowBackend:
         return bool(getattr(obj, "trainable", False))
 
     def expand(self, obj: Any) -> Iterable[tuple[tuple[Any, ...], Any]] | None:
-        """See base class: the variables of a `tf.Module`, Keras layer or Keras optimizer.
+        """See base class: the state of a `tf.Module`, of Keras 3 objects and of a
+        `tf.train.Checkpoint`.
 
-        `tf.Module` paths are its attribute paths (`("layers", 0, "w")`); Keras
-        paths are the variables' `path` without the owner's own name
-        (`("dense", "kernel")`).
+        `tf.Module` paths are its attribute paths (`("layers", 0, "w")`); a Keras
+        layer, model, optimizer, metric or `SeedGenerator` is walked by attribute too
+        (`("dense", "kernel")`), see `_keras.py`; a `tf.train.Checkpoint`'s paths start
+        with the names it was given (`("model", "dense", "kernel")`).
         """
         if isinstance(obj, (tf.Variable, tf.Tensor)):
             return None
         if isinstance(obj, tf.Module):
             return list(obj._flatten(predicate=self.is_variable, with_path=True))
+        if isinstance(obj, tf.train.Checkpoint):
+            return checkpoint_paths(obj, self.expand, self.is_variable)
+        if is_tf_keras_optimizer(obj):
+            return [((), Unsaveable(TF_KERAS_OPTIMIZER))]
         keras = keras_module()
-        if keras is not None:
-            if isinstance(obj, keras.layers.Layer):
-                return keras_paths(obj, obj.weights)
-            if isinstance(obj, keras.optimizers.Optimizer):
-                return keras_paths(obj, obj.variables)
+        if keras is not None and is_keras_object(obj, keras):
+            return keras_pairs(obj, keras, (tf.Variable, keras.Variable))
         return None
 
     def to_numpy(self, value: Any) -> np.ndarray[Any, Any]:
@@ -160,6 +174,14 @@ class TensorflowBackend:
         catches an assignment made while TensorFlow traces a function.
         """
         return variable_assign_hook(variable, value)
+
+    def hyperparameters(self, obj: Any) -> dict[str, float] | None:
+        """See base class: a Keras optimizer's (Keras on TensorFlow)."""
+        return hyperparameters(obj)
+
+    def metric_adapter(self, obj: Any) -> KerasMetricAdapter | None:
+        """See base class: Keras metrics (Keras on TensorFlow)."""
+        return metric_adapter(obj)
 
     def numpy_dtype(self, dtype: Any) -> np.dtype[Any]:
         """See `looproto.backends.SupportsDtypes`: `tf.DType`s by `as_numpy_dtype`."""

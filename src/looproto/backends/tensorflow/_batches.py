@@ -63,12 +63,21 @@ def batch_signature(leaves: Any) -> tuple[str, tuple[str, ...]]:
 
 
 class OneBatchIterator(StepIterator):
-    """A `StepIterator` that also answers `tf.data.Iterator`'s methods."""
+    """A `StepIterator` that also answers `tf.data.Iterator`'s methods.
+
+    `next()` gives the step its batch in containers of its own (dicts, lists and
+    tuples rebuilt, the tensors shared), so the step may change them, as Orbit's
+    examples do with `inputs.pop(label_key)`: the batch is an argument of a
+    `tf.function`, which refuses a traced function that changes its Python arguments.
+    """
 
     __slots__ = ()
 
     def __init__(self, step_name: str, batch: Any) -> None:
         super().__init__(step_name, _TWICE_HINT, batch)
+
+    def __next__(self) -> Any:
+        return tf.nest.map_structure(_same, super().__next__())
 
     def get_next(self) -> Any:
         """`tf.data.Iterator.get_next`: the batch."""
@@ -77,6 +86,10 @@ class OneBatchIterator(StepIterator):
     def get_next_as_optional(self) -> Any:
         """`tf.data.Iterator.get_next_as_optional`: the batch, always present."""
         return tf.experimental.Optional.from_value(next(self))
+
+
+def _same(tensor: Any) -> Any:
+    return tensor
 
 
 _TWICE_HINT = (

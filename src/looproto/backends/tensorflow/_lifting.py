@@ -5,6 +5,8 @@ loop's duration (`Lifted`), so a compiled step reads and updates it; afterwards 
 value goes back as a NumPy array. The twins (`_twins`) and the assign hook that
 writes through to them (`variable_assign_hook`, the backend's `on_assign`) are
 module-level state. The gradient helpers differentiate the bound twins (`bound_twin`).
+TensorFlow converts a `looproto.Variable` to a tensor by its current value
+(`_variable_to_tensor`): the twin while it is bound, so a graph reads it at every step.
 """
 
 from __future__ import annotations
@@ -165,3 +167,17 @@ def variable_assign_hook(variable: Variable, value: Any) -> bool | None:
         stacklevel=3,
     )
     return None
+
+
+def _variable_to_tensor(
+    value: Variable, dtype: Any = None, name: str | None = None, as_ref: bool = False
+) -> Any:
+    # The value now: a lifted Variable's twin inside a loop (read in the graph, at every
+    # step), its array elsewhere. Without this, TensorFlow converts a `Variable` through
+    # `__array__`, which freezes its value into the graph being traced.
+    return tf.convert_to_tensor(value.value, dtype=dtype, name=name)
+
+
+# TensorFlow ops (`tf.summary.scalar(..., step=global_step)`, `tf.add(v, 1)`) take a
+# `looproto.Variable` as they take a `tf.Variable`.
+tf.register_tensor_conversion_function(Variable, _variable_to_tensor)

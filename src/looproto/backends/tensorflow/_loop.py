@@ -19,7 +19,7 @@ from typing import Any, Final
 import numpy as np
 import tensorflow as tf
 
-from looproto import distributed
+from looproto import _recording, distributed
 from looproto.backends._common import run_python_loop
 from looproto.backends.base import LoopOptions, ReduceFn, StepFn
 from looproto.backends.tensorflow._batches import (
@@ -39,6 +39,8 @@ from looproto.backends.tensorflow._side_effects import (
     TraceSideEffectWarning,
     numeric_attributes,
 )
+from looproto.backends.tensorflow._stale import refusing_stale_reads
+from looproto.backends.tensorflow._summaries import SummarySlots
 from looproto.data import ArrayIterator
 from looproto.errors import ConfigError, LooprotoError, value_repr
 from looproto.module import Module, variables_by_path
@@ -123,6 +125,7 @@ class TensorflowLoop:
         self._data: str = settings["data"]
         self._stacked_fn = self._function(self._stacked_loop_body)
         self._stacked_calls: dict[Any, Any] = {}
+        self._summaries = SummarySlots()  # what steps record with `looproto.summary`
 
     # -- building blocks (run at trace time) ---------------------------------
 
@@ -139,7 +142,10 @@ class TensorflowLoop:
         # Every op of the step waits for its batch: TensorFlow orders stateful ops only
         # per resource, so without this a `step.assign_add(1)` could run although the
         # iterator had ended.
-        with tf.control_dependencies(tf.nest.flatten(leaves, expand_composites=True)):
+        with (
+            tf.control_dependencies(tf.nest.flatten(leaves, expand_composites=True)),
+            refusing_stale_reads(self._step_name, self._replicas),
+        ):
             outputs = self._step_fn(iterator)
         self._check_side_effects(before)
         return outputs
@@ -294,9 +300,13 @@ class TensorflowLoop:
             )
         lifted = self._lift()
         try:
-            if not self._compile_step:
-                return self._eager(iterator, num_steps, state, reduce_fn)
-            return self._compiled(iterator, num_steps, state, reduce_fn)
+            with _recording.recording(self._summaries):
+                if not self._compile_step:
+                    result = self._eager(iterator, num_steps, state, reduce_fn)
+                else:
+                    result = self._compiled(iterator, num_steps, state, reduce_fn)
+            self._summaries.deliver()
+            return result
         except PEER_FAILURES as err:
             if distributed.process_count() < 2:
                 raise
@@ -427,11 +437,12 @@ class TensorflowLoop:
             def no_data() -> Any:
                 self.trace_count += 1
                 before = numeric_attributes(self._module)
-                outputs = (
-                    self.strategy.run(self._step_fn, args=(None,))
-                    if self._replicate
-                    else self._step_fn(None)
-                )
+                with refusing_stale_reads(self._step_name, self._replicas):
+                    outputs = (
+                        self.strategy.run(self._step_fn, args=(None,))
+                        if self._replicate
+                        else self._step_fn(None)
+                    )
                 self._check_side_effects(before)
                 if self._replicate:
                     outputs = tf.nest.map_structure(self._reduce_leaf, outputs)

@@ -1,16 +1,14 @@
 """Which objects are TensorFlow variables, and the paths of those inside Keras objects.
 
 `tf.Variable`s are recognised by TensorFlow itself; Keras 3 variables (when Keras is
-imported and runs on TensorFlow) need `keras` without importing it, and the variables
-of a Keras layer or optimizer are keyed by their Keras `path` relative to the
-attribute that holds the owner. Used by the backend's discovery (`is_variable`,
-`expand`), by `assign` and the lifting (dtypes), and by the gradient helpers.
+imported and runs on TensorFlow) need `keras` without importing it. Used by the
+backend's discovery (`is_variable`, `expand`; Keras objects are walked in `_keras.py`),
+by `assign` and the lifting (dtypes), and by the gradient helpers.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -40,16 +38,3 @@ def variable_dtype(variable: Any) -> np.dtype[Any]:
     if isinstance(dtype, tf.DType):
         return np.dtype(dtype.as_numpy_dtype)
     return np.dtype(dtype)
-
-
-def keras_paths(obj: Any, variables: Iterable[Any]) -> list[tuple[tuple[Any, ...], Any]]:
-    # Keras paths start with the owner's (auto-uniquified) name; drop it so keys are
-    # relative to the attribute that holds the layer.
-    own = {str(getattr(obj, "name", "")), str(getattr(obj, "name", "")).lower()}
-    pairs = []
-    for variable in variables:
-        parts = tuple(str(getattr(variable, "path", variable.name)).split("/"))
-        if len(parts) > 1 and parts[0] in own:
-            parts = parts[1:]
-        pairs.append((parts, variable))
-    return pairs

@@ -30,13 +30,16 @@ buffers under their `named_parameters()` paths split on "."; a
 unwrapped so paths do not change. A `torch.optim.Optimizer` contributes the
 numeric entries of its param groups (`lr`, `betas`, ...) and its per-parameter
 state keyed by the parameter's name (when built from `named_parameters()`) or
-its position, plus a `has_state` flag per parameter. A learning-rate scheduler
-contributes the numeric entries of its `state_dict()`, a `torch.Generator` its
-state. Plain tensor attributes are not state (as on an `nn.Module`). Optimizer state is
-created lazily by the first `step()`; so that a fresh optimizer can be restored
-into, its not-yet-existing state is shown as *pending* entries (shapes found by
-one step of a throwaway copy) that a checkpoint restore creates, and that stay
-absent when the checkpoint says `has_state=False`.
+its position, plus a `has_state` flag per parameter, and its flags and strings as one
+JSON state. A learning-rate scheduler (nested ones too), a `GradScaler` and any other
+torch object with `state_dict()`/`load_state_dict()` contribute everything in their
+`state_dict()` (numbers and tensors as variables, flags and strings as JSON; what a
+checkpoint cannot hold as a `looproto.backends.Unsaveable` leaf, so that a save fails
+naming it), a `torch.Generator` its state. Plain tensor attributes are not state (as on
+an `nn.Module`). Optimizer state is created lazily by the first `step()`; so that a
+fresh optimizer can be restored into, its not-yet-existing state is shown as *pending*
+entries (shapes found by one step of a throwaway copy) that a checkpoint restore
+creates, and that stay absent when the checkpoint says `has_state=False`.
 
 `value_and_grad(fn, module)` returns `fn()`'s gradients keyed by variable path,
 like `looproto.backends.jax.value_and_grad`.
@@ -44,8 +47,9 @@ like `looproto.backends.jax.value_and_grad`.
 
 # The package's files, one concept each: _tensors (tensor <-> NumPy conversions and
 # in-place writes), _views (Variables for state torch keeps in its own containers),
-# _discovery (walking modules, optimizers, schedulers), _gradients, _device (data
-# movement and the one transfer back), _errors, _options, _loop (the compiled inner
+# _discovery (walking modules and optimizers), _state_dicts (objects saved through their
+# state_dict(): schedulers, GradScaler), _keras (Keras on torch, refused), _gradients,
+# _device (data movement and the one transfer back), _errors, _options, _loop (the compiled inner
 # loop), _distributed (torch.distributed), _data (torchdata loaders and tensors in
 # checkpoints' JSON), _launch (torchrun's environment, framework-free), _backend
 # (`TorchBackend`). This file imports no torch: it registers the backend, and each

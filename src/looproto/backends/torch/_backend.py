@@ -29,14 +29,16 @@ from looproto.backends.torch._discovery import (
     module_pairs,
     optimizer_pairs,
     own_tensors,
-    scheduler_pairs,
     unwrap,
     walk_state,
 )
 from looproto.backends.torch._distributed import TorchEngine, initialize_distributed
 from looproto.backends.torch._gradients import array_namespace, grad, value_and_grad
+from looproto.backends.torch._keras import keras_refusal
 from looproto.backends.torch._loop import NULL_SCOPE, TorchLoop
 from looproto.backends.torch._options import parse_backend_options
+from looproto.backends.torch._research import TorchmetricsAdapter, hyperparameters, metric_adapter
+from looproto.backends.torch._state_dicts import is_state_dict_object, state_dict_pairs
 from looproto.backends.torch._tensors import (
     fill_tensor,
     np_dtype,
@@ -78,7 +80,12 @@ class TorchBackend:
         return bool(getattr(tensor_of(obj), "requires_grad", False))
 
     def expand(self, obj: Any) -> Iterable[tuple[tuple[Any, ...], Any]] | None:
-        """See base class: `nn.Module`s, optimizers, LR schedulers, `torch.Generator`s."""
+        """See base class: `nn.Module`s, optimizers, `torch.Generator`s, and objects saved
+        through their `state_dict()` (LR schedulers, `GradScaler`, ...). Keras 3 objects
+        on Keras' torch backend are refused (`_keras.py`)."""
+        refused = keras_refusal(obj)
+        if refused is not None:
+            return refused
         if isinstance(obj, torch.nn.Module):
             if getattr(walk_state, "tensors_only", False):  # The loop's walk: devices only.
                 modules = unwrap(obj).modules()
@@ -88,10 +95,10 @@ class TorchBackend:
             if getattr(walk_state, "shallow", False):
                 return []
             return optimizer_pairs(obj, type(obj).__name__.lower())
-        if isinstance(obj, torch.optim.lr_scheduler.LRScheduler):
-            return (
-                [] if getattr(walk_state, "shallow", False) else scheduler_pairs(obj, "scheduler")
-            )
+        if is_state_dict_object(obj):
+            if getattr(walk_state, "shallow", False):
+                return []
+            return state_dict_pairs(obj, type(obj).__name__.lower())
         if isinstance(obj, torch.Generator):
             return (
                 [] if getattr(walk_state, "shallow", False) else [((), GeneratorView(obj, "rng"))]
@@ -209,6 +216,14 @@ class TorchBackend:
     def state_from_json(self, tag: str, payload: Any) -> Any:
         """See `looproto.backends.SupportsStateJSON`."""
         return tensor_from_json(tag, payload)
+
+    def hyperparameters(self, obj: Any) -> dict[str, float] | None:
+        """See base class: a torch optimizer's param groups (or its scheduler's optimizer's)."""
+        return hyperparameters(obj)
+
+    def metric_adapter(self, obj: Any) -> TorchmetricsAdapter | None:
+        """See base class: torchmetrics metrics and collections."""
+        return metric_adapter(obj)
 
     def numpy_dtype(self, dtype: Any) -> np.dtype[Any]:
         """See `looproto.backends.SupportsDtypes`."""

@@ -1,10 +1,12 @@
 """Discovery of torch containers: the `(path, variable)` pairs of modules, optimizers, schedulers.
 
 What `TorchBackend.expand` returns for an `nn.Module` (parameters and persistent
-buffers, through DDP/`torch.compile` wrappers), a `torch.optim.Optimizer` (param-group
-entries and per-parameter state, with the *pending* state of a fresh optimizer found
-by a throwaway step) and an LR scheduler; plus the thread-local switch by which the
-backend's own walks skip the costly pending state.
+buffers, through DDP/`torch.compile` wrappers) and a `torch.optim.Optimizer` (numeric
+param-group entries, its flags and strings as one JSON state, and per-parameter state,
+with the *pending* state of a fresh optimizer found by a throwaway step; state that is
+not numbers or tensors makes it `Unsaveable`); plus the thread-local switch by which
+the backend's own walks skip the costly pending state. Objects saved through their
+`state_dict()` (LR schedulers, `GradScaler`) are in `_state_dicts.py`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from looproto.backends.base import Unsaveable
+from looproto.backends.torch._state_dicts import GroupJSONState, is_array_entry, is_json_entry
 from looproto.backends.torch._views import (
     BufferView,
     EntryView,
@@ -27,6 +31,7 @@ from looproto.backends.torch._views import (
     ParamState,
     SlotView,
 )
+from looproto.errors import value_repr
 
 _log = logging.getLogger("looproto")
 
@@ -66,17 +71,16 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
             return result
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
-        value, (bool, np.bool_)
-    )
-
-
 def _numeric(value: Any) -> bool:
-    """Storable hyper-parameters: numbers, tensors, and non-empty lists/tuples of numbers."""
-    if _is_number(value) or isinstance(value, torch.Tensor):
-        return True
-    return isinstance(value, (list, tuple)) and bool(value) and all(map(_is_number, value))
+    """Numbers, tensors, non-empty lists of numbers: one array each in a checkpoint."""
+    return is_array_entry(value) and not isinstance(value, np.ndarray)
+
+
+def _json_value(value: Any) -> bool:
+    """A param-group entry the JSON item holds: a flag, a string, None, or a list of them."""
+    if isinstance(value, (list, tuple)):
+        return all(map(is_json_entry, value))
+    return is_json_entry(value)
 
 
 _Pairs = list[tuple[tuple[Any, ...], Any]]
@@ -156,19 +160,49 @@ def _pending_templates(
             templates[pid] = {
                 k: (torch.zeros_like(v) if isinstance(v, torch.Tensor) else v)
                 for k, v in state.items()
-                if _numeric(v)
             }
     _pending_cache[optimizer] = (signature, templates)
     return templates
 
 
+def _unsaveable_group_entry(optimizer: Any, key: str, value: Any) -> Unsaveable:
+    label = type(optimizer).__name__
+    return Unsaveable(
+        f"the param-group entry {key!r} of {label} holds {value_repr(value)} of type "
+        f"{type(value).__name__}, which a checkpoint cannot hold (numbers, tensors, flags, "
+        "strings, None). Keep it a number or a tensor, or keep the optimizer out of the "
+        "checkpointed tree."
+    )
+
+
+def _unsaveable_slot(optimizer: Any, key: str, value: Any) -> Unsaveable:
+    label = type(optimizer).__name__
+    return Unsaveable(
+        f"{label} keeps {value_repr(value)} of type {type(value).__name__} in a parameter's "
+        f"state under {key!r}; a checkpoint holds numbers and fixed-shape tensors there, so "
+        f"this {label}'s state cannot be saved (LBFGS keeps its history as lists of "
+        "tensors). Use an optimizer whose state is tensors, or keep this one out of the "
+        "checkpointed tree and accept that a resumed run starts it afresh."
+    )
+
+
 def optimizer_pairs(optimizer: torch.optim.Optimizer, name: str) -> _Pairs:
     pairs: _Pairs = []
+    texts: dict[str, tuple[int, str]] = {}
     for index, group in enumerate(optimizer.param_groups):
         for key in sorted(group):
-            if key not in ("params", "param_names") and _numeric(group[key]):
-                path = ("param_groups", index, key)
-                pairs.append((path, EntryView(group, key, f"{name}/param_groups/{index}/{key}")))
+            if key in ("params", "param_names"):
+                continue
+            path = ("param_groups", index, key)
+            where = f"{name}/param_groups/{index}/{key}"
+            if _numeric(group[key]):
+                pairs.append((path, EntryView(group, key, where)))
+            elif _json_value(group[key]):
+                texts[f"param_groups/{index}/{key}"] = (index, key)
+            else:
+                pairs.append((path, _unsaveable_group_entry(optimizer, key, group[key])))
+    if texts:
+        pairs.append((("json",), GroupJSONState(optimizer, texts, f"{name}/json")))
     params = [p for group in optimizer.param_groups for p in group["params"]]
     names: list[str] | None = [n for g in optimizer.param_groups for n in g.get("param_names", ())]
     if names is not None and len(names) != len(params):
@@ -180,22 +214,13 @@ def optimizer_pairs(optimizer: torch.optim.Optimizer, name: str) -> _Pairs:
         if not state and not param.requires_grad:
             continue  # Never gets state.
         label = tuple(names[index].split(".")) if names else (index,)
-        if state:
-            shown = {k: v for k, v in state.items() if _numeric(v)}
-        else:
-            shown = templates.get(id(param), {})
+        entries = state if state else templates.get(id(param), {})
+        shown = {k: v for k, v in entries.items() if _numeric(v)}
         record = ParamState(optimizer, param, shown)
         base = "/".join(map(str, (name, "state", *label)))
         for key in sorted(shown):
             pairs.append((("state", *label, key), SlotView(record, key, f"{base}/{key}")))
+        for key in sorted(set(entries) - set(shown), key=str):
+            pairs.append((("state", *label, key), _unsaveable_slot(optimizer, key, entries[key])))
         pairs.append((("state", *label, "has_state"), FlagView(record, f"{base}/has_state")))
-    return pairs
-
-
-def scheduler_pairs(scheduler: Any, name: str) -> _Pairs:
-    pairs: _Pairs = []
-    for key, value in sorted(scheduler.state_dict().items()):
-        if _numeric(value) and hasattr(scheduler, key):
-            short = key.lstrip("_")
-            pairs.append(((short,), EntryView(scheduler, key, f"{name}/{short}")))
     return pairs

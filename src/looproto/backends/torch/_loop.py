@@ -4,7 +4,8 @@
 device and the NumPy Variables to lift onto it (`_Lifted`), feeds one batch per step
 through `StepIterator`s, runs the step compiled once (or eagerly), keeps the on-device
 NaN record (`_Watch`), and fetches everything back in one transfer. See the package
-docstring (`looproto.backends.torch`) for the whole story.
+docstring (`looproto.backends.torch`) for the whole story. What steps record with
+`looproto.summary` stays on the device (`_Recorder`) until the loop hands it over.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from looproto import backends, distributed
+from looproto import _recording, backends, distributed
 from looproto.backends._common import NO_DATA, StepIterator, is_iterator_container
 from looproto.backends.base import ReduceFn, StepFn
 from looproto.backends.torch._device import DeviceOps, device_ops, same_device, to_device
@@ -100,6 +101,22 @@ def _float_leaves(outputs: Any, path: tuple[Any, ...] = ()) -> list[tuple[str, t
     return []
 
 
+class _Recorder:
+    """The latest value of each name a step records, detached, on its device.
+
+    A compiled step stores into `values` as a side effect Dynamo replays after the
+    graph; no host sync happens until the Controller writes the summary.
+    """
+
+    def __init__(self) -> None:
+        self.values: dict[str, tuple[str, Any]] = {}
+
+    def record(self, kind: str, name: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            value = value.detach()
+        self.values[name] = (kind, value)
+
+
 class _Lifted:
     """NumPy `looproto.Variable`s bound to device tensors while the loop runs."""
 
@@ -144,6 +161,7 @@ class TorchLoop:
         self._call: Callable[[Any], Any] = step_fn
         self._watch: _Watch | None = None
         self._output_names: list[str] | None = None
+        self._recorder = _Recorder()
 
     # -- building -----------------------------------------------------------
 
@@ -251,8 +269,10 @@ class TorchLoop:
             else NULL_SCOPE
         )
         steps, ok = 0, False
+        recorder = self._recorder
+        recorder.values.clear()
         try:
-            with patch:
+            with patch, _recording.recording(recorder):
                 while num_steps < 0 or steps < num_steps:
                     try:
                         for source, leaf in sources:
@@ -291,6 +311,7 @@ class TorchLoop:
             for _, leaf in sources:
                 leaf.feed(NO_DATA)  # Do not keep the last batch alive on device.
             record = self._finish(ops, lifted, watch, ok, steps)
+        _recording.deliver(recorder.values)
         if record is not None:
             self._raise_non_finite(record, steps, start_step)
         return state, steps

@@ -1,0 +1,81 @@
+"""No stale reads: a traced TensorFlow step reads only Variables its loop lifted.
+
+The loop lifts the NumPy `looproto.Variable`s of its trainer or evaluator into
+`tf.Variable` twins (`_lifting.py`): a compiled step reads the twin, and sees each
+step's value. A NumPy Variable the loop did not lift -- reached through a closure
+(`self.predict = lambda x: x @ trainer.w.value`), a global or another trainer -- would
+be read once, at trace time, and become a constant of the graph: the function would
+go on computing with that value forever. While the loop traces its step, a read hook
+(`looproto.backends.read_hooks`, called by `Variable.value`) raises `StaleReadError`
+for such a read inside the function being built. (`tf.Variable`s are captured by
+reference and never go stale.) The hook is installed only while some thread traces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+import tensorflow as tf
+
+from looproto import backends
+from looproto.errors import StaleReadError
+from looproto.module import TreeVariable, Variable
+
+_tls = threading.local()
+_lock = threading.Lock()
+_tracing = 0  # How many threads trace a step now (the hook is installed while > 0).
+
+
+def _read_hook(variable: Variable) -> None:
+    step = getattr(_tls, "step", None)
+    if step is None or not tf.inside_function():
+        return
+    value = variable._value
+    if isinstance(value, (tf.Variable, tf.Tensor)) or tf.is_symbolic_tensor(value):
+        return  # A lifted twin, or a value the step itself assigned.
+    replicas = getattr(_tls, "replicas", 1)
+    if isinstance(variable, TreeVariable):
+        why = (
+            "the TensorFlow backend lifts Variables holding one NumPy array, not a tree "
+            "(hold each array in a `looproto.Variable` or a `tf.Variable`)"
+        )
+    elif replicas > 1:
+        why = (
+            f"the loop runs under a strategy with {replicas} replicas, where it lifts no "
+            "NumPy Variables (create `tf.Variable`s under `strategy.scope()` there)"
+        )
+    else:
+        why = (
+            "the Variable is not reachable from the trainer or evaluator that runs the "
+            "step (it was reached through a closure, a global or another trainer)"
+        )
+    raise StaleReadError(
+        f"`{step}` read looproto Variable {variable.name!r} while TensorFlow traced the "
+        f"compiled step, but the loop did not lift it into a `tf.Variable`: {why}. Its "
+        "value now would become a constant of the graph and never change. Make it "
+        "reachable: hold the module that owns it as an attribute (`self.model = "
+        "trainer.model`) and read it there. To bake a value on purpose, close over a copy "
+        "made outside the step (`np.array(variable.value)`)."
+    )
+
+
+@contextlib.contextmanager
+def refusing_stale_reads(step_name: str, replicas: int) -> Iterator[None]:
+    """While `step_name` is traced in this thread, reads of unlifted Variables raise."""
+    global _tracing
+    previous = getattr(_tls, "step", None), getattr(_tls, "replicas", 1)
+    _tls.step, _tls.replicas = step_name, replicas
+    with _lock:
+        _tracing += 1
+        if _tracing == 1:
+            backends.read_hooks.append(_read_hook)
+    try:
+        yield
+    finally:
+        _tls.step, _tls.replicas = previous
+        with _lock:
+            _tracing -= 1
+            if _tracing == 0:
+                backends.read_hooks.remove(_read_hook)
