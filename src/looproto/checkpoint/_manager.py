@@ -200,6 +200,8 @@ class CheckpointManager:
         # Steps whose metadata check passed (files of a committed step do not change).
         self._verified: set[int] = set()
         self._closed = False
+        # Steps whose save failed in a run of one process: their files go at `close()`.
+        self._failed_steps: set[int] = set()
         self._read_only = read_only
         self._check_finite = check_finite
         # The directory's lock, held by the writing process (the chief of a run).
@@ -446,7 +448,7 @@ class CheckpointManager:
             if multi:
                 share_save_outcome(step, str(error))
             else:
-                self._remove_own_unfinished(step)
+                self._failed_steps.add(step)
             raise error from err
         if multi:
             share_save_outcome(step, None if saved else "orbax declined to save it")
@@ -464,11 +466,14 @@ class CheckpointManager:
         """Host copies of the root's arrays and the JSON item (`_state.collect`)."""
         return collect(self._checkpoint, step)
 
-    def _remove_own_unfinished(self, step: int) -> None:
-        # Only the owner, and only in a run of one process (collective writers may
-        # still be writing their part of it).
-        if self._lock is not None and step not in committed_steps(self._directory):
+    def _remove_own_unfinished(self) -> None:
+        """Removes what this owner's failed saves left (after orbax's threads stopped)."""
+        if self._lock is None:
+            return
+        committed = set(committed_steps(self._directory))
+        for step in self._failed_steps - committed:
             remove_unfinished(self._directory, step)
+        self._failed_steps.clear()
 
     def _refuse_non_finite(self, arrays: dict[str, Any], step: int) -> None:
         bad = non_finite(arrays)
@@ -496,7 +501,7 @@ class CheckpointManager:
             self._manager.check_for_errors()
         except Exception as err:
             if distributed.process_count() == 1:
-                self._remove_own_unfinished(step)
+                self._failed_steps.add(step)
             raise save_failure(
                 err, f"The asynchronous save of checkpoint {step} to {self._directory} failed"
             ) from err
@@ -615,6 +620,9 @@ class CheckpointManager:
             OPEN.discard(self)
             try:
                 self._manager.close()
+                # Only now: a failed save's other writer threads may run until orbax
+                # closes (a full disk gets its space back when the run ends).
+                self._remove_own_unfinished()
             finally:
                 self._release_lock()
 

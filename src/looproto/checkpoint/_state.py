@@ -8,6 +8,9 @@ tree as references to their paths, behind tagged keys) and back, the CRC-32s of 
 and of the JSON item itself, and the restore-side helpers (the live tree's side is in
 `_live.py`): parsing and validating the JSON item, comparing it with the live tree,
 checking the arrays read back, and writing everything into the live tree all-or-nothing.
+It runs past 500 lines because these are one concept, the format, whose save side and
+check side must change together (a new key in the JSON item is written, checksummed
+and validated here).
 """
 
 from __future__ import annotations

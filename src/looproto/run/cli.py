@@ -62,7 +62,7 @@ import numpy as np
 
 from looproto import backends, distributed, preemption
 from looproto._logging import enable_logging
-from looproto.errors import ConfigError, LooprotoError, value_repr
+from looproto.errors import ConfigError, LooprotoError
 from looproto.preemption import EXIT_PREEMPTED, Preempted
 from looproto.run import launch
 from looproto.run.config import RunConfig, call_factory, load
@@ -71,6 +71,7 @@ from looproto.run.faults import EXIT_DIVERGED as EXIT_DIVERGED
 from looproto.run.faults import (
     EXIT_INTERRUPTED,
     StoppedInStartUp,
+    check_built,
     check_model_dir,
     exit_status,
     one_line,
@@ -119,11 +120,11 @@ def build(config: RunConfig, *, train: bool = True, actions: Sequence[Any] = ())
     trainer = None
     if config.trainer is not None:
         trainer = call_factory(config.trainer, config, "trainer")
-        _check_built(trainer, "trainer", "train", config)
+        check_built(trainer, "trainer", "train", config)
     evaluator = None
     if config.evaluator is not None:
         evaluator = call_factory(config.evaluator, config, "evaluator", trainer=trainer)
-        _check_built(evaluator, "evaluator", "evaluate", config)
+        check_built(evaluator, "evaluator", "evaluate", config)
     if trainer is not None:
         global_step = _global_step(trainer, "trainer", config)
     else:
@@ -178,18 +179,6 @@ def build(config: RunConfig, *, train: bool = True, actions: Sequence[Any] = ())
         if checkpoints is not None:
             checkpoints.close()  # its lock, and orbax's threads, go with the error
         raise
-
-
-def _check_built(obj: Any, key: str, method: str, config: RunConfig) -> None:
-    """What a factory returned is a trainer (evaluator): blame the factory that made it."""
-    if callable(getattr(obj, method, None)):
-        return
-    spec = getattr(config, key).factory
-    what = "None" if obj is None else f"{value_repr(obj)} of type {type(obj).__name__}"
-    raise ConfigError(
-        f"{config.source}: `{key}.factory` = {spec} returned {what}; expected a {key} (an "
-        f"object with a `{method}(num_steps)` method and a `global_step`)."
-    )
 
 
 @contextlib.contextmanager

@@ -1,7 +1,8 @@
 """What can go wrong around a run, and how the `looproto` command reports it.
 
-The exit status of each kind of error, the one line printed for it, and the check
-of the model directory that runs before anything is built or trained. See
+The exit status of each kind of error, the one line printed for it, the check that a
+factory returned what its key promises, and the check of the model directory that runs
+before anything is built or trained. See
 `looproto.run.cli` for the table of statuses.
 """
 
@@ -12,7 +13,14 @@ import os
 import tempfile
 from typing import Any
 
-from looproto.errors import DistributedError, LooprotoError, NonFiniteError, StorageError
+from looproto.errors import (
+    ConfigError,
+    DistributedError,
+    LooprotoError,
+    NonFiniteError,
+    StorageError,
+    value_repr,
+)
 from looproto.preemption import Preempted
 from looproto.run.config import RunConfig
 
@@ -23,6 +31,7 @@ __all__ = [
     "EXIT_STORAGE",
     "EXIT_USAGE",
     "StoppedInStartUp",
+    "check_built",
     "check_model_dir",
     "exit_status",
     "one_line",
@@ -61,6 +70,18 @@ def one_line(err: BaseException) -> str:
         code = errno.errorcode.get(err.errno or 0, "")
         return f"{err.strerror or err}{name}" + (f" ({code})" if code else "")
     return str(err)
+
+
+def check_built(obj: Any, key: str, method: str, config: RunConfig) -> None:
+    """What a factory returned is a trainer (evaluator): blame the factory that made it."""
+    if callable(getattr(obj, method, None)):
+        return
+    spec = getattr(config, key).factory
+    what = "None" if obj is None else f"{value_repr(obj)} of type {type(obj).__name__}"
+    raise ConfigError(
+        f"{config.source}: `{key}.factory` = {spec} returned {what}; expected a {key} (an "
+        f"object with a `{method}(num_steps)` method and a `global_step`)."
+    )
 
 
 def check_model_dir(config: RunConfig, *, train: bool) -> None:
