@@ -151,3 +151,36 @@ def tensorboard_scalars(run_dir: Any) -> dict[str, list[tuple[int, float]]]:
         tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
         for tag in accumulator.Tags()["scalars"]
     }
+
+
+def checkpoint_contents(checkpoint_dir: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The arrays and object states of the newest checkpoint in `checkpoint_dir`."""
+    from pathlib import Path
+
+    import orbax.checkpoint as ocp
+
+    meta = looproto.checkpoint.read_metadata(checkpoint_dir)
+    with ocp.StandardCheckpointer() as checkpointer:
+        arrays = checkpointer.restore(Path(checkpoint_dir) / str(meta["step"]) / "state")
+    return arrays, meta["objects"]
+
+
+def assert_same_positions(backend: str, objects: dict[str, Any], expected: dict[str, Any]) -> None:
+    """The saved object states (data positions, RNGs) of the MLP example are the same."""
+    if backend == "tensorflow":
+        # TensorFlow's iterator serialisation is not canonical (two iterators at the same
+        # position can write different bytes): compare the batches each state yields next.
+        assert objects.keys() == expected.keys()
+        assert _next_tf_batches(objects) == _next_tf_batches(expected)
+    else:
+        assert objects == expected
+
+
+def _next_tf_batches(objects: dict[str, Any]) -> list[list[float]]:
+    """The next 3 batches of the TF example's data pipeline at the saved position."""
+    from looproto.backends.tensorflow import TfDataIteratorState
+    from looproto.examples import mlp
+
+    iterator = mlp.trainer("tensorflow")._train_iter
+    TfDataIteratorState(iterator).set_state(objects["_train_iter"]["state"])
+    return [next(iterator)["x"].numpy().ravel().tolist() for _ in range(3)]

@@ -25,7 +25,7 @@ from looproto.checkpoint import (
 )
 from looproto.checkpoint._state import json_crc32
 from looproto.data import ArrayDataset
-from looproto.errors import CheckpointError, ConfigError
+from looproto.errors import CheckpointError, ConfigError, NonFiniteError
 from looproto.module import Module, Variable
 
 # ----------------------------------------------------------------------------
@@ -652,6 +652,108 @@ def test_a_flipped_value_in_the_json_item_is_corruption_not_a_silent_restore(
     assert fresh["it"].position == 10
 
 
+def _edit_meta(step_dir: Path, edit: Any) -> None:
+    meta_file = step_dir / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    edit(meta)
+    meta_file.write_text(json.dumps(meta))
+
+
+def test_the_json_items_checksum_is_required_from_format_2(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def make() -> dict[str, Any]:
+        return {"w": Variable(np.zeros((3, 2), np.float32)), "it": CountingIterator()}
+
+    live = make()
+    with CheckpointManager(tmp_path, live) as manager:
+        for step in (1, 2):
+            live["it"].position = 10 * step
+            manager.save(checkpoint_number=step)
+    assert json.loads((tmp_path / "2" / "meta" / "metadata").read_text())["version"] == 2
+
+    # An edited position with the checksum removed: damage, not an older format.
+    def strip(meta: dict[str, Any]) -> None:
+        meta["objects"]["it"]["state"].update(batch=17)
+        del meta["crc32"]
+
+    _edit_meta(tmp_path / "2", strip)
+    fresh = make()
+    with caplog.at_level(logging.WARNING), CheckpointManager(tmp_path, fresh) as manager:
+        with pytest.raises(CheckpointError, match=r"no `crc32` key, which format version 2"):
+            manager.restore(2)
+        assert manager.restore_or_initialize() == str(tmp_path / "1")
+    assert fresh["it"].position == 10
+    assert "no `crc32` key" in caplog.text
+
+
+def test_an_older_format_without_a_checksum_is_read_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    live = {"w": Variable(np.ones(3, np.float32)), "it": CountingIterator()}
+    live["it"].position = 7
+    with CheckpointManager(tmp_path, live) as manager:
+        manager.save(checkpoint_number=1)
+
+    def as_format_1(meta: dict[str, Any]) -> None:  # what looproto 0.1 wrote at first
+        meta["version"] = 1
+        del meta["crc32"]
+
+    _edit_meta(tmp_path / "1", as_format_1)
+    fresh = {"w": Variable(np.zeros(3, np.float32)), "it": CountingIterator()}
+    with caplog.at_level(logging.WARNING), CheckpointManager(tmp_path, fresh) as manager:
+        assert manager.restore_or_initialize() == str(tmp_path / "1")
+        manager.restore(1)  # warned once per checkpoint
+    assert fresh["it"].position == 7
+    np.testing.assert_array_equal(fresh["w"].numpy(), np.ones(3, np.float32))
+    warnings = [r.getMessage() for r in caplog.records if "format version 1" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "without a CRC-32 of its metadata item" in warnings[0]
+
+    # A format-1 item that has a checksum is still checked against it.
+    _edit_meta(tmp_path / "1", lambda meta: meta.update(crc32=json_crc32(meta) ^ 1))
+    with CheckpointManager(tmp_path, fresh) as manager:
+        with pytest.raises(CheckpointError, match="damaged metadata item: its CRC-32"):
+            manager.restore(1)
+
+
+def test_a_newer_format_asks_for_a_newer_looproto(tmp_path: Path) -> None:
+    live = {"w": Variable(np.ones(3, np.float32))}
+    with CheckpointManager(tmp_path, live) as manager:
+        manager.save(checkpoint_number=1)
+
+    def as_format_3(meta: dict[str, Any]) -> None:
+        meta["version"] = 3
+        meta["crc32"] = json_crc32(meta)
+
+    _edit_meta(tmp_path / "1", as_format_3)
+    with CheckpointManager(tmp_path, live) as manager:
+        with pytest.raises(CheckpointError, match=r"format version 3; .* Upgrade looproto"):
+            manager.restore(1)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_check_finite_refuses_a_non_finite_checkpoint_and_keeps_the_last_one(
+    tmp_path: Path, bad: float
+) -> None:
+    live = {
+        "w": Variable(np.ones((2, 2), np.float32)),
+        "count": Variable(np.zeros(2, np.int64)),  # integers are never non-finite
+    }
+    with CheckpointManager(tmp_path, live, max_to_keep=1, check_finite=True) as manager:
+        manager.save(checkpoint_number=1)
+        live["w"].assign(np.array([[1.0, bad], [bad, 2.0]], np.float32))
+        with pytest.raises(NonFiniteError) as info:
+            manager.save(checkpoint_number=2)
+        assert str(info.value) == (
+            "Not saving checkpoint 2: variable 'w' holds 2 NaN or infinite value(s) of 4; "
+            f"training diverged. Checkpoint 1 is kept in {tmp_path}."
+        )
+        assert manager.checkpoints == [str(tmp_path / "1")]
+    with CheckpointManager(tmp_path, live, max_to_keep=1) as manager:  # the default: off
+        assert manager.save(checkpoint_number=2) == str(tmp_path / "2")
+
+
 def test_a_state_the_live_object_rejects_restores_nothing(tmp_path: Path) -> None:
     root = {
         "w": Variable(np.ones(2, np.float32)),
@@ -854,7 +956,8 @@ def test_max_to_keep_keeps_older_checkpoints_while_the_newest_is_incomplete(
         with caplog.at_level(logging.WARNING):
             manager.save(checkpoint_number=2)
         assert "Checkpoint " + str(tmp_path / "2") + " is incomplete" in caplog.text
-        assert sorted(os.listdir(tmp_path)) == ["1", "2"]  # 1 survives max_to_keep=1
+        # 1 survives max_to_keep=1 (beside the lock this open manager holds)
+        assert sorted(os.listdir(tmp_path)) == [".looproto-lock", "1", "2"]
         monkeypatch.undo()
         fill(model, 3.0)
         manager.save(checkpoint_number=3)  # good again: now 1 (and the bad 2) may go

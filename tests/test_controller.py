@@ -500,6 +500,96 @@ def test_garbage_in_checkpoint_dir_and_broken_newest_step_fall_back(tmp_path, ca
     assert "10" in caplog.text
 
 
+# --------------------------------------------------------------- reliability
+
+
+def test_check_finite_stops_at_the_loop_whose_output_is_nan_before_saving_it(tmp_path):
+    runner = TestRunner(learning_rate=10.0)  # diverges within a few loops
+    checkpoints = manager(tmp_path / "ckpt", runner, checkpoint_interval=4)
+    controller = looproto.Controller(
+        trainer=runner,
+        global_step=runner.global_step,
+        steps_per_loop=4,
+        checkpoint_manager=checkpoints,
+        summary_dir=tmp_path / "summaries",
+        check_finite=True,
+    )
+    # NumPy warns as the weights overflow: that is the divergence being tested.
+    with pytest.raises(looproto.NonFiniteError) as info, np.errstate(all="ignore"):
+        controller.train(steps=400)
+    step = int(runner.global_step)
+    message = str(info.value)
+    assert message.startswith(
+        f"Training diverged: train output 'loss' is inf after steps {step - 3}-{step} "
+        f"(global step {step}). Stopped before writing its summaries or a checkpoint; "
+    ), message
+    assert message.endswith(f"the newest checkpoint, {tmp_path / 'ckpt' / str(step - 4)}, is kept.")
+    assert steps_on_disk(tmp_path / "ckpt")[-1] == step - 4
+    assert [s for s, _ in scalars(tmp_path / "summaries")["loss"]][-1] == step - 4
+    checkpoints.close()
+
+
+def test_without_check_finite_a_nan_output_is_logged_as_before(tmp_path):
+    runner = TestRunner(learning_rate=10.0)
+    controller = looproto.Controller(
+        trainer=runner, global_step=runner.global_step, steps_per_loop=4
+    )
+    with np.errstate(all="ignore"):
+        controller.train(steps=100)
+    assert int(runner.global_step) == 100
+    with pytest.raises(looproto.ConfigError, match=r"`check_finite` must be a bool"):
+        looproto.Controller(
+            trainer=runner, global_step=runner.global_step, steps_per_loop=4, check_finite=1
+        )
+
+
+def test_train_and_evaluate_minus_one_trains_until_the_data_ends(tmp_path):
+    runner = TestRunner(epochs=1)  # 100 batches
+    checkpoints = manager(tmp_path / "ckpt", runner)
+    controller = looproto.Controller(
+        trainer=runner,
+        evaluator=runner,
+        global_step=runner.global_step,
+        steps_per_loop=8,
+        checkpoint_manager=checkpoints,
+        eval_summary_dir=tmp_path / "eval",
+    )
+    controller.train_and_evaluate(train_steps=-1, eval_steps=2, eval_interval=40)
+    assert int(runner.global_step) == 100
+    assert [s for s, _ in scalars(tmp_path / "eval")["eval_loss"]] == [40, 80, 100]
+    assert steps_on_disk(tmp_path / "ckpt") == [100]
+    checkpoints.close()
+
+
+def test_evaluate_continuously_skips_a_checkpoint_deleted_before_it_was_read(tmp_path):
+    runner = TestRunner()
+    with manager(tmp_path, runner) as writer:
+        for step in (1, 2):
+            runner.global_step.assign(step)
+            writer.save()
+    reader_runner = TestRunner()
+    reader = manager(tmp_path, reader_runner, read_only=True)
+    controller = looproto.Controller(
+        evaluator=reader_runner, global_step=reader_runner.global_step, checkpoint_manager=reader
+    )
+    original = reader.restore
+    seen = []
+
+    def restore_after_the_owner_pruned(path):
+        seen.append(path)
+        if path.endswith("/2") and len(seen) == 1:
+            # The owner's retention deletes step 2 just as it was listed; 3 replaces it.
+            with manager(tmp_path, runner, max_to_keep=1) as owner:
+                runner.global_step.assign(3)
+                owner.save()
+        return original(path)
+
+    reader.restore = restore_after_the_owner_pruned
+    output = controller.evaluate_continuously(steps=2, timeout=0.5)
+    assert seen == [str(tmp_path / "2"), str(tmp_path / "3")]
+    assert int(reader_runner.global_step) == 3 and "eval_loss" in output
+
+
 # ------------------------------------------------ the restored step is the checkpoint's
 
 

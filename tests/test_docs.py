@@ -279,6 +279,25 @@ def test_site_builds_strict(tmp_path: Path) -> None:
     assert (tmp_path / "api" / "controller" / "index.html").is_file()
 
 
+def test_every_test_the_reliability_table_names_exists() -> None:
+    """Each row of docs/reliability.md's table of faults names tests that exist."""
+    text = (ROOT / "docs" / "reliability.md").read_text()
+    table = text.split("## Every fault, what you see, and what it costs")[1].split("\n## ")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) > 20
+    for row in rows[1:]:  # after the header
+        tested = row.rstrip(" |").rsplit(" | ", 1)[1]
+        names = re.findall(r"`((?:[\w/]+\.py)?(?:::\w+)?)`", tested)
+        assert names or tested == "same", row
+        current = None
+        for name in names:
+            path, _, function = name.partition("::")
+            current = ROOT / "tests" / path if path else current
+            assert current is not None and current.exists(), (row, name)
+            if function:
+                assert f"def {function}(" in current.read_text(), (row, name)
+
+
 def test_ci_runs_the_readme_test_command_verbatim() -> None:
     # `.ci/run` marks the README's test command; the two must not drift apart.
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()

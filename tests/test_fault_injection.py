@@ -23,12 +23,15 @@ The worker is this file run as a script (`python -m tests.test_fault_injection`)
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +42,12 @@ import looproto
 from looproto.checkpoint import CheckpointManager, latest_step, read_metadata
 from looproto.data import ArrayDataset
 from looproto.summary import SummaryManager
-from tests.helpers import scalars, tensorboard_scalars
+from tests.helpers import (
+    assert_same_positions,
+    checkpoint_contents,
+    scalars,
+    tensorboard_scalars,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 48
@@ -126,7 +134,7 @@ class _Killer:
                 time.sleep(60)  # not reached: SIGKILL cannot be caught
 
 
-def _install_hooks(hit: _Killer, checkpoint_dir: str) -> None:
+def _install_hooks(hit: _Killer, checkpoint_dir: str, loop_end: tuple[Any, str]) -> None:
     import shutil
 
     def after(cls: Any, name: str, phase: str) -> None:
@@ -139,7 +147,7 @@ def _install_hooks(hit: _Killer, checkpoint_dir: str) -> None:
 
         setattr(cls, name, wrapped)
 
-    after(NoisyRegression, "train_loop_end", "loop_end")
+    after(*loop_end, "loop_end")
     after(SummaryManager, "write_summaries", "summary_write")
     after(SummaryManager, "flush", "summary_flush")
     after(CheckpointManager, "_collect", "save_collect")
@@ -185,10 +193,18 @@ def _worker(argv: list[str]) -> None:
     parser.add_argument("--async-save", action="store_true")
     parser.add_argument("--phase-log", default=None)
     parser.add_argument("--step-delay", type=float, default=STEP_DELAY)
+    parser.add_argument("--cli", default=None, help="run `looproto train` on this config")
     args = parser.parse_args(argv)
     checkpoint_dir = os.path.abspath(os.path.join(args.model_dir, "checkpoints"))
     hit = _Killer(args.kill, args.phase_log)
-    _install_hooks(hit, checkpoint_dir)
+    if args.cli is not None:
+        # The `looproto` command itself, with the kill points in it (any backend).
+        _install_hooks(hit, checkpoint_dir, (looproto.Controller, "_train_n_steps"))
+        from looproto.run import cli
+
+        command = ["train", args.cli, "--no-progress", f"--set=model_dir={args.model_dir}"]
+        raise SystemExit(cli.main(command))
+    _install_hooks(hit, checkpoint_dir, (NoisyRegression, "train_loop_end"))
 
     trainer = NoisyRegression(args.step_delay)
     trainer.on_step = lambda: hit("step")
@@ -229,10 +245,17 @@ def _worker(argv: list[str]) -> None:
 # Running and checking chains
 
 
+def _worker_env() -> dict[str, str]:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("LOOPROTO_BACKEND", None)
+    return env
+
+
 class Run:
     """One worker process."""
 
     def __init__(self, model_dir: Path, index: int, *args: str) -> None:
+        model_dir.mkdir(parents=True, exist_ok=True)
         self.log = model_dir / f"phases-{index}.log"
         self.proc = subprocess.Popen(
             [
@@ -248,7 +271,7 @@ class Run:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=dict(os.environ, JAX_PLATFORMS="cpu"),
+            env=_worker_env(),
         )
         self.restored: int | None = None
 
@@ -470,7 +493,224 @@ def test_preemption_signals_and_a_kill_during_the_preemption_save(
     run_chain(tmp_path, kills, reference)
 
 
+# ----------------------------------------------------------------------------
+# `looproto train` on every backend: kill points in the command itself
+
+_MLP_CONFIG = """
+backend = "{backend}"
+seed = 0
+[trainer]
+factory = "looproto.examples.mlp:trainer"
+[train]
+steps = {steps}
+steps_per_loop = 10
+[checkpoint]
+interval = 20
+max_to_keep = 2
+"""
+CLI_STEPS = 100
+
+
+def write_mlp_config(directory: Path, backend: str, steps: int = CLI_STEPS) -> Path:
+    path = directory / f"mlp_{backend}.toml"
+    path.write_text(_MLP_CONFIG.format(backend=backend, steps=steps))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cli_references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Uninterrupted `looproto train` runs, one per backend, made when first asked for."""
+    made: dict[str, Any] = {}
+
+    def reference(backend: str) -> dict[str, Any]:
+        if backend not in made:
+            base = tmp_path_factory.mktemp(f"reference_{backend}")
+            run = Run(base / "run", 0, "--cli", str(write_mlp_config(base, backend)))
+            code, _, err = run.finish(timeout=600)
+            assert code == 0, err[-3000:]
+            made[backend] = {
+                "contents": checkpoint_contents(base / "run" / "checkpoints"),
+                "loss": tensorboard_scalars(base / "run" / "summaries" / "train")["loss"],
+            }
+        return made[backend]
+
+    return reference  # type: ignore[return-value]
+
+
+def check_cli_run(model_dir: Path, backend: str, reference: dict[str, Any]) -> None:
+    """The chain's final checkpoint and TensorBoard equal the uninterrupted run's."""
+    arrays, objects = checkpoint_contents(model_dir / "checkpoints")
+    expected_arrays, expected_objects = reference["contents"]
+    assert read_metadata(model_dir / "checkpoints")["step"] == CLI_STEPS
+    assert arrays.keys() == expected_arrays.keys()
+    for path, array in expected_arrays.items():
+        np.testing.assert_array_equal(arrays[path], array, err_msg=path)
+    assert_same_positions(backend, objects, expected_objects)
+    shown = tensorboard_scalars(model_dir / "summaries" / "train")["loss"]
+    assert shown == reference["loss"]
+    assert [step for step, _ in shown] == list(range(10, CLI_STEPS + 1, 10))
+    names = os.listdir(model_dir / "checkpoints")
+    assert all(name.isdigit() for name in names), names  # no lock, tmp or damaged step left
+    assert len(names) <= 2
+
+
+# Two kill points per backend (each process start costs seconds), together covering the
+# save's phases; each lands where its chain still has saves to make (the first save at
+# step 10, then every 20 steps; the first deletion once a third checkpoint commits).
+_CLI_KILLS = {
+    # after a loop, before its save; all files written, before the commit rename (a
+    # temporary directory the next run removes)
+    "jax": ["loop_end:3", "orbax_commit:2"],
+    # host copies made, nothing written; mid-deletion of an old step
+    "tensorflow": ["save_collect:2", "prune:1"],
+    # before the very first commit; committed, before retention ran
+    "torch": ["orbax_commit:1", "orbax_committed:2"],
+}
+
+
+@pytest.mark.parametrize("backend", sorted(_CLI_KILLS))
+def test_looproto_train_killed_at_named_phases_on_each_backend(
+    tmp_path: Path, cli_references: Any, backend: str
+) -> None:
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed")
+    reference = cli_references(backend)
+    config = str(write_mlp_config(tmp_path, backend))
+    model_dir = tmp_path / "run"
+    landed = []
+    for index, kill in enumerate(_CLI_KILLS[backend], start=1):
+        run = Run(model_dir, index, "--cli", config, "--kill", kill)
+        code, _, err = run.finish(timeout=600)
+        assert code == -signal.SIGKILL, f"{kill} never fired (status {code}): {err[-2000:]}"
+        assert run.last_phase() == kill.partition(":")[0]
+        landed.append(f"{kill} (newest step {latest_step(model_dir / 'checkpoints')})")
+    run = Run(model_dir, len(_CLI_KILLS[backend]) + 1, "--cli", config)
+    code, out, err = run.finish(timeout=600)
+    assert code == 0, err[-3000:]
+    assert f"trained to step {CLI_STEPS}" in out
+    check_cli_run(model_dir, backend, reference)
+    print(f"\n{backend}: {landed}")
+
+
+# ----------------------------------------------------------------------------
+# The environment fails: read-only, full disk, files and links where directories go
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str, *options: str) -> Iterator[Path]:
+    """A small tmpfs at `path` (root with CAP_SYS_ADMIN only; skips the test otherwise)."""
+    path.mkdir(parents=True, exist_ok=True)
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mount.stderr.strip()}): needs root")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def looproto_train(config: Path, model_dir: Path, *sets: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("LOOPROTO_BACKEND", None)
+    args = [f"--set={item}" for item in (f"model_dir={model_dir}", *sets)]
+    return subprocess.run(
+        [sys.executable, "-m", "looproto", "train", str(config), "--no-progress", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+
+
+def error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The one line `looproto` printed for its error (after the log, if any)."""
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("looproto:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert result.stderr.rstrip().endswith(errors[0])  # nothing after it (no thread noise)
+    return errors[0]
+
+
+def test_full_disk_mid_run_exits_4_keeps_the_checkpoints_and_resumes_exactly(
+    tmp_path: Path, cli_references: Any
+) -> None:
+    reference = cli_references("numpy")
+    config = write_mlp_config(tmp_path, "numpy")
+    # Room for the summaries and two checkpoints, not for a third beside them.
+    with tmpfs(tmp_path / "disk", "200k") as disk:
+        result = looproto_train(config, disk / "run")
+        assert result.returncode == 4, result.stderr[-3000:]
+        line = error_line(result)
+        assert "No space left on device (ENOSPC)" in line, line
+        assert line.startswith("looproto: error: Saving checkpoint ")
+        kept = latest_step(disk / "run" / "checkpoints")
+        assert kept is not None and 0 < kept < CLI_STEPS
+        # What was kept is whole, and the failed save gave its space back.
+        read_metadata(disk / "run" / "checkpoints", kept)
+        assert all(name.isdigit() for name in os.listdir(disk / "run" / "checkpoints"))
+        subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
+        resumed = looproto_train(config, disk / "run")
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert f"restored from checkpoint: {disk / 'run' / 'checkpoints' / str(kept)}" in (
+            resumed.stderr
+        )
+        check_cli_run(disk / "run", "numpy", reference)
+
+
+def test_read_only_model_dir_exits_4_before_anything_is_built(tmp_path: Path) -> None:
+    config = write_mlp_config(tmp_path, "numpy")
+    if os.geteuid() == 0:  # root writes through permission bits: a read-only mount
+        context: Any = tmpfs(tmp_path / "ro", "1m", "ro")
+    else:
+        (tmp_path / "ro").mkdir()
+        (tmp_path / "ro").chmod(0o555)
+        context = contextlib.nullcontext(tmp_path / "ro")
+    with context as read_only:
+        result = looproto_train(config, read_only / "run")
+        assert result.returncode == 4, result.stderr[-3000:]
+        line = error_line(result)
+        assert line.startswith(f"looproto: error: Cannot write in {read_only / 'run'}"), line
+        assert "(EROFS)" in line or "(EACCES)" in line, line
+        assert "restoring" not in result.stderr  # nothing was built
+        assert not (read_only / "run").exists()
+
+
+@pytest.mark.parametrize("where", ["model_dir", "checkpoints"])
+@pytest.mark.parametrize("what", ["file", "dangling symlink"])
+def test_a_file_or_dangling_link_where_a_directory_goes_exits_4_before_training(
+    tmp_path: Path, where: str, what: str
+) -> None:
+    config = write_mlp_config(tmp_path, "numpy")
+    model_dir = tmp_path / "run"
+    target = model_dir if where == "model_dir" else model_dir / "checkpoints"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if what == "file":
+        target.write_text("not a directory")
+        expected = f"looproto: error: {target} is a file; expected a directory."
+    else:
+        target.symlink_to(tmp_path / "nowhere")
+        expected = (
+            f"looproto: error: {target} is a dangling symbolic link (to "
+            f"{str(tmp_path / 'nowhere')!r}); expected a directory."
+        )
+    result = looproto_train(config, model_dir)
+    assert result.returncode == 4, result.stderr[-3000:]
+    assert error_line(result) == expected
+    assert "train |" not in result.stderr  # nothing trained
+    assert not (model_dir / "summaries" / "train").exists() or not os.listdir(
+        model_dir / "summaries" / "train"
+    )
+
+
 if __name__ == "__main__":
-    # tensorboardX imports torch when it can (1-2 s per process); nothing here needs it.
-    sys.modules["torch"] = None  # type: ignore[assignment]
+    if "--cli" not in sys.argv:
+        # tensorboardX imports torch when it can (1-2 s per process); nothing here needs it.
+        sys.modules["torch"] = None  # type: ignore[assignment]
     _worker(sys.argv[1:])

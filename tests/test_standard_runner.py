@@ -10,6 +10,7 @@ import pytest
 
 import looproto
 from looproto.data import ArrayDataset
+from looproto.errors import ProtocolError
 
 
 class CountingTrainer(looproto.StandardTrainer):
@@ -233,3 +234,18 @@ def test_protocols_are_structural():
     assert not isinstance(object(), looproto.Trainer)
     with pytest.raises(TypeError, match="abstract"):
         looproto.AbstractTrainer()  # type: ignore[abstract]
+
+
+@pytest.mark.parametrize("returned", ["done", b"done", {"loss": 1.0, "note": "fine"}])
+def test_a_train_step_returning_text_is_a_protocol_error(returned: Any) -> None:
+    class Texting(looproto.StandardTrainer):
+        def __init__(self) -> None:
+            super().__init__(train_dataset=None)
+            self.global_step = looproto.create_global_step()
+
+        def train_step(self, iterator: Any) -> Any:
+            self.global_step.assign_add(1)
+            return returned
+
+    with pytest.raises(ProtocolError, match=r"`.*Texting\.train_step` returned text"):
+        Texting().train(3)

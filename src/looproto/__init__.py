@@ -25,8 +25,10 @@ from looproto.errors import CheckpointError as CheckpointError
 from looproto.errors import ConfigError as ConfigError
 from looproto.errors import DistributedError as DistributedError
 from looproto.errors import LooprotoError as LooprotoError
+from looproto.errors import NonFiniteError as NonFiniteError
 from looproto.errors import ProtocolError as ProtocolError
 from looproto.errors import ShapeError as ShapeError
+from looproto.errors import StorageError as StorageError
 from looproto.module import Module as Module
 from looproto.module import NameScope as NameScope
 from looproto.module import Variable as Variable
@@ -64,6 +66,7 @@ __all__ = [
     "LooprotoError",
     "Module",
     "NameScope",
+    "NonFiniteError",
     "Output",
     "Preempted",
     "ProtocolError",
@@ -72,6 +75,7 @@ __all__ = [
     "StandardEvaluatorOptions",
     "StandardTrainer",
     "StandardTrainerOptions",
+    "StorageError",
     "SummaryManager",
     "Trainer",
     "Variable",

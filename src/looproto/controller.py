@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Final
@@ -42,7 +43,7 @@ from looproto._controller_checks import (
     checkpoint_number,
 )
 from looproto._step_timer import Formatted, StepTimer, eta
-from looproto.errors import ConfigError, ProtocolError
+from looproto.errors import CheckpointError, ConfigError, NonFiniteError, ProtocolError
 from looproto.module import read_int
 from looproto.runner import Evaluator, Output, Trainer
 from looproto.summary import SummaryManager
@@ -154,6 +155,8 @@ class Controller:
         eval_summary_manager: SummaryManager | None = None,
         # Preemption.
         preemption_signals: Iterable[int] | None = preemption.DEFAULT_SIGNALS,
+        # Divergence.
+        check_finite: bool = False,
     ) -> None:
         """Initialises the controller and restores the latest checkpoint.
 
@@ -181,6 +184,9 @@ class Controller:
                 raise `Preempted`) while `train()`/`train_and_evaluate()` run; None
                 or `()` leaves signals alone (`looproto.preemption.request()` still
                 stops training).
+            check_finite: After each inner loop, stop with `NonFiniteError` (naming
+                the step and the output) if a floating-point train output is NaN or
+                infinite, before any summary or checkpoint of that loop is written.
 
         Raises:
             ConfigError: An argument is invalid; the message says which and why.
@@ -198,6 +204,11 @@ class Controller:
             eval_summary_manager=eval_summary_manager,
         )
         self.preemption_signals = preemption.check_signals(preemption_signals)
+        if not isinstance(check_finite, bool):
+            raise ConfigError(
+                f"`check_finite` must be a bool; received check_finite={check_finite!r}."
+            )
+        self.check_finite = check_finite
 
         self.trainer = trainer
         self.evaluator = evaluator
@@ -363,6 +374,8 @@ class Controller:
         at an evaluation step is saved after the evaluation; with a manager that keeps
         the best checkpoints (`CheckpointManager(best_fn=...)`) every evaluated step is
         saved, with the evaluation's output as its metrics.
+        `train_steps=-1` trains until the data ends (evaluating at each multiple of
+        `eval_interval` and at the end).
 
         Returns:
             The output of the last evaluation, or None if there was none (nothing to
@@ -370,7 +383,7 @@ class Controller:
         """
         self._require("trainer", for_method="train_and_evaluate")
         self._require("evaluator", for_method="train_and_evaluate")
-        train_steps = check_steps(train_steps, "train_steps", allow_zero=True, allow_all=False)
+        train_steps = check_steps(train_steps, "train_steps", allow_zero=True)
         # Checked now, not at the first evaluation: after a whole stretch of training,
         # or never when there is nothing to train.
         eval_steps = check_steps(eval_steps, "eval_steps", allow_zero=False)
@@ -386,12 +399,14 @@ class Controller:
             self._close_if_preempted(),
         ):
             try:
-                while current_step < train_steps and self._stop_reason is None:
-                    target = train_steps
+                while (
+                    train_steps == -1 or current_step < train_steps
+                ) and self._stop_reason is None:
+                    target = train_steps  # -1: until the data ends
                     if eval_interval is not None:
-                        target = min(
-                            train_steps, (current_step // eval_interval + 1) * eval_interval
-                        )
+                        target = (current_step // eval_interval + 1) * eval_interval
+                        if train_steps != -1:
+                            target = min(train_steps, target)
                     self._evaluation_due_at = target
                     try:
                         self.train(steps=target, checkpoint_at_completion=False)
@@ -403,7 +418,7 @@ class Controller:
                     self._save_after_evaluation(output)
                     self._stop_if_preempted()  # a signal during the evaluation
                     reached = read_int(self.global_step)
-                    if reached < target:  # the training data ended
+                    if target == -1 or reached < target:  # the training data ended
                         break
                     current_step = reached
                 self._maybe_save_checkpoint(check_interval=False)
@@ -439,7 +454,17 @@ class Controller:
             for checkpoint_path in checkpoints_iterator(
                 self.checkpoint_manager.directory, timeout=timeout, timeout_fn=timeout_fn
             ):
-                self.restore_checkpoint(checkpoint_path)
+                try:
+                    self.restore_checkpoint(checkpoint_path)
+                except CheckpointError:
+                    if os.path.isdir(checkpoint_path):
+                        raise
+                    # The trainer's retention deleted it before or while it was read:
+                    # the newer checkpoint that replaced it comes next.
+                    _log.info(
+                        "skipped %s: deleted by its owner before it was read.", checkpoint_path
+                    )
+                    continue
                 output = self.evaluate(steps)
                 if self._stop_reason is not None:  # an eval action asked to stop
                     break
@@ -536,7 +561,10 @@ class Controller:
         try:
             yield
         except preemption.Preempted:
-            self.close()
+            # Not `close()`: the checkpoint manager stays open, so that a program that
+            # catches `Preempted` may go on training.
+            self._sync_on_async_checkpointing()
+            self._close_summaries()
             raise
 
     # ----------------------------------------------------------------- private
@@ -594,6 +622,8 @@ class Controller:
         for action in self.train_actions:
             action(raw_output)
         output: dict[str, Any] = dict(_nest.map_output(_nest.to_numpy_leaf, raw_output))
+        if self.check_finite:
+            self._refuse_non_finite(output, current_step, new_step)
         target = self._train_target
         _log.info(
             "train | step: %6d | steps/sec: %6.1f | ETA %s | output: %s",
@@ -613,6 +643,31 @@ class Controller:
             # An action may move the step (a restore, say): the loop goes on from there.
             new_step = read_int(self.global_step)
         return new_step
+
+    def _refuse_non_finite(self, output: Output, old_step: int, new_step: int) -> None:
+        """Raises `NonFiniteError` if a floating-point output leaf is NaN or infinite."""
+        for path, leaf in _nest.flatten_with_paths(output):
+            value = np.asarray(leaf)
+            if value.dtype.kind in "fc" and not np.isfinite(value).all():
+                manager = self.checkpoint_manager
+                newest = manager.latest_checkpoint if manager is not None else None
+                kept = (
+                    f"the newest checkpoint, {newest}, is kept"
+                    if newest
+                    else "no checkpoint was saved"
+                )
+                shown = (
+                    repr(value.item())
+                    if value.size == 1
+                    else f"an array with {value.size - np.isfinite(value).sum()} NaN or "
+                    "infinite value(s)"
+                )
+                raise NonFiniteError(
+                    f"Training diverged: train output {_nest.path_to_str(path)!r} is "
+                    f"{shown} after steps {old_step + 1}-{new_step} (global step "
+                    f"{new_step}). Stopped before writing its summaries or a checkpoint; "
+                    f"{kept}."
+                )
 
     def _run_trainer(self, num_steps: int) -> Output | None:
         """One inner loop: `trainer.train(num_steps)` (a subclass may wrap the call)."""
@@ -683,8 +738,18 @@ class Controller:
             )
 
     def close(self) -> None:
-        """Waits for pending checkpoints and closes the summary writers."""
+        """Waits for pending checkpoints, then closes the checkpoint manager and summaries.
+
+        Closing the checkpoint manager (when it has a `close()`) releases its
+        directory: another process may write it from then on.
+        """
         self._sync_on_async_checkpointing()
+        close_checkpoints = getattr(self.checkpoint_manager, "close", None)
+        if callable(close_checkpoints):
+            close_checkpoints()
+        self._close_summaries()
+
+    def _close_summaries(self) -> None:
         self.summary_manager.close()
         eval_manager = getattr(self, "eval_summary_manager", None)
         if eval_manager is not None:

@@ -15,12 +15,15 @@ from typing import Any
 __all__ = [
     "BackendNotAvailableError",
     "CheckpointError",
+    "CheckpointStorageError",
     "ConfigError",
     "DistributedError",
     "LooprotoError",
+    "NonFiniteError",
     "ProtocolError",
     "ShapeError",
     "StaleReadError",
+    "StorageError",
     "value_repr",
 ]
 
@@ -56,6 +59,29 @@ class ShapeError(LooprotoError, ValueError):
 
 class CheckpointError(LooprotoError, ValueError):
     """A checkpoint cannot be written, read, or does not match the module tree."""
+
+
+class StorageError(LooprotoError, OSError):
+    """A file or directory looproto must read or write cannot be used.
+
+    The environment, not the program, is at fault: a directory that is not writable,
+    a file or a dangling symbolic link where a directory should be, a full disk, or a
+    checkpoint directory that another live process owns. `looproto` exits with status
+    4 for it.
+    """
+
+
+class CheckpointStorageError(CheckpointError, StorageError):
+    """A checkpoint could not be written or its directory used (both kinds of error)."""
+
+
+class NonFiniteError(LooprotoError, FloatingPointError):
+    """Training produced NaN or infinite values; nothing non-finite was saved.
+
+    Raised by `Controller(check_finite=True)` for a train output and by
+    `CheckpointManager(check_finite=True)` for a variable about to be saved, so that a
+    diverged run never replaces a good checkpoint. `looproto` exits with status 5.
+    """
 
 
 class BackendNotAvailableError(LooprotoError, ImportError):

@@ -20,7 +20,7 @@ signal's default action and re-sends the signal to the process, so it dies of th
 signal (a shell reports status 128 + N: 143 for SIGTERM, 130 for SIGINT). Nothing
 more is written. A checkpoint save that was under way is then left as orbax's
 temporary directory, which is never listed as a checkpoint and is deleted when the
-next run opens the directory, so the last good checkpoint stays the newest one.
+next run takes over the directory, so the last good checkpoint stays the newest one.
 
 Other sources of preemption notices (a cloud metadata poller, a cluster hook) can
 call `request()` from any thread; the Controller then stops the same way.

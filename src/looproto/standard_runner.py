@@ -30,13 +30,15 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import logging
+import types
 from collections.abc import Mapping
 from typing import Any
 
 from looproto import _nest, backends, metrics
-from looproto.backends.base import Backend, Loop, LoopOptions
-from looproto.errors import ConfigError, value_repr
+from looproto.backends.base import Backend, Loop, LoopOptions, StepFn
+from looproto.errors import ConfigError, ProtocolError, value_repr
 from looproto.module import Module, Variable, backend_for_variable
 from looproto.runner import AbstractEvaluator, AbstractTrainer, Output
 
@@ -143,6 +145,36 @@ class StandardEvaluatorOptions:
         _apply_orbit_aliases(self, use_tf_function, use_tf_while_loop)
         _check_common(self)
         _check_bool(self.recreate_iterator_for_each_eval, "recreate_iterator_for_each_eval")
+
+
+def _refusing_text(step: StepFn) -> StepFn:
+    """`step`, raising `ProtocolError` when it returns text (a str or bytes anywhere).
+
+    What a train step returns is not used (Orbit's rule: outputs come from
+    `train_loop_end`), but text there is a mistake no backend can carry. The check runs
+    once per trace under a compiled backend, once per step on the eager ones.
+    """
+
+    def checked(owner: Any, iterator: Any) -> Any:
+        outputs = step(iterator)
+        for path, leaf in _nest.flatten_with_paths(outputs):
+            if isinstance(leaf, (str, bytes)):
+                where = f" at {_nest.path_to_str(path)!r}" if path else ""
+                raise ProtocolError(
+                    f"`{getattr(step, '__qualname__', 'train_step')}` returned text{where}: "
+                    f"{value_repr(leaf)}; a train step returns None or arrays (return "
+                    "outputs from `train_loop_end`)."
+                )
+        return outputs
+
+    # A method of the same object, named as the step: backends name it in messages.
+    for attribute in ("__name__", "__qualname__", "__module__", "__doc__"):
+        if hasattr(step, attribute):
+            setattr(checked, attribute, getattr(step, attribute))
+    owner = getattr(step, "__self__", None)
+    if owner is None:
+        return functools.partial(checked, None)
+    return types.MethodType(checked, owner)
 
 
 def make_iterator(dataset: Any) -> Any:
@@ -282,7 +314,7 @@ class StandardTrainer(AbstractTrainer, metaclass=abc.ABCMeta):
         options = self._train_options
         backend = resolve_backend(options.backend, self)
         return backend.make_loop(
-            self.train_step,
+            _refusing_text(self.train_step),
             module=self,
             options=LoopOptions(
                 compile_step=options.use_compiled_step,

@@ -12,7 +12,14 @@ On disk, `<directory>/<step>/` is an orbax checkpoint with two items: `state`
 JSON: format version, step, each array's shape, dtype and CRC-32, and the
 objects' states). A step directory appears only when complete (orbax renames a
 temporary directory on commit), and temporary directories left by a crash are
-deleted when a manager opens the directory.
+deleted by the next process that takes over the directory.
+
+One process owns a directory at a time: a manager that is not `read_only` takes its
+lock (`<directory>/.looproto-lock`: host, process id, start time) until `close()`,
+so a second writer fails at once naming the first, and a dead owner's lock is taken
+over. Only the owner deletes, renames or cleans; readers (`read_only=True`,
+`read_metadata`, `checkpoints_iterator`, an evaluator beside the trainer) change
+nothing and tolerate steps the owner deletes while they read.
 
 A leaf that a backend marks `looproto.backends.Unsaveable` (framework state a
 checkpoint cannot hold) makes a save fail, naming its path. A variable of the tree
@@ -52,8 +59,9 @@ checkpoint holds: arrays, object states as JSON, CRC-32s, and the all-or-nothing
 restore checks), `_live.py` (the live tree's side of a restore: `restore_first` states,
 `allow_missing`), `_files.py` (the directory layout: listing, deletion, quarantine),
 `_reading.py` (`latest_step`, `read_metadata`, `checkpoints_iterator`),
-`_processes.py` (agreement between the processes of a multi-process run) and
-`_exit.py` (asynchronous saves waited for at exit).
+`_processes.py` (agreement between the processes of a multi-process run), `_lock.py`
+(who owns the directory) and `_exit.py` (asynchronous saves waited for, and open
+managers closed, at exit).
 """
 
 from looproto.checkpoint._manager import CheckpointManager as CheckpointManager

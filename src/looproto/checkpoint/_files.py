@@ -3,25 +3,31 @@
 A committed step is a `<directory>/<step>/` directory whose name is all digits, with
 two orbax items: `state` (the arrays) and `meta` (the JSON item);
 everything else there (orbax's temporary directories, deletions under way,
-quarantined steps) is never listed. Changes are renames first: a deleted step is
+quarantined steps, the owner's lock) is never listed. Changes are renames first: a deleted step is
 renamed to `.<step>.looproto-deleting` before its files go, so a crash mid-deletion
 never leaves a half-deleted step that looks committed (the leftovers are removed when
-the next manager opens the directory), and a damaged step is set aside as
+the next owner takes the directory, see `_lock.py`), and a damaged step is set aside as
 `<step>.corrupted-<time>`, kept for inspection. Plain directory operations: no
 orbax import.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
 import re
 import shutil
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from looproto.checkpoint._state import parse_meta
-from looproto.errors import CheckpointError
+from looproto.errors import CheckpointError, CheckpointStorageError
+
+T = TypeVar("T")
 
 _log = logging.getLogger("looproto")
 
@@ -34,6 +40,9 @@ STEP_NAME = re.compile(r"[0-9]+")
 # Names a deleted step is renamed to before its files go, and a damaged one is moved to.
 _DELETING = ".looproto-deleting"
 _CORRUPTED = ".corrupted-"
+# orbax's unfinished saves: `<step>.orbax-checkpoint-tmp` (a suffix follows in some versions).
+_TEMPORARY = re.compile(r"[0-9]+\.orbax-checkpoint-tmp.*")
+_LOCK_TAKEOVER = ".looproto-lock."
 
 
 # ----------------------------------------------------------------------------
@@ -70,14 +79,39 @@ def delete_step(directory: str, step: int) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def remove_deleting_leftovers(directory: str) -> None:
-    """Finishes deletions a crash interrupted (they are invisible already)."""
+def remove_leftovers(directory: str) -> list[str]:
+    """Removes what dead writers left: unfinished saves and deletions; returns the names.
+
+    Only the owner of `directory` calls it, right after taking its lock: every
+    writer before it is gone, so nothing removed here is a save under way.
+    """
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        path = os.path.join(directory, name)
+        if _TEMPORARY.fullmatch(name) or (name.startswith(".") and name.endswith(_DELETING)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(name)
+        elif name.startswith(_LOCK_TAKEOVER):  # a takeover that crashed half-way
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+    return removed
+
+
+def remove_unfinished(directory: str, step: int) -> None:
+    """Removes the temporary directory of this owner's own failed save of `step`.
+
+    On a full disk this gives the space back at once instead of at the next start.
+    """
     try:
         names = os.listdir(directory)
     except OSError:
         return
     for name in names:
-        if name.startswith(".") and name.endswith(_DELETING):
+        if _TEMPORARY.fullmatch(name) and name.partition(".")[0] == str(step):
             shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
@@ -111,3 +145,89 @@ def looks_complete(where: str) -> bool:
     except (OSError, ValueError, KeyError, TypeError, CheckpointError):
         return False
     return True
+
+
+# ----------------------------------------------------------------------------
+# The directory as the environment gives it: usable or not, and failures of I/O
+
+
+def check_usable_directory(path: str, *, create: bool) -> None:
+    """Raises `CheckpointStorageError` unless `path` is (or can be made) a directory.
+
+    A file or a dangling symbolic link at `path` (or above it), or a directory that
+    cannot be created, is reported at once, before anything trains.
+    """
+    if os.path.islink(path) and not os.path.exists(path):
+        raise CheckpointStorageError(
+            f"The checkpoint directory {path} is a dangling symbolic link (to "
+            f"{os.readlink(path)!r}); expected a directory."
+        )
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CheckpointStorageError(
+            f"The checkpoint directory {path} is a file, not a directory; move the file "
+            "away or choose another directory."
+        )
+    if not create or os.path.isdir(path):
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise CheckpointStorageError(
+            f"Cannot create the checkpoint directory {path}: {err.strerror or err}."
+        ) from err
+
+
+# What the operating system says when storage fails, as errno numbers and as the text
+# tensorstore puts in the ValueErrors it raises for them.
+_STORAGE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+    | {errno.ENOTDIR, errno.EISDIR, errno.ENOENT}
+)
+_STORAGE_TEXT = (
+    "no space left",
+    "disk quota",
+    "read-only file system",
+    "permission denied",
+    "input/output error",
+    "resource_exhausted",
+)
+
+
+def save_failure(err: BaseException, what: str) -> CheckpointError:
+    """The looproto error for a failed save: a storage error when the OS refused."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in _STORAGE_ERRNOS:
+            return CheckpointStorageError(
+                f"{what}: {cause.strerror or cause} ({errno.errorcode.get(cause.errno or 0)}); "
+                "the previous checkpoints are kept."
+            )
+        if any(text in str(cause).lower() for text in _STORAGE_TEXT):
+            return CheckpointStorageError(
+                f"{what}: {_first_line(cause)}; the previous checkpoints are kept."
+            )
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(err, CheckpointError):
+        return err
+    return CheckpointError(f"{what}: {_first_line(err)}")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def retry_listing(open_fn: Callable[[], T], attempts: int = 5) -> T:
+    """Calls `open_fn` (which lists the directory) again if a step vanished meanwhile.
+
+    orbax reads each step it lists; a step the owner deletes between the listing and
+    the read fails it with `FileNotFoundError`. Another listing no longer has it.
+    """
+    for attempt in range(attempts):
+        try:
+            return open_fn()
+        except FileNotFoundError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -19,19 +20,24 @@ import numpy as np
 from looproto import distributed
 from looproto._validate import positive_int
 from looproto.checkpoint._best import BestFn, check_best, metrics_json, read_metrics, score, select
-from looproto.checkpoint._exit import PENDING, wait_at_exit
+from looproto.checkpoint._exit import OPEN, PENDING, close_at_exit, wait_at_exit
 from looproto.checkpoint._files import (
     META_ITEM,
     READ_ERRORS,
     STATE_ITEM,
     STEP_NAME,
+    check_usable_directory,
     committed_steps,
     delete_step,
     looks_complete,
     quarantine,
-    remove_deleting_leftovers,
+    remove_leftovers,
+    remove_unfinished,
+    retry_listing,
+    save_failure,
 )
 from looproto.checkpoint._live import check_allow_missing, live_tree
+from looproto.checkpoint._lock import DirectoryLock
 from looproto.checkpoint._processes import (
     agree_on_restore,
     check_replicas_agree,
@@ -45,10 +51,11 @@ from looproto.checkpoint._state import (
     check_matches,
     collect,
     json_crc32,
+    non_finite,
     parse_meta,
     write_all,
 )
-from looproto.errors import CheckpointError, ConfigError, value_repr
+from looproto.errors import CheckpointError, ConfigError, NonFiniteError, value_repr
 from looproto.module import read_int
 
 __all__ = ["CheckpointManager"]
@@ -98,14 +105,30 @@ class CheckpointManager:
         keep_best: Besides the newest `max_to_keep`, keep the `keep_best` best
             checkpoints by `best_fn` (default 1 with a `best_fn`). Checkpoints saved
             without metrics (or whose score is not finite) are kept by age alone.
+        read_only: Only read (an evaluator beside a trainer, a notebook): never take
+            the directory's lock, never delete, rename or create anything there;
+            `save()` raises. A damaged checkpoint is skipped but left in place.
+        check_finite: Refuse to save a checkpoint in which a floating-point variable
+            holds NaN or an infinity (`NonFiniteError`, naming the step and the
+            variable): a diverged run never replaces a good checkpoint.
+
+    A manager that is not `read_only` owns its directory from `__init__` until
+    `close()`: it takes the directory's lock (`<directory>/.looproto-lock`, naming its
+    host and process), so a second writer fails at once, and it removes what dead
+    writers left (unfinished saves and deletions). Managers in one process share the
+    ownership. Only the owner deletes (retention), renames (a damaged checkpoint) or
+    cleans; readers list and read, and tolerate steps the owner deletes meanwhile.
 
     Raises:
         ConfigError: An argument has the wrong type or value: `max_to_keep` or
             `checkpoint_interval` not a positive int (or None), `checkpoint_interval`
             without `step_counter`, a `step_counter` that is not an integer, a
-            non-callable `init_fn`, a non-bool `enable_async`, or a `directory`
-            that is not a path, or a `best_fn`/`best_mode`/`keep_best` that is invalid
-            (`keep_best` without `best_fn`).
+            non-callable `init_fn`, a non-bool flag, or a `directory` that is not a
+            path, or a `best_fn`/`best_mode`/`keep_best` that is invalid (`keep_best`
+            without `best_fn`).
+        CheckpointStorageError: `directory` cannot be used: it is a file or a dangling
+            symbolic link, cannot be created or written, or another live process
+            owns it.
     """
 
     def __init__(
@@ -122,6 +145,8 @@ class CheckpointManager:
         best_fn: str | BestFn | None = None,
         best_mode: str = "max",
         keep_best: int | None = None,
+        read_only: bool = False,
+        check_finite: bool = False,
     ) -> None:
         path = _check_directory(directory)
         self._allow_missing = check_allow_missing(allow_missing)
@@ -152,10 +177,14 @@ class CheckpointManager:
             raise ConfigError(
                 f"`init_fn` must be callable or None; received init_fn={value_repr(init_fn)}."
             )
-        if not isinstance(enable_async, bool):
-            raise ConfigError(
-                f"`enable_async` must be a bool; received enable_async={value_repr(enable_async)}."
-            )
+        for name, flag in (
+            ("enable_async", enable_async),
+            ("read_only", read_only),
+            ("check_finite", check_finite),
+        ):
+            if not isinstance(flag, bool):
+                raise ConfigError(f"`{name}` must be a bool; received {name}={value_repr(flag)}.")
+        check_usable_directory(path, create=not read_only)
         import orbax.checkpoint as ocp
 
         self._ocp: Any = ocp
@@ -171,18 +200,47 @@ class CheckpointManager:
         # Steps whose metadata check passed (files of a committed step do not change).
         self._verified: set[int] = set()
         self._closed = False
-        remove_deleting_leftovers(self._directory)
+        # Steps whose save failed in a run of one process: their files go at `close()`.
+        self._failed_steps: set[int] = set()
+        self._read_only = read_only
+        self._check_finite = check_finite
+        # The directory's lock, held by the writing process (the chief of a run).
+        self._lock: DirectoryLock | None = None
+        self._unlock: Callable[[], Any] = lambda: None
+        if not read_only and distributed.is_chief():
+            self._lock = DirectoryLock.acquire_shared(path)
+            # A manager dropped without `close()` no longer writes: its share goes with it.
+            self._unlock = weakref.finalize(self, self._lock.release_shared)
+            removed = remove_leftovers(path)
+            if removed:
+                _log.info("Removed what earlier runs left unfinished in %s: %s", path, removed)
         options = ocp.CheckpointManagerOptions(
             # Retention is looproto's (`_prune`): orbax would delete old steps even
             # when the new save failed in its background thread.
             max_to_keep=None,
-            # Only a process that writes may delete what an unfinished save left behind.
-            cleanup_tmp_directories=writes_checkpoints(),
+            # Never orbax's own cleanup: it deletes every unfinished save, also one that
+            # a live trainer is writing. The owner removes dead writers' leftovers above.
+            cleanup_tmp_directories=False,
+            create=not read_only,
+            # No per-step metadata read at start: a step the owner deletes meanwhile
+            # would fail the listing.
+            lightweight_initialize=True,
             enable_async_checkpointing=enable_async,
         )
-        self._manager: Any = ocp.CheckpointManager(
-            self._directory, options=options, item_handlers=self._item_handlers()
-        )
+        try:
+            self._manager: Any = retry_listing(
+                lambda: ocp.CheckpointManager(
+                    self._directory, options=options, item_handlers=self._item_handlers()
+                )
+            )
+        except BaseException:
+            self._release_lock()
+            raise
+        close_at_exit(self)
+
+    def _release_lock(self) -> None:
+        self._unlock()
+        self._lock = None
 
     def _item_handlers(self) -> dict[str, Any]:
         return {
@@ -290,13 +348,23 @@ class CheckpointManager:
                 checkpoint and ranked by `best_fn`.
 
         Raises:
-            CheckpointError: The manager is closed, the root holds nothing to save, a
-                value cannot be stored, or an earlier asynchronous save failed.
+            CheckpointError: The manager is closed or read-only, the root holds nothing
+                to save, a value cannot be stored, or an earlier asynchronous save failed.
+            CheckpointStorageError: The save could not be written (a full disk, a
+                directory that became unwritable) or this process no longer owns the
+                directory; the previous checkpoints are kept.
+            NonFiniteError: With `check_finite`, a variable holds NaN or infinity;
+                nothing was written.
             ConfigError: `best_fn` cannot score `metrics`.
         """
         if self._closed:
             raise CheckpointError(
                 f"`save()` called on a closed CheckpointManager ({self._directory})."
+            )
+        if self._read_only:
+            raise CheckpointError(
+                f"`save()` called on a read-only CheckpointManager ({self._directory}); "
+                "create it without `read_only=True` to write checkpoints."
             )
         if self._checkpoint_interval is not None:
             current = read_int(self._step_counter)
@@ -358,6 +426,8 @@ class CheckpointManager:
             meta["crc32"] = json_crc32(meta)
             if self._best_fn is not None:  # a key that is not there fails here, not later
                 self._scores[step] = score(self._best_fn, meta["metrics"], self._path(step))
+        if self._check_finite:
+            self._refuse_non_finite(arrays, step)
         ocp = self._ocp
         items: dict[str, Any] = {META_ITEM: ocp.args.JsonSave(meta)}
         if arrays:
@@ -367,14 +437,18 @@ class CheckpointManager:
         if multi:
             check_replicas_agree(meta, step)
         try:
+            if self._lock is not None:
+                self._lock.verify()
             if writes_checkpoints():
                 saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
             else:
                 saved = True
         except Exception as err:
-            error = CheckpointError(f"Saving checkpoint {step} to {self._directory} failed: {err}")
+            error = save_failure(err, f"Saving checkpoint {step} to {self._directory} failed")
             if multi:
                 share_save_outcome(step, str(error))
+            else:
+                self._failed_steps.add(step)
             raise error from err
         if multi:
             share_save_outcome(step, None if saved else "orbax declined to save it")
@@ -392,6 +466,28 @@ class CheckpointManager:
         """Host copies of the root's arrays and the JSON item (`_state.collect`)."""
         return collect(self._checkpoint, step)
 
+    def _remove_own_unfinished(self) -> None:
+        """Removes what this owner's failed saves left (after orbax's threads stopped)."""
+        if self._lock is None:
+            return
+        committed = set(committed_steps(self._directory))
+        for step in self._failed_steps - committed:
+            remove_unfinished(self._directory, step)
+        self._failed_steps.clear()
+
+    def _refuse_non_finite(self, arrays: dict[str, Any], step: int) -> None:
+        bad = non_finite(arrays)
+        if not bad:
+            return
+        path, count, size = bad[0]
+        others = f" (and {len(bad) - 1} more variable(s))" if len(bad) > 1 else ""
+        newest = latest_step(self._directory)
+        kept = "No checkpoint exists yet" if newest is None else f"Checkpoint {newest} is kept"
+        raise NonFiniteError(
+            f"Not saving checkpoint {step}: variable {path!r} holds {count} NaN or infinite "
+            f"value(s) of {size}{others}; training diverged. {kept} in {self._directory}."
+        )
+
     # ------------------------------------------------------------------ async
 
     def _check_async_errors(self) -> None:
@@ -404,8 +500,10 @@ class CheckpointManager:
             # orbax logs a failed background commit instead of raising it.
             self._manager.check_for_errors()
         except Exception as err:
-            raise CheckpointError(
-                f"The asynchronous save of checkpoint {step} to {self._directory} failed: {err}"
+            if distributed.process_count() == 1:
+                self._failed_steps.add(step)
+            raise save_failure(
+                err, f"The asynchronous save of checkpoint {step} to {self._directory} failed"
             ) from err
         if step not in committed_steps(self._directory):
             raise CheckpointError(
@@ -423,8 +521,8 @@ class CheckpointManager:
         `max_to_keep` do, nothing is deleted, so the last good checkpoint survives a
         save that came out damaged. With `keep_best`, the best good ones are kept too.
         """
-        if self._max_to_keep is None or not distributed.is_chief():
-            return  # In a multi-process run the chief alone deletes (plain file operations).
+        if self._max_to_keep is None or self._lock is None:
+            return  # The owner alone deletes (in a multi-process run: the chief).
         if self._keep_best is not None:
             self._prune_keeping_best()
             return
@@ -519,7 +617,14 @@ class CheckpointManager:
         finally:
             self._closed = True
             PENDING.discard(self)
-            self._manager.close()
+            OPEN.discard(self)
+            try:
+                self._manager.close()
+                # Only now: a failed save's other writer threads may run until orbax
+                # closes (a full disk gets its space back when the run ends).
+                self._remove_own_unfinished()
+            finally:
+                self._release_lock()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -632,7 +737,9 @@ class CheckpointManager:
         A checkpoint that is unreadable or fails its integrity checks is renamed to
         `<step>.corrupted-<unix time>` (kept, but no longer listed, so later saves
         may reuse its step) with a warning naming it and the reason, and the one
-        before it is tried. A checkpoint that does not match the live variables
+        before it is tried; a `read_only` manager skips it without renaming it. A
+        step that the directory's owner deletes while it is read is not damage: the
+        newest step is tried again. A checkpoint that does not match the live variables
         raises instead (that is a code change, not damage). After a restore, the
         save interval counts from the restored step.
 
@@ -643,21 +750,22 @@ class CheckpointManager:
             CheckpointError: The newest readable checkpoint does not match the live tree.
         """
         self.sync()
-        for step in reversed(committed_steps(self._directory)):
+        tried: set[int] = set()
+        while True:
+            untried = [s for s in committed_steps(self._directory) if s not in tried]
+            if not untried:
+                break
+            step = untried[-1]
+            tried.add(step)
             try:
                 self._restore_step(self._directory, step)
             except CorruptCheckpointError as err:
-                moved = quarantine(self._directory, step)
-                self._verified.discard(step)
-                self._scores.pop(step, None)
-                self._manager.reload()
-                _log.warning(
-                    "Skipping corrupted checkpoint %d in %s and trying the previous one%s: %s",
-                    step,
-                    self._directory,
-                    f" (moved it to {moved})" if moved else "",
-                    err,
-                )
+                if step not in committed_steps(self._directory):
+                    # The owner's retention deleted it while this (reading) manager read
+                    # it: not damage. The newest step is tried instead.
+                    _log.info("Checkpoint %d was deleted while it was read; trying again.", step)
+                    continue
+                self._set_aside(step, err)
                 continue
             agree_on_restore(step)
             self._last_checkpoint_step = step
@@ -666,6 +774,29 @@ class CheckpointManager:
         if self._init_fn is not None:
             self._init_fn()
         return None
+
+    def _set_aside(self, step: int, err: CheckpointError) -> None:
+        """A damaged step: the owner renames it away; others only skip it."""
+        if self._lock is None:
+            _log.warning(
+                "Skipping corrupted checkpoint %d in %s and trying the previous one (left "
+                "in place: this manager does not own the directory): %s",
+                step,
+                self._directory,
+                err,
+            )
+            return
+        moved = quarantine(self._directory, step)
+        self._verified.discard(step)
+        self._scores.pop(step, None)
+        self._manager.reload()
+        _log.warning(
+            "Skipping corrupted checkpoint %d in %s and trying the previous one%s: %s",
+            step,
+            self._directory,
+            f" (moved it to {moved})" if moved else "",
+            err,
+        )
 
     def __repr__(self) -> str:
         best = "" if self._best_fn is None else f", keep_best={self._keep_best}"

@@ -1,18 +1,20 @@
 """Reading a checkpoint directory from outside a manager: what an evaluator or a user does.
 
-`latest_step` and `checkpoints_iterator` list committed steps (no orbax import);
-`read_metadata` reads one checkpoint's JSON item without any array data. None of
-them changes the directory.
+`latest_step` and `checkpoints_iterator` list committed steps, and `read_metadata`
+reads one checkpoint's JSON item without any array data; none imports orbax. None
+of them changes the directory, and each tolerates steps that the directory's owner
+deletes while it reads.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from looproto.checkpoint._files import META_ITEM, READ_ERRORS, committed_steps
+from looproto.checkpoint._files import META_ITEM, committed_steps
 from looproto.checkpoint._state import parse_meta
 from looproto.errors import CheckpointError
 
@@ -46,30 +48,35 @@ def read_metadata(directory: str | os.PathLike[str], step: int | None = None) ->
         CheckpointError: There is no such checkpoint, or its metadata is unreadable.
     """
     path = os.path.abspath(os.fspath(directory))
-    steps = committed_steps(path)
-    if not steps:
-        raise CheckpointError(f"No checkpoints in {path}.")
-    if step is None:
-        step = steps[-1]
-    if step not in steps:
-        raise CheckpointError(f"No checkpoint {step} in {path}; committed steps there: {steps}.")
-    import orbax.checkpoint as ocp
-
-    # No cleanup options: reading must never change the directory.
-    with ocp.CheckpointManager(
-        path, item_handlers={META_ITEM: ocp.JsonCheckpointHandler()}
-    ) as manager:
-        try:
-            meta = manager.restore(
-                step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()})
-            )[META_ITEM]
-        except READ_ERRORS as err:
+    for _ in range(5):
+        steps = committed_steps(path)
+        if not steps:
+            raise CheckpointError(f"No checkpoints in {path}.")
+        chosen = steps[-1] if step is None else step
+        if chosen not in steps:
             raise CheckpointError(
-                f"Checkpoint {os.path.join(path, str(step))} is unreadable: "
-                f"{type(err).__name__}: {err}"
-            ) from err
-    tree, objects = parse_meta(meta, os.path.join(path, str(step)))
-    return {"step": step, "steps": steps, "tree": tree, "objects": objects}
+                f"No checkpoint {chosen} in {path}; committed steps there: {steps}."
+            )
+        where = os.path.join(path, str(chosen))
+        try:
+            # orbax's JSON item is a plain file: read without opening a manager (no
+            # listing of every step, no import of orbax).
+            with open(os.path.join(where, META_ITEM, "metadata"), encoding="utf-8") as f:
+                meta = json.load(f)
+        except (OSError, ValueError) as err:
+            if os.path.isdir(where):
+                raise CheckpointError(
+                    f"Checkpoint {where} is unreadable: {type(err).__name__}: {err}"
+                ) from err
+            if step is not None:
+                raise CheckpointError(
+                    f"Checkpoint {where} was deleted while it was read (by the process "
+                    "that owns the directory)."
+                ) from err
+            continue  # the owner deleted the newest-but-N meanwhile: list again
+        tree, objects = parse_meta(meta, where)
+        return {"step": chosen, "steps": steps, "tree": tree, "objects": objects}
+    raise CheckpointError(f"The checkpoints in {path} kept being deleted while they were read.")
 
 
 def checkpoints_iterator(

@@ -8,6 +8,9 @@ tree as references to their paths, behind tagged keys) and back, the CRC-32s of 
 and of the JSON item itself, and the restore-side helpers (the live tree's side is in
 `_live.py`): parsing and validating the JSON item, comparing it with the live tree,
 checking the arrays read back, and writing everything into the live tree all-or-nothing.
+It runs past 500 lines because these are one concept, the format, whose save side and
+check side must change together (a new key in the JSON item is written, checksummed
+and validated here).
 """
 
 from __future__ import annotations
@@ -36,7 +39,13 @@ from looproto.module import (
 _log = logging.getLogger("looproto")
 
 FORMAT = "looproto.checkpoint"
-FORMAT_VERSION = 1
+# Version 2 requires the JSON item's own CRC-32 (`crc32`). Version 1 items (written by
+# looproto 0.1 before it) are still read; some have no `crc32`, and are then read
+# unverified with a warning.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+# Checkpoints already warned about (a directory is checked again at every prune).
+_WARNED_UNVERIFIED: set[str] = set()
 # The marker of bytes inside object states (a grain iterator's). A framework's values
 # (the tensors of a torch data loader's sampler state) have their backend's tags.
 _BYTES_KEY = "__looproto_bytes__"
@@ -257,6 +266,17 @@ def collect(root: Any, step: int) -> tuple[dict[str, np.ndarray[Any, Any]], dict
     return arrays, meta
 
 
+def non_finite(arrays: dict[str, np.ndarray[Any, Any]]) -> list[tuple[str, int, int]]:
+    """`(path, NaN/inf count, size)` of each floating-point array that is not all finite."""
+    bad = []
+    for path, array in arrays.items():
+        if array.dtype.kind in "fc":
+            count = int(array.size - np.count_nonzero(np.isfinite(array)))
+            if count:
+                bad.append((path, count, int(array.size)))
+    return bad
+
+
 def read_state(obj: Any, path: str, action: str) -> Any:
     """The state of the live object `obj` at `path`; raises, naming it, if it has none.
 
@@ -290,18 +310,32 @@ def parse_meta(meta: Any, where: str) -> tuple[dict[str, Any], dict[str, Any]]:
         raise CorruptCheckpointError(
             f"Checkpoint {where} has no valid looproto metadata item; received {value_repr(meta)}."
         )
-    # Checkpoints of looproto before this checksum have none; they are checked as before.
+    # The checksum first: a damaged version digit is damage, not a newer format.
     if "crc32" in meta and meta["crc32"] != json_crc32(meta):
         raise CorruptCheckpointError(
             f"Checkpoint {where} has a damaged metadata item: its CRC-32 does not match "
             f"the recorded {value_repr(meta['crc32'])}."
         )
     version = meta.get("version")
-    if version != FORMAT_VERSION:
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"Checkpoint {where} has format version {version!r}; this looproto reads version "
-            f"{FORMAT_VERSION}. Upgrade looproto to read it."
+            f"Checkpoint {where} has format version {version!r}; this looproto reads versions "
+            f"{list(READABLE_VERSIONS)}. Upgrade looproto to read it."
         )
+    if "crc32" not in meta:
+        if version >= 2:
+            raise CorruptCheckpointError(
+                f"Checkpoint {where} has a damaged metadata item: it has no `crc32` key, "
+                f"which format version {version} requires."
+            )
+        if where not in _WARNED_UNVERIFIED:
+            _WARNED_UNVERIFIED.add(where)
+            _log.warning(
+                "Checkpoint %s is in format version 1 without a CRC-32 of its metadata "
+                "item (written by an older looproto): its shapes and object states are "
+                "read unverified. Checkpoints saved from now on carry one.",
+                where,
+            )
     tree = meta.get("tree")
     objects = meta.get("objects")
     if not isinstance(tree, dict) or not isinstance(objects, dict):

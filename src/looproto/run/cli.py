@@ -7,14 +7,33 @@
 
 (`python -m looproto ...` is the same.) See `looproto.run.config` for the config file.
 
-A bad config or argument prints one line, `looproto: error: <file>: <key>: ...`, and
-exits with status 2; `--debug` shows the traceback instead.
+Every fault prints one line, `looproto: error: ...`, and exits with its own status;
+`--debug` shows the traceback instead. Exit statuses:
 
-`looproto train` stops cleanly on SIGTERM or SIGINT (Ctrl-C): the running inner loop
-finishes, a checkpoint is saved, and the command exits with status 75
-(`looproto.preemption.EXIT_PREEMPTED`); running it again resumes. A second signal
-ends it at once (status 128 + the signal number, e.g. 143 or 130). Exit statuses:
-0 done, 2 bad config or arguments, 75 preempted (run again to resume).
+* 0 done;
+* 2 a bad config, argument, or factory (what the user wrote is wrong);
+* 3 a lost peer in a multi-process run;
+* 4 storage or environment: a model directory that cannot be written (read-only, a
+  file, a dangling symbolic link), a full disk, or a checkpoint directory another
+  live process owns (`looproto.StorageError`, and any other `OSError`);
+* 5 training diverged: an output or a variable became NaN or infinite
+  (`looproto.NonFiniteError`); the last good checkpoint is kept;
+* 75 preempted: run the same command again to resume;
+* 130 interrupted by Ctrl-C outside training (start-up of `evaluate`, say), or 128 +
+  N when a second signal N ends a run at once.
+
+What can be checked before anything trains is: the config, the factories and what
+they return, and whether the model directory and its `checkpoints/` and `summaries/`
+can be written.
+
+`looproto train` stops cleanly on SIGTERM or SIGINT (Ctrl-C), from its start: during
+start-up it stops before training (nothing is written), during training the running
+inner loop finishes and a checkpoint is saved; either way it exits with status 75
+(`looproto.preemption.EXIT_PREEMPTED`) and running it again resumes. A second signal
+ends it at once (status 128 + the signal number, e.g. 143 or 130).
+
+`looproto evaluate` only reads the checkpoint directory (its checkpoint manager is
+`read_only`): it can run beside `looproto train` on the same `model_dir`.
 
 Multi-process training: `looproto train CONFIG --num-processes N` (or
 `[distributed] num_processes = N`) spawns N local workers of the config's backend
@@ -32,6 +51,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 import traceback
@@ -40,19 +60,28 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from looproto import backends, distributed
+from looproto import backends, distributed, preemption
 from looproto._logging import enable_logging
-from looproto.errors import ConfigError, DistributedError, LooprotoError
+from looproto.errors import ConfigError, LooprotoError
 from looproto.preemption import EXIT_PREEMPTED, Preempted
 from looproto.run import launch
 from looproto.run.config import RunConfig, call_factory, load
+from looproto.run.faults import EXIT_DISTRIBUTED as EXIT_DISTRIBUTED
+from looproto.run.faults import EXIT_DIVERGED as EXIT_DIVERGED
+from looproto.run.faults import (
+    EXIT_INTERRUPTED,
+    StoppedInStartUp,
+    check_built,
+    check_model_dir,
+    exit_status,
+    one_line,
+)
+from looproto.run.faults import EXIT_STORAGE as EXIT_STORAGE
+from looproto.run.faults import EXIT_USAGE as EXIT_USAGE
 
 __all__ = ["build", "main"]
 
 _log = logging.getLogger("looproto")
-
-EXIT_USAGE = 2
-EXIT_DISTRIBUTED = 3
 
 
 def _global_step(obj: Any, what: str, config: RunConfig) -> Any:
@@ -91,13 +120,17 @@ def build(config: RunConfig, *, train: bool = True, actions: Sequence[Any] = ())
     trainer = None
     if config.trainer is not None:
         trainer = call_factory(config.trainer, config, "trainer")
+        check_built(trainer, "trainer", "train", config)
     evaluator = None
     if config.evaluator is not None:
         evaluator = call_factory(config.evaluator, config, "evaluator", trainer=trainer)
+        check_built(evaluator, "evaluator", "evaluate", config)
     if trainer is not None:
         global_step = _global_step(trainer, "trainer", config)
     else:
         global_step = _global_step(evaluator, "evaluator", config)
+    run = config.train
+    check_finite = train and run is not None and run.check_finite
     checkpoints = None
     if config.checkpoint.enabled:
         checkpoints = CheckpointManager(
@@ -110,34 +143,42 @@ def build(config: RunConfig, *, train: bool = True, actions: Sequence[Any] = ())
             best_fn=config.checkpoint.best_metric,
             best_mode=config.checkpoint.best_mode,
             keep_best=config.checkpoint.keep_best,
+            # An evaluation never changes the directory: it may run beside training.
+            read_only=not train,
+            check_finite=check_finite,
         )
-    eval_actions = []
-    early = config.early_stopping
-    if train and early is not None:
-        eval_actions.append(
-            EarlyStopping(
-                early.metric,
-                mode=early.mode,
-                patience=early.patience,
-                min_delta=early.min_delta,
-                filename=os.path.join(config.model_dir, "early_stopping.json"),
+    try:
+        eval_actions = []
+        early = config.early_stopping
+        if train and early is not None:
+            eval_actions.append(
+                EarlyStopping(
+                    early.metric,
+                    mode=early.mode,
+                    patience=early.patience,
+                    min_delta=early.min_delta,
+                    filename=os.path.join(config.model_dir, "early_stopping.json"),
+                )
             )
+        return Controller(
+            trainer=trainer if train else None,
+            evaluator=evaluator,
+            # Restores run in the engine's scope (a TensorFlow strategy's) when there is one.
+            strategy=distributed.engine(),
+            global_step=global_step,
+            steps_per_loop=run.steps_per_loop if train and run is not None else None,
+            checkpoint_manager=checkpoints,
+            summary_interval=run.summary_interval if train and run is not None else None,
+            summary_dir=os.path.join(config.summary_dir, "train"),
+            eval_summary_dir=os.path.join(config.summary_dir, "eval"),
+            train_actions=actions,
+            eval_actions=eval_actions,
+            check_finite=check_finite,
         )
-    run = config.train
-    return Controller(
-        trainer=trainer if train else None,
-        evaluator=evaluator,
-        # Restores run in the engine's scope (a TensorFlow strategy's) when there is one.
-        strategy=distributed.engine(),
-        global_step=global_step,
-        steps_per_loop=run.steps_per_loop if train and run is not None else None,
-        checkpoint_manager=checkpoints,
-        summary_interval=run.summary_interval if train and run is not None else None,
-        summary_dir=os.path.join(config.summary_dir, "train"),
-        eval_summary_dir=os.path.join(config.summary_dir, "eval"),
-        train_actions=actions,
-        eval_actions=eval_actions,
-    )
+    except BaseException:
+        if checkpoints is not None:
+            checkpoints.close()  # its lock, and orbax's threads, go with the error
+        raise
 
 
 @contextlib.contextmanager
@@ -189,7 +230,9 @@ def _train(args: argparse.Namespace) -> int:
     count = wanted if wanted is not None else config.distributed.num_processes
     if count > 1:
         return _launch(args, config, backend, count)
-    return _train_here(args, load(args.config, args.set))
+    # From here on a signal is a request to stop, in start-up too (see `_train_here`).
+    with preemption.watch():
+        return _train_here(args, load(args.config, args.set))
 
 
 def _check_not_foreign_launch(backend: str, config: RunConfig) -> None:
@@ -216,22 +259,24 @@ def _launch(args: argparse.Namespace, config: RunConfig, backend: str, count: in
 def _train_worker(args: argparse.Namespace) -> int:
     """One process of a multi-process run; never waits on a dead peer to exit."""
     try:
-        config = load(args.config, args.set)
-        distributed.initialize(config.backend_name(), timeout=config.distributed.timeout)
-        if not distributed.is_chief():  # One copy of the progress log: the chief's.
-            logging.getLogger("looproto").setLevel(logging.WARNING)
-        code = _train_here(args, config)
+        with preemption.watch():
+            config = load(args.config, args.set)
+            distributed.initialize(config.backend_name(), timeout=config.distributed.timeout)
+            if not distributed.is_chief():  # One copy of the progress log: the chief's.
+                logging.getLogger("looproto").setLevel(logging.WARNING)
+            code = _train_here(args, config)
         distributed.shutdown()
         return code
-    except DistributedError as err:
-        _exit_now(f"looproto: error: {err}", EXIT_DISTRIBUTED, args)
-    except LooprotoError as err:
-        _exit_now(f"looproto: error: {err}", EXIT_USAGE, args)
+    except Preempted as stop:  # the checkpoint is on disk (the Controller waited)
+        _exit_now(f"looproto: {stop}", EXIT_PREEMPTED, args)
     except KeyboardInterrupt:
-        _exit_now("looproto: interrupted", 130, args)
-    except BaseException:
-        traceback.print_exc()
-        _exit_now("looproto: error: the worker failed (traceback above)", 1, args)
+        _exit_now("looproto: interrupted", EXIT_INTERRUPTED, args)
+    except Exception as err:
+        status = exit_status(err)
+        if status is None:
+            traceback.print_exc()
+            _exit_now("looproto: error: the worker failed (traceback above)", 1, args)
+        _exit_now(f"looproto: error: {one_line(err)}", status, args)
 
 
 def _exit_now(message: str, code: int, args: argparse.Namespace) -> NoReturn:
@@ -249,18 +294,27 @@ def _train_here(args: argparse.Namespace, config: RunConfig) -> int:
     run = config.train
     if run is None:
         raise ConfigError(f"{config.source}: `looproto train` needs a `[train]` table.")
+    if distributed.is_chief():
+        check_model_dir(config, train=True)
     with distributed.scope():  # Variables made here are the engine's (mirrored on TF).
         controller = build(config, train=True)
-    with controller, _progress(controller, run.steps, not args.no_progress) as bar:
-        if bar is not None:
-            controller.train_actions = (*controller.train_actions, bar)
-        if controller.evaluator is not None:
-            output = controller.train_and_evaluate(
-                train_steps=run.steps, eval_steps=run.eval_steps, eval_interval=run.eval_interval
-            )
-        else:
-            controller.train(run.steps)
-            output = None
+    with controller:
+        if preemption.requested():  # a signal during start-up: stop before training
+            signal = preemption.signal_received()
+            preemption.acknowledge()
+            raise StoppedInStartUp(signal.name if signal is not None else "a stop request")
+        with _progress(controller, run.steps, not args.no_progress) as bar:
+            if bar is not None:
+                controller.train_actions = (*controller.train_actions, bar)
+            if controller.evaluator is not None:
+                output = controller.train_and_evaluate(
+                    train_steps=run.steps,
+                    eval_steps=run.eval_steps,
+                    eval_interval=run.eval_interval,
+                )
+            else:
+                controller.train(run.steps)
+                output = None
     if not distributed.is_chief():
         return 0
     step = int(np.asarray(_read(controller.global_step)))
@@ -291,7 +345,13 @@ def _scalars(output: Any) -> str:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout >= 0):
+        raise ConfigError(
+            "`--timeout` must be a number of seconds >= 0 (finite; leave it out to use "
+            f"`evaluate.timeout`, or to wait forever); received {args.timeout}."
+        )
     config = load(args.config, args.set)
+    check_model_dir(config, train=False)
     controller = build(config, train=False)
     steps = config.evaluate.steps
     with controller:
@@ -418,11 +478,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Not an error: the state is saved and the same command resumes it.
         print(f"looproto: {stop}", file=sys.stderr)
         return EXIT_PREEMPTED
-    except LooprotoError as err:
+    except KeyboardInterrupt:
         if args.debug:
             raise
-        print(f"looproto: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        print("looproto: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        status = exit_status(err)
+        if status is None or args.debug:
+            raise
+        print(f"looproto: error: {one_line(err)}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

@@ -62,18 +62,30 @@ import dataclasses
 import difflib
 import importlib
 import inspect
+import math
 import os
+import re
 import sys
+import typing
 from collections.abc import Callable, Mapping, Sequence
+from types import UnionType
 from typing import Any
 
 from looproto import backends
-from looproto.errors import BackendNotAvailableError, ConfigError, value_repr
+from looproto.errors import (
+    BackendNotAvailableError,
+    ConfigError,
+    LooprotoError,
+    StorageError,
+    value_repr,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
+
+_UNIONS = (typing.Union, UnionType)
 
 __all__ = [
     "CheckpointConfig",
@@ -110,6 +122,8 @@ class TrainConfig:
         eval_interval: Evaluate every this many steps (None: only at the end; needs an
             evaluator).
         eval_steps: Steps per evaluation during training (-1: until the data ends).
+        check_finite: Stop (exit status 5) at the first inner loop whose outputs are
+            NaN or infinite, and never save a checkpoint whose variables are.
     """
 
     steps: int
@@ -117,6 +131,7 @@ class TrainConfig:
     summary_interval: int | None = None
     eval_interval: int | None = None
     eval_steps: int = -1
+    check_finite: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,6 +240,7 @@ _TOP_LEVEL = {
     "seed": (int,),
 }
 _TABLES = ("trainer", "evaluator", "backend_options", *_SECTIONS)
+_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
 def load(
@@ -253,8 +269,21 @@ def load(
             raw = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{source}: no such config file.") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{source}: is a directory; expected a TOML config file.") from None
+    except OSError as err:
+        raise ConfigError(f"{source}: cannot read the config file: {err.strerror}.") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{source}: not valid TOML: byte {err.start} is not UTF-8 text "
+            f"({err.object[err.start : err.start + 1]!r})."
+        ) from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{source}: not valid TOML: {err}.") from None
+    except RecursionError:
+        raise ConfigError(
+            f"{source}: not a usable config: its arrays or tables are nested too deeply."
+        ) from None
     env = os.environ if environ is None else environ
     if env.get(backends.ENV_VAR):
         raw["backend"] = env[backends.ENV_VAR]
@@ -276,6 +305,10 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], source: str) 
             value = tomllib.loads(f"v = {text}")["v"]
         except tomllib.TOMLDecodeError:
             value = text  # a bare word: `--set backend=jax`
+        except RecursionError:
+            raise ConfigError(
+                f"{source}: `--set {key}=...`: the value is nested too deeply."
+            ) from None
         table = raw
         parts = key.split(".")
         for part in parts[:-1]:
@@ -321,9 +354,11 @@ def _check_keys(table: Mapping[str, Any], known: Sequence[str], source: str, pre
             )
 
 
-def _type_names(types: tuple[type, ...]) -> str:
+def _type_names(accepted: tuple[type, ...]) -> str:
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
-    return " or ".join(names.get(t, t.__name__) for t in types)
+    if float in accepted:  # "a number" covers the integers
+        accepted = tuple(t for t in accepted if t is not int)
+    return " or ".join(names.get(t, t.__name__) for t in accepted)
 
 
 def _check_type(value: Any, types: tuple[type, ...], source: str, key: str) -> Any:
@@ -372,10 +407,11 @@ def _factory(table: Any, source: str, name: str) -> FactoryConfig:
         )
     factory = _check_type(table["factory"], (str,), source, f"{name}.factory")
     module, sep, attribute = factory.partition(":")
-    if not sep or not module or not attribute:
+    # Absolute dotted names only: a relative or path-like module cannot be imported.
+    if not sep or not _DOTTED.fullmatch(module) or not _DOTTED.fullmatch(attribute):
         raise ConfigError(
-            f'{source}: `{name}.factory` must look like "package.module:function"; '
-            f"received {factory!r}."
+            f'{source}: `{name}.factory` must look like "package.module:function" (dotted '
+            f"Python names, no relative or file paths); received {factory!r}."
         )
     kwargs = {key: value for key, value in table.items() if key != "factory"}
     return FactoryConfig(factory=factory, kwargs=kwargs)
@@ -409,8 +445,6 @@ def _section(table: Any, cls: type, source: str, name: str) -> Any:
 
 def _field_types(cls: type) -> dict[str, tuple[type, ...]]:
     """Field name -> accepted runtime types, from the dataclass annotations."""
-    import typing
-
     out: dict[str, tuple[type, ...]] = {}
     for name, hint in typing.get_type_hints(cls).items():
         args = typing.get_args(hint)
@@ -470,13 +504,14 @@ def _check_combinations(config: RunConfig) -> None:
                 f"{source}: `train.eval_interval` is set but there is no `[evaluator]`."
             )
     _positive(config.evaluate.steps, source, "evaluate.steps", allow_all=True)
-    if config.evaluate.timeout is not None and config.evaluate.timeout < 0:
+    timeout = config.evaluate.timeout
+    if timeout is not None and not (math.isfinite(timeout) and timeout >= 0):
         raise ConfigError(
-            f"{source}: `evaluate.timeout` must be >= 0 seconds; received "
-            f"{config.evaluate.timeout}."
+            f"{source}: `evaluate.timeout` must be >= 0 seconds (a finite number; leave it "
+            f"out to wait forever); received {timeout}."
         )
     _positive(config.distributed.num_processes, source, "distributed.num_processes")
-    if not config.distributed.timeout > 0:
+    if not (config.distributed.timeout > 0 and math.isfinite(config.distributed.timeout)):
         raise ConfigError(
             f"{source}: `distributed.timeout` must be > 0 seconds; received "
             f"{config.distributed.timeout}."
@@ -536,12 +571,17 @@ def load_factory(spec: str, source: str = "<config>", key: str = "factory") -> C
             callable.
     """
     module_name, _, attribute = spec.partition(":")
+    if not _DOTTED.fullmatch(module_name) or not _DOTTED.fullmatch(attribute):
+        raise ConfigError(
+            f'{source}: `{key}` must look like "package.module:function" (dotted Python '
+            f"names, no relative or file paths); received {spec!r}."
+        )
     try:
         module = importlib.import_module(module_name)
-    except ImportError as err:
+    except Exception as err:  # an ImportError, or whatever the module raised on import
         raise ConfigError(
             f"{source}: `{key}` = {spec!r}: module {module_name!r} does not import "
-            f"({type(err).__name__}: {err})."
+            f"({type(err).__name__}: {_first_line(err)})."
         ) from None
     obj: Any = module
     for part in attribute.split("."):
@@ -598,6 +638,7 @@ def call_factory(
                 f"{config.source}: `{key}.{name}` is set by looproto (from the top level "
                 "of the config); remove it from the table."
             )
+    _check_annotated_types(factory, factory_config, config.source, key)
     kwargs = dict(factory_config.kwargs)
     kwargs.update({name: value for name, value in available.items() if name in params})
     try:
@@ -606,4 +647,72 @@ def call_factory(
         raise ConfigError(
             f"{config.source}: `{key}.factory` = {factory_config.factory}: {err}."
         ) from None
-    return factory(**kwargs)
+    try:
+        return factory(**kwargs)
+    except LooprotoError:
+        raise
+    except Exception as err:
+        message = (
+            f"{config.source}: `{key}.factory` = {factory_config.factory} raised "
+            f"{type(err).__name__}: {_first_line(err)} (--debug shows the traceback)."
+        )
+        # A file it could not read is the environment's fault, not the config's.
+        raise (StorageError if isinstance(err, OSError) else ConfigError)(message) from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+# Annotations a config value can be checked against, with what they accept.
+_SIMPLE_TYPES: dict[Any, tuple[type, ...]] = {
+    int: (int,),
+    float: (int, float),
+    str: (str,),
+    bool: (bool,),
+}
+
+
+def _check_annotated_types(
+    factory: Callable[..., Any], factory_config: FactoryConfig, source: str, key: str
+) -> None:
+    """Checks each config value against the factory's annotation, where it is simple.
+
+    A value the factory would only trip over later (`learning_rate = "fast"` reaching
+    the first step) is reported now, naming the key.
+    """
+    import typing
+
+    try:
+        hints = typing.get_type_hints(factory)
+    except Exception:  # unresolvable annotations: leave the checking to the factory
+        return
+    for name, value in factory_config.kwargs.items():
+        hint = hints.get(name)
+        if hint is None:
+            continue
+        options = typing.get_args(hint) if typing.get_origin(hint) in _UNIONS else (hint,)
+        accepted: list[type] = []
+        for option in options:
+            if option is type(None):
+                accepted.append(type(None))
+            elif option in _SIMPLE_TYPES:
+                accepted.extend(_SIMPLE_TYPES[option])
+            else:
+                break  # something richer (a mapping, a class): not checked here
+        else:
+            if isinstance(value, bool) and bool not in accepted:
+                ok = False
+            else:
+                ok = isinstance(value, tuple(accepted))
+            if not ok:
+                wanted = _type_names(tuple(t for t in accepted if t is not type(None)))
+                raise ConfigError(
+                    f"{source}: `{key}.{name}` must be {wanted} ({factory_config.factory} "
+                    f"takes `{name}: {_hint_text(hint)}`); received {value_repr(value)}."
+                )
+
+
+def _hint_text(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import os
 
-from looproto.errors import LooprotoError
+from looproto import errors
 
 # Frames in this package's files are looproto's own (the graph-break message leaves them out).
 _PACKAGE_DIR = os.path.join(os.path.dirname(__file__), "")
 
 
-class NonFiniteError(LooprotoError, FloatingPointError):
-    """A step's outputs became NaN or infinite (raised with `nan_check`)."""
+class NonFiniteError(errors.NonFiniteError):
+    """A step's outputs became NaN or infinite (raised with `nan_check`).
+
+    A `looproto.NonFiniteError`: `looproto train` exits with status 5 for it too.
+    """
 
 
 def first_line(err: BaseException) -> str:
