@@ -21,6 +21,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,8 +175,12 @@ def run_page(path: Path, namespace: dict[str, object]) -> None:
 
 
 @pytest.mark.parametrize("path", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
-def test_page_code_runs(path: Path, isolated: Path) -> None:
-    run_page(path, {"__name__": "__docs__"})
+def test_page_code_runs(path: Path, isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A real module, as a user's script is: Dynamo imports the module a function's
+    # globals name when it inlines that function.
+    page = types.ModuleType("__docs__")
+    monkeypatch.setitem(sys.modules, page.__name__, page)
+    run_page(path, page.__dict__)
 
 
 def test_missing_framework_skips_the_rest_of_its_page(

@@ -49,17 +49,31 @@ _LOCK_TAKEOVER = ".looproto-lock."
 # Listing committed steps (no orbax import: plain directory listing)
 
 
+_LISTING_ATTEMPTS = 5
+
+
 def committed_steps(directory: str) -> list[int]:
-    """Steps with a committed `<directory>/<step>/` directory, ascending."""
-    try:
-        names = os.listdir(directory)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    return sorted(
-        int(name)
-        for name in names
-        if STEP_NAME.fullmatch(name) and os.path.isdir(os.path.join(directory, name))
-    )
+    """Steps with a committed `<directory>/<step>/` directory, ascending.
+
+    A listing is not a snapshot: one taken while the owner commits step N+1 and deletes
+    step N (two renames) can miss both. So a listing during which the directory changed
+    (its modification time moved) is taken again, and an empty one is checked once more.
+    """
+    steps: list[int] = []
+    for attempt in range(_LISTING_ATTEMPTS):
+        try:
+            before = os.stat(directory).st_mtime_ns
+            steps = sorted(
+                int(name)
+                for name in os.listdir(directory)
+                if STEP_NAME.fullmatch(name) and os.path.isdir(os.path.join(directory, name))
+            )
+            after = os.stat(directory).st_mtime_ns
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        if before == after and (steps or attempt > 0):
+            break
+    return steps
 
 
 # ----------------------------------------------------------------------------
