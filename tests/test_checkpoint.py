@@ -1280,3 +1280,21 @@ def test_a_listing_that_races_a_commit_and_a_prune_is_taken_again(
     monkeypatch.setattr(_files.os, "listdir", listing_then_owner_moves)
     assert _files.committed_steps(str(tmp_path)) == [2]
     assert sorted(calls[0]) == ["1", "2.orbax-checkpoint-tmp"]  # the stale listing
+
+
+def test_a_storage_failure_inside_a_tensorstore_message_is_named_by_its_errno() -> None:
+    # The shape of the error a full disk gives when tensorstore writes an OCDBT manifest.
+    from looproto.checkpoint._files import save_failure
+    from looproto.errors import CheckpointStorageError
+
+    raised = ValueError(
+        'RESOURCE_EXHAUSTED: Error writing local file "/ckpt/50.orbax-checkpoint-tmp/'
+        'state/manifest.ocdbt": Failed to write 114 bytes to file 8: No space left on '
+        "device [os_error_code='28'] [tensorstore_spec='{\"driver\": \"zarr\"}']"
+    )
+    error = save_failure(raised, "Saving checkpoint 50 to /ckpt failed")
+    assert isinstance(error, CheckpointStorageError)
+    assert str(error) == (
+        "Saving checkpoint 50 to /ckpt failed: No space left on device (ENOSPC); "
+        "the previous checkpoints are kept."
+    )

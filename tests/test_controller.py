@@ -402,6 +402,11 @@ def test_trainer_that_never_advances_step_stops_with_warning(caplog):
             "summary_interval=0",
         ),
         (
+            {"trainer": "T", "steps_per_loop": 2, "summary_interval": np.int64(8)},
+            looproto.ConfigError,
+            r"summary_interval=np.int64\(8\)",
+        ),
+        (
             {"trainer": "T", "steps_per_loop": 2, "summary_interval": 3},
             looproto.ConfigError,
             r"`summary_interval` \(3\) must be a multiple of `steps_per_loop` \(2\)",

@@ -14,7 +14,6 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from looproto import distributed
-from looproto._validate import positive_int
 from looproto.errors import CheckpointError, ConfigError, ProtocolError, value_repr
 from looproto.module import is_variable, read_int, variable_to_numpy
 from looproto.runner import Evaluator, Output, Trainer
@@ -83,21 +82,23 @@ def check_runners(trainer: Any, evaluator: Any, steps_per_loop: Any, summary_int
             raise ConfigError("`steps_per_loop` is required when `trainer` is provided.")
     # Checked even without a trainer (where Orbit ignores them): a wrong value is a
     # mistake wherever it is passed.
+    # Python ints only: the Controller tells a fixed loop length from a callable one by
+    # `isinstance(..., int)`, and the two lengths are held to the same rule.
     if (
         steps_per_loop is not None
         and not callable(steps_per_loop)
-        and (
-            isinstance(steps_per_loop, bool)
-            or not isinstance(steps_per_loop, int)
-            or steps_per_loop < 1
-        )
+        and not _python_int(steps_per_loop)
     ):
         raise ConfigError(
             "`steps_per_loop` must be a positive int or a callable of the global "
             f"step; received steps_per_loop={value_repr(steps_per_loop)}."
         )
     if summary_interval is not None:
-        positive_int(summary_interval, "summary_interval", allow_none=True)
+        if not _python_int(summary_interval):
+            raise ConfigError(
+                "`summary_interval` must be a positive int or None; received "
+                f"summary_interval={value_repr(summary_interval)}."
+            )
         if isinstance(steps_per_loop, int) and summary_interval % steps_per_loop != 0:
             raise ConfigError(
                 f"`summary_interval` ({summary_interval}) must be a multiple of "
@@ -240,3 +241,8 @@ def check_steps(steps: Any, argument: str, *, allow_zero: bool, allow_all: bool 
         also = ", or == -1 (until the data ends)" if allow_all else ""
         raise ConfigError(f"`{argument}` ({steps}) should be {expected}{also}.")
     return steps
+
+
+def _python_int(value: Any) -> bool:
+    """A positive Python int (not a bool, not a NumPy integer)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1

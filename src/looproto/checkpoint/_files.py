@@ -197,6 +197,7 @@ _STORAGE_ERRNOS = frozenset(
     {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
     | {errno.ENOTDIR, errno.EISDIR, errno.ENOENT}
 )
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
 _STORAGE_TEXT = (
     "no space left",
     "disk quota",
@@ -214,6 +215,14 @@ def save_failure(err: BaseException, what: str) -> CheckpointError:
         if isinstance(cause, OSError) and cause.errno in _STORAGE_ERRNOS:
             return CheckpointStorageError(
                 f"{what}: {cause.strerror or cause} ({errno.errorcode.get(cause.errno or 0)}); "
+                "the previous checkpoints are kept."
+            )
+        # tensorstore's errors carry the OS error inside a long message with its spec.
+        code = _OS_ERROR_CODE.search(str(cause))
+        if code is not None and int(code[1]) in _STORAGE_ERRNOS:
+            number = int(code[1])
+            return CheckpointStorageError(
+                f"{what}: {os.strerror(number)} ({errno.errorcode[number]}); "
                 "the previous checkpoints are kept."
             )
         if any(text in str(cause).lower() for text in _STORAGE_TEXT):
