@@ -48,6 +48,7 @@ from looproto.errors import (
 from looproto.module import Variable
 
 _log = logging.getLogger("looproto")
+_MIN_PIPELINED = 8  # `pipeline_chunks` splits no loop into calls shorter than this.
 
 # ----------------------------------------------------------------------------
 # The inner loop.
@@ -124,6 +125,7 @@ class JaxLoop:
         data_axis: str | None,
         donate: bool,
         chunk_size: int,
+        pipeline_chunks: int = 1,
     ) -> None:
         self._step_fn = step_fn
         self._module = module
@@ -133,6 +135,7 @@ class JaxLoop:
         self._data_axis = data_axis
         self._donate = donate
         self._chunk_size = chunk_size
+        self._pipeline_chunks = pipeline_chunks
         self._step_name = getattr(step_fn, "__qualname__", None) or value_repr(step_fn)
         self._compiled: dict[Any, tuple[Any, Any]] = {}
         self._device_data: tuple[Any, Any] | None = None  # (source, device copy)
@@ -407,6 +410,16 @@ class JaxLoop:
                 iterator.set_state(source.get_state())
         return state, steps
 
+    def _sub_chunk(self, num_steps: int) -> int:
+        """Steps per compiled call: `num_steps` (or `chunk_size`) split into at most
+        `pipeline_chunks` equal parts of at least `_MIN_PIPELINED` steps (so a loop
+        compiles one length), else not split."""
+        total = self._chunk_size if num_steps < 0 else num_steps
+        for parts in range(self._pipeline_chunks, 1, -1):
+            if total % parts == 0 and total // parts >= _MIN_PIPELINED:
+                return total // parts
+        return total
+
     def _run_scan(
         self,
         jitted: Any,
@@ -417,29 +430,51 @@ class JaxLoop:
         num_steps: int,
         data: Any,
     ) -> int:
+        """The steps in compiled calls of `_sub_chunk` steps (fewer where the batch
+        shapes change or the data ends).
+
+        Each call is dispatched asynchronously, so the next one's batches are pulled,
+        stacked and copied to the device while it runs. Every batch pulled is consumed
+        in this call: the iterator's position (what a checkpoint saves) stays exact.
+        The carried values stay on the device between calls; the NumPy values JAX
+        narrows (a host copy, which waits for the device) return to NumPy at the end.
+        """
         total = 0
         recorded: dict[str, tuple[str, Any]] = {}
-        while num_steps < 0 or total < num_steps:
-            want = self._chunk_size if num_steps < 0 else num_steps - total
-            batches = pull(source, want)
-            if not batches:
-                break
-            for length, xs in segments(batches):
-                values, narrowed = self._lift(variables, nnx)
-                xs = self._put_batch(xs, 1)
-                shapes = (key, length, tuple(np.shape(x) for x in jax.tree.leaves(xs)))
-                try:
-                    spec = self._slot_specs.get(shapes, {})
-                    new, slots = jitted(values, self._slots(spec), xs, data, length)
-                except _NewSummaries as found:
-                    # Only traced, nothing ran (nor was donated): compile with the slots.
-                    spec = self._slot_specs[shapes] = found.spec
-                    new, slots = jitted(values, self._slots(spec), xs, data, length)
+        sub = self._sub_chunk(num_steps)
+        pipelined = sub < (self._chunk_size if num_steps < 0 else num_steps)
+        narrowed: list[tuple[int, Any]] = []
+        new: Any = None
+        try:
+            while num_steps < 0 or total < num_steps:
+                want = sub if num_steps < 0 else min(sub, num_steps - total)
+                batches = pull(source, want)
+                if not batches:
+                    break
+                for length, xs in segments(batches):
+                    xs = self._put_batch(xs, 1)
+                    if pipelined and self._mesh is None and xs is not None:
+                        xs = jax.device_put(xs)  # Asynchronous: overlaps the running call.
+                    values, lifted_narrowed = self._lift(variables, nnx)
+                    if new is None:
+                        narrowed = lifted_narrowed  # Later calls lift device arrays.
+                    # By one step's batch shapes: a loop of a new length reuses the slots.
+                    shapes = (key, tuple(np.shape(x)[1:] for x in jax.tree.leaves(xs)))
+                    try:
+                        spec = self._slot_specs.get(shapes, {})
+                        new, slots = jitted(values, self._slots(spec), xs, data, length)
+                    except _NewSummaries as found:
+                        # Only traced, nothing ran (nor was donated): compile with the slots.
+                        spec = self._slot_specs[shapes] = found.spec
+                        new, slots = jitted(values, self._slots(spec), xs, data, length)
+                    write_back(variables, nnx, new, [] if pipelined else lifted_narrowed)
+                    recorded.update({name: (spec[name][0], a) for name, a in slots.items()})
+                total += len(batches)
+                if len(batches) < want:
+                    break
+        finally:
+            if pipelined and narrowed and new is not None:
                 write_back(variables, nnx, new, narrowed)
-                recorded.update({name: (spec[name][0], a) for name, a in slots.items()})
-            total += len(batches)
-            if len(batches) < want:
-                break
         if num_steps >= 0 and total < num_steps:
             _log.info("The data iterator is exhausted after %d steps.", total)
         _recording.deliver(recorded)
