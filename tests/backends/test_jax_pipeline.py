@@ -17,7 +17,7 @@ import jax.numpy as jnp  # noqa: E402
 import looproto  # noqa: E402
 from looproto import summary  # noqa: E402
 from looproto.backends import jax as jax_backend  # noqa: E402
-from looproto.backends.jax._loop import JaxLoop  # noqa: E402
+from looproto.backends.jax._batches import part_length  # noqa: E402
 from looproto.backends.jax._options import PIPELINE_CHUNKS  # noqa: E402
 from looproto.checkpoint import CheckpointManager  # noqa: E402
 from looproto.data import ArrayDataset  # noqa: E402
@@ -100,25 +100,8 @@ def _assert_same(a: dict[str, Any], b: dict[str, Any]) -> None:
 
 def test_default_pipelines_and_one_is_a_single_call() -> None:
     assert PIPELINE_CHUNKS >= 1
-
-    def loop(pipeline: int) -> JaxLoop:
-        return JaxLoop(
-            lambda it: None,
-            Net(),
-            scan=True,
-            data="stack",
-            mesh=None,
-            data_axis=None,
-            donate=True,
-            chunk_size=100,
-            pipeline_chunks=pipeline,
-        )
-
-    assert loop(1)._sub_chunk(100) == loop(1)._sub_chunk(-1) == 100
-    four = loop(4)
-    assert [four._sub_chunk(n) for n in (100, 40, 30, 17, 16, 10, 3, -1)] == [
-        25, 10, 10, 17, 8, 10, 3, 25
-    ]  # fmt: skip
+    assert part_length(100, 1) == 100
+    assert [part_length(n, 4) for n in (100, 40, 30, 17, 16, 10, 3)] == [25, 10, 10, 17, 8, 10, 3]
     with pytest.raises(looproto.ConfigError, match="pipeline_chunks"):
         Trainer(0).train(1)
 

@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from looproto import _recording, distributed
 from looproto.backends._common import is_iterator_container
 from looproto.backends.base import ReduceFn, StepFn
-from looproto.backends.jax._batches import iter_spec, pull, segments, step_iterators
+from looproto.backends.jax._batches import iter_spec, part_length, pull, segments, step_iterators
 from looproto.backends.jax._binding import Tracer, TracerLeakError, bound_to
 from looproto.backends.jax._carry import lift, write_back
 from looproto.backends.jax._distributed import is_peer_failure
@@ -48,7 +48,6 @@ from looproto.errors import (
 from looproto.module import Variable
 
 _log = logging.getLogger("looproto")
-_MIN_PIPELINED = 8  # `pipeline_chunks` splits no loop into calls shorter than this.
 
 # ----------------------------------------------------------------------------
 # The inner loop.
@@ -141,7 +140,7 @@ class JaxLoop:
         self._device_data: tuple[Any, Any] | None = None  # (source, device copy)
         self._twin: tuple[Any, Any] | None = None  # (dataset config, index dataset)
         self.trace_count = 0
-        # The summary slots of the scan's carry, by compiled loop and batch shapes.
+        # The scan carry's summary slots, by loop and one step's batch shapes (any length).
         self._slot_specs: dict[Any, _SlotSpec] = {}
         self._kinds: dict[str, str] = {}  # the kind of each name a one-step call records
         """How many times `step_fn` was traced (a new batch shape, dtype or `num_steps`)."""
@@ -410,16 +409,6 @@ class JaxLoop:
                 iterator.set_state(source.get_state())
         return state, steps
 
-    def _sub_chunk(self, num_steps: int) -> int:
-        """Steps per compiled call: `num_steps` (or `chunk_size`) split into at most
-        `pipeline_chunks` equal parts of at least `_MIN_PIPELINED` steps (so a loop
-        compiles one length), else not split."""
-        total = self._chunk_size if num_steps < 0 else num_steps
-        for parts in range(self._pipeline_chunks, 1, -1):
-            if total % parts == 0 and total // parts >= _MIN_PIPELINED:
-                return total // parts
-        return total
-
     def _run_scan(
         self,
         jitted: Any,
@@ -430,19 +419,14 @@ class JaxLoop:
         num_steps: int,
         data: Any,
     ) -> int:
-        """The steps in compiled calls of `_sub_chunk` steps (fewer where the batch
-        shapes change or the data ends).
-
-        Each call is dispatched asynchronously, so the next one's batches are pulled,
-        stacked and copied to the device while it runs. Every batch pulled is consumed
-        in this call: the iterator's position (what a checkpoint saves) stays exact.
-        The carried values stay on the device between calls; the NumPy values JAX
-        narrows (a host copy, which waits for the device) return to NumPy at the end.
-        """
+        """Calls of `part_length` steps, each dispatched before the next one's batches
+        are pulled and put (host and device overlap); every batch pulled is consumed
+        here. NumPy values JAX narrows (a host copy: a wait) return at the end only."""
         total = 0
         recorded: dict[str, tuple[str, Any]] = {}
-        sub = self._sub_chunk(num_steps)
-        pipelined = sub < (self._chunk_size if num_steps < 0 else num_steps)
+        loop = self._chunk_size if num_steps < 0 else num_steps
+        sub = part_length(loop, self._pipeline_chunks)
+        pipelined = sub < loop
         narrowed: list[tuple[int, Any]] = []
         new: Any = None
         try:
@@ -456,9 +440,7 @@ class JaxLoop:
                     if pipelined and self._mesh is None and xs is not None:
                         xs = jax.device_put(xs)  # Asynchronous: overlaps the running call.
                     values, lifted_narrowed = self._lift(variables, nnx)
-                    if new is None:
-                        narrowed = lifted_narrowed  # Later calls lift device arrays.
-                    # By one step's batch shapes: a loop of a new length reuses the slots.
+                    narrowed = lifted_narrowed if new is None else narrowed  # (the first's)
                     shapes = (key, tuple(np.shape(x)[1:] for x in jax.tree.leaves(xs)))
                     try:
                         spec = self._slot_specs.get(shapes, {})
