@@ -12,9 +12,13 @@
 # torch, examples (default: all), for a rerun of what failed or timed out. OUTDIR:
 # default $OUT when set (the device tool's), else benchmarks/results/gpu-check.
 # Each phase has its own time limit (seconds; override by environment):
-# TESTS_S=200 JAX_S=150 TORCH_S=150 EXAMPLES_S=120; worst case ~10.5 minutes, typically
-# much less. A phase that fails or times out is recorded and the next one runs; the
-# script's own status is that of the last failure (0 if none).
+# TESTS_S=200 JAX_S=150 TORCH_S=300 TORCH_RO_S=120 EXAMPLES_S=90 (each of three);
+# rounds JAX_ROUNDS/TORCH_ROUNDS (10 on the device, 3 with --cpu). All phases at their
+# limits take ~19 minutes, more than one device call (10) or a lease (15): run
+# `--only env,tests,examples` (<= ~10 min) and `--only jax,torch` (<= ~9.5 min) as two
+# calls, the second only if time is left (typical runs take far less). A phase that
+# fails or times out (exit 124) is recorded and the next one runs; the script's own
+# status is that of the last failure (0 if none).
 #
 # On the GPU machine (Python 3.12; no tensorboardX, array-api-compat, TensorFlow or
 # Keras there), carry pure-Python wheels in .whl/ (ignored by git):
@@ -22,8 +26,11 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --implementation cp --platform manylinux2014_x86_64 -d .whl \
 #       tensorboardX==2.6.5 array-api-compat
-# This script installs .whl/*.whl into /tmp/site when the folder is there. Then, e.g.:
-#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
+# This script installs .whl/*.whl into /tmp/site when the folder is there. Then, e.g.
+# (one device call runs 10 minutes at most):
+#   run(command="bash benchmarks/gpu_check.sh --only env,tests,examples", carry=[".whl"])
+#   run(command="bash benchmarks/gpu_check.sh --only jax,torch", carry=[".whl"])
+# and copy the files back from the call's folder into benchmarks/results/gpu-check/.
 # Nothing here claims CUDA graphs work: `--mode reduce-overhead` phases are expected to
 # fail until they are fixed, and their output is kept to show how.
 set -uo pipefail
@@ -36,7 +43,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --cpu) cpu=1 ;;
         --only) only="$2"; shift ;;
-        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) dir="$1" ;;
     esac
     shift
@@ -52,11 +59,11 @@ fi
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # JAX and torch share the GPU in one pytest
-if [ "$cpu" = 1 ]; then
+if [ "$cpu" = 1 ]; then  # A check of the script: workload A only, few rounds.
     export JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES=""
-    torch_device=cpu jax_device=cpu
+    torch_device=cpu jax_device=cpu workloads=A rounds=3
 else
-    torch_device=cuda jax_device=cuda
+    torch_device=cuda jax_device=cuda workloads=all rounds=10
 fi
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
@@ -118,31 +125,32 @@ fi
 
 if wants jax; then
     : >"$dir/bench_jax.txt"
-    # Workload B (the GPU target) first, then A; interleaved rounds, ratios in one run.
+    # Both workloads (B, 512-1024-1024-10, is the GPU target); interleaved rounds.
     phase bench_jax "${JAX_S:-150}" "$dir/bench_jax.txt" "$PY" benchmarks/bench_jax.py \
-        --device "$jax_device" --no-first-calls --rounds "${JAX_ROUNDS:-10}" \
-        --workload all --json "$dir/bench_jax.json"
+        --device "$jax_device" --no-first-calls --rounds "${JAX_ROUNDS:-$rounds}" \
+        --workload "$workloads" --json "$dir/bench_jax.json"
 fi
 
 if wants torch; then
     : >"$dir/bench_torch.txt"
-    phase bench_torch "${TORCH_S:-150}" "$dir/bench_torch.txt" "$PY" benchmarks/bench_torch.py \
-        --device "$torch_device" --no-keras --rounds "${TORCH_ROUNDS:-8}"
-    phase bench_torch_reduce_overhead "${TORCH_RO_S:-90}" "$dir/bench_torch.txt" \
+    phase bench_torch "${TORCH_S:-300}" "$dir/bench_torch.txt" "$PY" benchmarks/bench_torch.py \
+        --device "$torch_device" --no-keras --workload "$workloads" \
+        --rounds "${TORCH_ROUNDS:-$rounds}"
+    phase bench_torch_reduce_overhead "${TORCH_RO_S:-120}" "$dir/bench_torch.txt" \
         "$PY" benchmarks/bench_torch.py --device "$torch_device" --no-keras \
-        --mode reduce-overhead --workload A --rounds "${TORCH_ROUNDS:-8}"
+        --mode reduce-overhead --workload A --rounds "${TORCH_ROUNDS:-$rounds}"
 fi
 
 if wants examples; then
     : >"$dir/examples.txt"
-    limit="${EXAMPLES_S:-120}"
+    limit="${EXAMPLES_S:-90}"
     phase torch_mlp "$limit" "$dir/examples.txt" "$PY" -m looproto.examples.torch_mlp \
-        --device "$torch_device" --model-dir "$tmp/torch" --quiet
+        --device "$torch_device" --model-dir "$tmp/torch" --steps 400 --quiet
     phase torch_mlp_reduce_overhead "$limit" "$dir/examples.txt" \
         "$PY" -m looproto.examples.torch_mlp --device "$torch_device" \
-        --mode reduce-overhead --model-dir "$tmp/torch_ro" --quiet
+        --mode reduce-overhead --model-dir "$tmp/torch_ro" --steps 400 --quiet
     phase jax_mlp "$limit" "$dir/examples.txt" "$PY" -m looproto.examples.jax_mlp \
-        --model-dir "$tmp/jax" --quiet
+        --model-dir "$tmp/jax" --steps 400 --quiet
 fi
 
 echo "gpu_check done: status $status" | tee -a "$dir/summary.txt"
