@@ -18,7 +18,7 @@ import looproto  # noqa: E402
 from looproto import summary  # noqa: E402
 from looproto.backends import jax as jax_backend  # noqa: E402
 from looproto.backends.jax._batches import part_length  # noqa: E402
-from looproto.backends.jax._options import PIPELINE_CHUNKS  # noqa: E402
+from looproto.backends.jax._options import PIPELINE_CHUNKS, parse_backend_options  # noqa: E402
 from looproto.checkpoint import CheckpointManager  # noqa: E402
 from looproto.data import ArrayDataset  # noqa: E402
 from looproto.module import variables_by_path  # noqa: E402
@@ -99,7 +99,10 @@ def _assert_same(a: dict[str, Any], b: dict[str, Any]) -> None:
 
 
 def test_default_pipelines_and_one_is_a_single_call() -> None:
-    assert PIPELINE_CHUNKS >= 1
+    assert PIPELINE_CHUNKS == {"cpu": 1, "accelerator": 4}
+    on_cpu = jax.devices()[0].platform == "cpu"
+    assert parse_backend_options({})["pipeline_chunks"] == (1 if on_cpu else 4)
+    assert parse_backend_options({"pipeline_chunks": 3})["pipeline_chunks"] == 3
     assert part_length(100, 1) == 100
     assert [part_length(n, 4) for n in (100, 40, 30, 17, 16, 10, 3)] == [25, 10, 10, 17, 8, 10, 3]
     with pytest.raises(looproto.ConfigError, match="pipeline_chunks"):

@@ -16,7 +16,10 @@ from jax.sharding import Mesh
 
 from looproto.errors import ConfigError, value_repr
 
-PIPELINE_CHUNKS = 4  # The default `pipeline_chunks` (see `benchmarks/bench_jax.py`).
+# The default `pipeline_chunks`: on an accelerator the host's pulling overlaps the
+# device; on a CPU both share the cores, and `benchmarks/bench_jax.py` on 2 cores saw
+# +-8% (a gain when a core is idle, a loss under load), so there it stays one call.
+PIPELINE_CHUNKS = {"cpu": 1, "accelerator": 4}
 
 BACKEND_OPTIONS: dict[str, str] = {
     "data": '"stack" (default): pull and stack batches on the host each loop; "device": '
@@ -29,7 +32,7 @@ BACKEND_OPTIONS: dict[str, str] = {
     "chunk_size": "steps per compiled call when `num_steps=-1` (default 100)",
     "pipeline_chunks": 'with `data="stack"`: split each loop into up to this many equal compiled '
     "calls (of 8 steps or more), pulling and copying the next one's batches while the device "
-    "runs the last (default 4; 1: one call per loop, no overlap)",
+    "runs the last (default 4 on an accelerator, 1 on CPU: one call per loop, no overlap)",
 }
 
 
@@ -71,7 +74,9 @@ def parse_backend_options(options: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(
             f'`backend_options["chunk_size"]` must be a positive int; received {chunk!r}.'
         )
-    pipeline = options.get("pipeline_chunks", PIPELINE_CHUNKS)
+    devices = mesh.devices.flat if mesh is not None else jax.devices()[:1]
+    on_cpu = all(device.platform == "cpu" for device in devices)
+    pipeline = options.get("pipeline_chunks", PIPELINE_CHUNKS["cpu" if on_cpu else "accelerator"])
     if isinstance(pipeline, bool) or not isinstance(pipeline, int) or pipeline < 1:
         raise ConfigError(
             f'`backend_options["pipeline_chunks"]` must be a positive int; received {pipeline!r}.'
