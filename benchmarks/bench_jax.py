@@ -295,10 +295,10 @@ def throughput(
         name: max(float(np.max(np.abs(a - b))) for a, b in zip(values, reference))
         for name, values in finals.items()
     }
+    # Relative to the largest parameter; `main` fails the run (after printing the
+    # tables) if any contender diverged.
     scale = max(float(np.max(np.abs(p))) for p in reference)
-    for name, diff in agreement.items():
-        if diff > 1e-4 * scale:
-            raise SystemExit(f"{workload.title}: {name} diverged from {BASELINE} by {diff}")
+    agreement = {name: diff / scale for name, diff in agreement.items()}
     nnx_ratios = {  # looproto's NNX loop against the hand-written NNX loops, paired
         other: _timing.paired_ratio(times, NNX_LOOPROTO, other)
         for other in (NNX_JIT, NNX_SPLIT)
@@ -497,7 +497,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             data_rows.append(data_options(workload, steps))
     print(f"JAX {jax.__version__} on {jax.default_backend()}, {steps} steps per call\n")
     print(_timing.markdown(rows, BASELINE))
-    print("\nMax |param difference| to the hand-written scan after the timed runs:", agreement)
+    print(
+        "\nMax |param difference| to the hand-written scan after the timed runs, relative "
+        "to the largest parameter:",
+        agreement,
+    )
     for name, ratios in nnx_ratios.items():
         for other, ratio in ratios.items():
             print(f"{name}: {NNX_LOOPROTO} / {other} = {ratio:.3f} (paired median)")
@@ -517,6 +521,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if args.json:
         _timing.dump(args.json, payload)
+    # Exact on CPU (0.0); a GPU's TF32-class matmuls may round differently per contender.
+    tolerance = 1e-4 if jax.default_backend() == "cpu" else 1e-2
+    diverged = [
+        f"{workload}: {name} by {diff:.2g}"
+        for workload, diffs in agreement.items()
+        for name, diff in diffs.items()
+        if diff > tolerance
+    ]
+    if diverged:
+        raise SystemExit(f"Diverged from {BASELINE} (tolerance {tolerance}): {diverged}")
     return payload
 
 
