@@ -46,12 +46,12 @@ class Net(looproto.Module):
 class Trainer(looproto.StandardTrainer):
     __test__ = False
 
-    def __init__(self, pipeline: int, dataset: Any = None) -> None:
+    def __init__(self, pipeline: int, dataset: Any = None, data: str = "stack") -> None:
         dataset = dataset or ArrayDataset(_data(), 8, shuffle=True, seed=3, epochs=None)
         super().__init__(
             dataset,
             options=looproto.StandardTrainerOptions(
-                backend="jax", backend_options={"pipeline_chunks": pipeline}
+                backend="jax", backend_options={"pipeline_chunks": pipeline, "data": data}
             ),
         )
         self.net = Net()
@@ -109,8 +109,9 @@ def test_default_pipelines_and_one_is_a_single_call() -> None:
         Trainer(0).train(1)
 
 
-def test_pipelined_loops_are_bit_identical_to_one_call() -> None:
-    one, four = Trainer(1), Trainer(4)
+@pytest.mark.parametrize("data", ["stack", "device"])
+def test_pipelined_loops_are_bit_identical_to_one_call(data: str) -> None:
+    one, four = Trainer(1, data=data), Trainer(4, data=data)
     for n in (40, 30, 17, 40, 3, 100):
         out_one, out_four = one.train(n), four.train(n)
         _assert_same(out_one, out_four)
