@@ -90,7 +90,7 @@ phase() {
 }
 
 : >"$dir/summary.txt"
-echo "gpu_check $(date -u +%FT%TZ) cpu=$cpu only=$only commit=$(git rev-parse --short HEAD 2>/dev/null)" \
+echo "gpu_check $(date -u +%FT%TZ) cpu=$cpu only=$only commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
     | tee -a "$dir/summary.txt"
 
 if wants env; then
