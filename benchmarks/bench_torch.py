@@ -17,6 +17,7 @@ Contenders, per workload, with the same initial weights and batches:
 Compile time (the first loop of each compiled contender) is reported separately.
 
     python benchmarks/bench_torch.py [--smoke] [--json PATH] [--steps 100] [--threads N]
+        [--device cuda] [--mode reduce-overhead] [--workload A|B|all] [--no-keras]
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ import torch
 import looproto
 from benchmarks import _keras, _timing, _workloads
 
+DEVICE = torch.device("cpu")  # `--device`: the model, optimizer state and batches live here.
+MODE: str | None = None  # `--mode`: the `torch.compile` mode of the compiled contenders.
+
 _LOSSES = {"mse": torch.nn.functional.mse_loss, "softmax_xent": torch.nn.functional.cross_entropy}
 
 
@@ -58,12 +62,15 @@ def make_model(workload: _workloads.Workload) -> torch.nn.Sequential:
         layers.append(linear)
         if i < len(workload.sizes) - 2:
             layers.append(torch.nn.ReLU())
-    return torch.nn.Sequential(*layers)
+    return torch.nn.Sequential(*layers).to(DEVICE)
 
 
 def make_batches(workload: _workloads.Workload) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [
-        (torch.from_numpy(x), torch.from_numpy(y.astype(np.int64) if y.dtype == np.int32 else y))
+        (
+            torch.from_numpy(x).to(DEVICE),
+            torch.from_numpy(y.astype(np.int64) if y.dtype == np.int32 else y).to(DEVICE),
+        )
         for x, y in workload.batches()
     ]
 
@@ -97,7 +104,10 @@ class Trainer(looproto.StandardTrainer):
 
     def __init__(self, workload: _workloads.Workload, batches: list[Any], compiled: bool) -> None:
         options = looproto.StandardTrainerOptions(
-            use_compiled_step=compiled, use_compiled_loop=compiled, backend="torch"
+            use_compiled_step=compiled,
+            use_compiled_loop=compiled,
+            backend="torch",
+            backend_options={"mode": MODE} if compiled and MODE else {},
         )
         super().__init__(train_dataset=_Cycle(batches), options=options)
         self.model = make_model(workload)
@@ -129,13 +139,16 @@ def hand_written(
     optimizer = torch.optim.SGD(model.parameters(), lr=workload.learning_rate)
     step = make_step(model, optimizer, workload.loss)
     if compiled:
-        step = torch.compile(step)
+        step = torch.compile(step, mode=MODE)
     data = itertools.cycle(batches)
+    mark = MODE == "reduce-overhead"  # CUDA graphs: one replay per step, marked.
 
     def hand() -> None:
         loss = None
         for _ in range(steps):
             x, y = next(data)
+            if mark:
+                torch.compiler.cudagraph_mark_step_begin()
             loss = step(x, y)
         float(loss)  # type: ignore[arg-type]
 
@@ -189,7 +202,7 @@ def lightning_contender(
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
-            accelerator="cpu",
+            accelerator="gpu" if DEVICE.type == "cuda" else "cpu",
             devices=1,
             callbacks=[Stamp()],
         )
@@ -270,18 +283,29 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--steps", type=int, default=100, help="steps per loop")
     parser.add_argument("--rounds", type=int, default=None, help="default: per workload")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--device", default="cpu", help='where everything runs ("cuda")')
+    parser.add_argument("--mode", default=None, help='compile mode ("reduce-overhead")')
+    parser.add_argument(
+        "--workload", choices=("A", "B", "all"), default="all", help="which workload(s)"
+    )
+    parser.add_argument("--no-keras", action="store_true", help="leave Keras fit out")
     args = parser.parse_args(argv)
+    global DEVICE, MODE
+    DEVICE, MODE = torch.device(args.device), args.mode
+    if args.no_keras:
+        _keras.available = lambda: False  # type: ignore[assignment]
     if args.threads:
         torch.set_num_threads(args.threads)
     # A fresh inductor cache: compile times are cold, as on a user's first run.
     cache = tempfile.mkdtemp(prefix="bench_torch_inductor_")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
     steps = 3 if args.smoke else args.steps
+    workloads = [w for w in _workloads.WORKLOADS if args.workload in ("all", w.name)]
     rows: list[dict[str, Any]] = []
     compile_times: dict[str, dict[str, float]] = {}
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            for workload in _workloads.WORKLOADS:
+            for workload in workloads:
                 rounds = args.rounds or (2 if args.smoke else (30 if workload.name == "A" else 12))
                 loops = 1 if args.smoke else _timing.LOOPS_PER_ROUND[workload.name]
                 workload_rows, first = run_workload(workload, steps, rounds, tmp, loops)
@@ -290,9 +314,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     print(
-        f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads, {steps} steps per call\n"
+        f"PyTorch {torch.__version__} on {DEVICE}, mode {MODE}, {torch.get_num_threads()} "
+        f"threads, {steps} steps per call\n"
     )
-    for workload in _workloads.WORKLOADS:
+    for workload in workloads:
         subset = [r for r in rows if r["workload"] == workload.title]
         print(_timing.markdown(subset, f"faster hand-written ({subset[0]['baseline']})"))
         print()
@@ -303,6 +328,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         _timing.dump(
             args.json,
             {"machine": _timing.machine(), "torch": torch.__version__,
+             "device": str(DEVICE), "mode": MODE,
              "threads": torch.get_num_threads(), "rows": rows, "first_call_s": compile_times,
              "steps_per_call": steps},
         )  # fmt: skip

@@ -100,24 +100,29 @@ class StepIterator:
         batch: The batch (`NO_DATA` when the loop has no data); `feed` sets the next one.
     """
 
-    __slots__ = ("_batch", "_hint", "_step_name", "_used")
+    # `_empty` is worked out here, outside any compiled region: a compiler tracing
+    # `__next__` (torch.compile's Dynamo) reads a bool, not an identity test against
+    # a sentinel `object()`, which some versions cannot trace.
+    __slots__ = ("_batch", "_empty", "_hint", "_step_name", "_used")
 
     def __init__(self, step_name: str, hint: str, batch: Any = NO_DATA) -> None:
         self._step_name = step_name
         self._hint = hint
         self._batch = batch
+        self._empty = batch is NO_DATA
         self._used = False
 
     def feed(self, batch: Any) -> None:
         """Makes `batch` the one the next `next()` yields."""
         self._batch = batch
+        self._empty = batch is NO_DATA
         self._used = False
 
     def __iter__(self) -> StepIterator:
         return self
 
     def __next__(self) -> Any:
-        if self._batch is NO_DATA:
+        if self._empty:
             raise ProtocolError(
                 f"`{self._step_name}` called `next(iterator)`, but the loop was given no "
                 "data iterator (the dataset is None)."

@@ -125,10 +125,12 @@ class JaxBackend:
         This is `jax.device_get` (an explicit transfer, allowed under a transfer
         guard) at about half its fixed cost, which is paid once per loop.
         """
-        for leaf in jax.tree.leaves(tree):
-            if isinstance(leaf, jax.Array):
-                leaf.copy_to_host_async()
+        # Both inside the "allow": on an accelerator starting the copy is a guarded
+        # device-to-host transfer too (on CPU nothing is).
         with jax.transfer_guard_device_to_host("allow"):
+            for leaf in jax.tree.leaves(tree):
+                if isinstance(leaf, jax.Array):
+                    leaf.copy_to_host_async()
             return _nest.map_output(_nest.to_numpy_leaf, tree)
 
     def name_scope(self, scope: str) -> contextlib.AbstractContextManager[Any]:

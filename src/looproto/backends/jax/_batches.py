@@ -4,7 +4,8 @@ Before each compiled call the loop pulls up to `num_steps` elements from the use
 (possibly nested) iterator and stacks them along a new leading axis, in runs of equal
 shapes (`segments`); inside the trace the step gets `StepIterator`s over the current
 step's slice, nested as the original iterator was (`iter_spec`, `step_iterators`).
-None of this depends on the loop's own state, so it is kept apart from `loop.py`.
+`part_length` says how `pipeline_chunks` splits a loop into compiled calls. None of
+this depends on the loop's own state, so it is kept apart from `loop.py`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,19 @@ _TWICE_HINT = (
     "The JAX compiled loop feeds exactly one batch per step; batch larger in the dataset, "
     "or run with `use_compiled_loop=False` (a Python loop over a jitted step)."
 )
+
+
+MIN_PART = 8  # `pipeline_chunks` splits no loop into calls shorter than this.
+
+
+def part_length(total: int, parts: int) -> int:
+    """Steps per compiled call of a loop of `total` steps and `pipeline_chunks=parts`:
+    `total` split into at most `parts` equal parts of `MIN_PART` steps or more (so a
+    loop compiles one length), else `total`."""
+    for n in range(parts, 1, -1):
+        if total % n == 0 and total // n >= MIN_PART:
+            return total // n
+    return total
 
 
 def _next_all(iterator: Any) -> Any:

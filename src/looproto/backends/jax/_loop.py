@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from looproto import _recording, distributed
 from looproto.backends._common import is_iterator_container
 from looproto.backends.base import ReduceFn, StepFn
-from looproto.backends.jax._batches import iter_spec, pull, segments, step_iterators
+from looproto.backends.jax._batches import iter_spec, part_length, pull, segments, step_iterators
 from looproto.backends.jax._binding import Tracer, TracerLeakError, bound_to
 from looproto.backends.jax._carry import lift, write_back
 from looproto.backends.jax._distributed import is_peer_failure
@@ -124,6 +124,7 @@ class JaxLoop:
         data_axis: str | None,
         donate: bool,
         chunk_size: int,
+        pipeline_chunks: int = 1,
     ) -> None:
         self._step_fn = step_fn
         self._module = module
@@ -133,12 +134,13 @@ class JaxLoop:
         self._data_axis = data_axis
         self._donate = donate
         self._chunk_size = chunk_size
+        self._pipeline_chunks = pipeline_chunks
         self._step_name = getattr(step_fn, "__qualname__", None) or value_repr(step_fn)
         self._compiled: dict[Any, tuple[Any, Any]] = {}
         self._device_data: tuple[Any, Any] | None = None  # (source, device copy)
         self._twin: tuple[Any, Any] | None = None  # (dataset config, index dataset)
         self.trace_count = 0
-        # The summary slots of the scan's carry, by compiled loop and batch shapes.
+        # The scan carry's summary slots, by loop and one step's batch shapes (any length).
         self._slot_specs: dict[Any, _SlotSpec] = {}
         self._kinds: dict[str, str] = {}  # the kind of each name a one-step call records
         """How many times `step_fn` was traced (a new batch shape, dtype or `num_steps`)."""
@@ -417,29 +419,44 @@ class JaxLoop:
         num_steps: int,
         data: Any,
     ) -> int:
+        """Calls of `part_length` steps, each dispatched before the next one's batches
+        are pulled and put (host and device overlap); every batch pulled is consumed
+        here. NumPy values JAX narrows (a host copy: a wait) return at the end only."""
         total = 0
         recorded: dict[str, tuple[str, Any]] = {}
-        while num_steps < 0 or total < num_steps:
-            want = self._chunk_size if num_steps < 0 else num_steps - total
-            batches = pull(source, want)
-            if not batches:
-                break
-            for length, xs in segments(batches):
-                values, narrowed = self._lift(variables, nnx)
-                xs = self._put_batch(xs, 1)
-                shapes = (key, length, tuple(np.shape(x) for x in jax.tree.leaves(xs)))
-                try:
-                    spec = self._slot_specs.get(shapes, {})
-                    new, slots = jitted(values, self._slots(spec), xs, data, length)
-                except _NewSummaries as found:
-                    # Only traced, nothing ran (nor was donated): compile with the slots.
-                    spec = self._slot_specs[shapes] = found.spec
-                    new, slots = jitted(values, self._slots(spec), xs, data, length)
+        loop = self._chunk_size if num_steps < 0 else num_steps
+        sub = part_length(loop, self._pipeline_chunks)
+        pipelined = sub < loop
+        narrowed: list[tuple[int, Any]] = []
+        new: Any = None
+        try:
+            while num_steps < 0 or total < num_steps:
+                want = sub if num_steps < 0 else min(sub, num_steps - total)
+                batches = pull(source, want)
+                if not batches:
+                    break
+                for length, xs in segments(batches):
+                    xs = self._put_batch(xs, 1)
+                    if pipelined and self._mesh is None and xs is not None:
+                        xs = jax.device_put(xs)  # Asynchronous: overlaps the running call.
+                    values, lifted_narrowed = self._lift(variables, nnx)
+                    narrowed = lifted_narrowed if new is None else narrowed  # (the first's)
+                    shapes = (key, tuple(np.shape(x)[1:] for x in jax.tree.leaves(xs)))
+                    try:
+                        spec = self._slot_specs.get(shapes, {})
+                        new, slots = jitted(values, self._slots(spec), xs, data, length)
+                    except _NewSummaries as found:
+                        # Only traced, nothing ran (nor was donated): compile with the slots.
+                        spec = self._slot_specs[shapes] = found.spec
+                        new, slots = jitted(values, self._slots(spec), xs, data, length)
+                    write_back(variables, nnx, new, [] if pipelined else lifted_narrowed)
+                    recorded.update({name: (spec[name][0], a) for name, a in slots.items()})
+                total += len(batches)
+                if len(batches) < want:
+                    break
+        finally:
+            if pipelined and narrowed and new is not None:
                 write_back(variables, nnx, new, narrowed)
-                recorded.update({name: (spec[name][0], a) for name, a in slots.items()})
-            total += len(batches)
-            if len(batches) < want:
-                break
         if num_steps >= 0 and total < num_steps:
             _log.info("The data iterator is exhausted after %d steps.", total)
         _recording.deliver(recorded)

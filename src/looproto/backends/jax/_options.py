@@ -16,6 +16,11 @@ from jax.sharding import Mesh
 
 from looproto.errors import ConfigError, value_repr
 
+# The default `pipeline_chunks`: on an accelerator the host's pulling overlaps the
+# device; on a CPU both share the cores, and `benchmarks/bench_jax.py` on 2 cores saw
+# +-8% (a gain when a core is idle, a loss under load), so there it stays one call.
+PIPELINE_CHUNKS = {"cpu": 1, "accelerator": 4}
+
 BACKEND_OPTIONS: dict[str, str] = {
     "data": '"stack" (default): pull and stack batches on the host each loop; "device": '
     "keep an `ArrayDataset` on device and send only batch indices",
@@ -25,6 +30,9 @@ BACKEND_OPTIONS: dict[str, str] = {
     "data_axis": "the mesh axis the batch dimension is sharded over (default: its first)",
     "donate": "donate the state buffers to the compiled call (default True)",
     "chunk_size": "steps per compiled call when `num_steps=-1` (default 100)",
+    "pipeline_chunks": 'with `data="stack"`: split each loop into up to this many equal compiled '
+    "calls (of 8 steps or more), pulling and copying the next one's batches while the device "
+    "runs the last (default 4 on an accelerator, 1 on CPU: one call per loop, no overlap)",
 }
 
 
@@ -66,10 +74,18 @@ def parse_backend_options(options: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(
             f'`backend_options["chunk_size"]` must be a positive int; received {chunk!r}.'
         )
+    devices = mesh.devices.flat if mesh is not None else jax.devices()[:1]
+    on_cpu = all(device.platform == "cpu" for device in devices)
+    pipeline = options.get("pipeline_chunks", PIPELINE_CHUNKS["cpu" if on_cpu else "accelerator"])
+    if isinstance(pipeline, bool) or not isinstance(pipeline, int) or pipeline < 1:
+        raise ConfigError(
+            f'`backend_options["pipeline_chunks"]` must be a positive int; received {pipeline!r}.'
+        )
     return {
         "data": data,
         "mesh": mesh,
         "data_axis": data_axis,
         "donate": donate,
         "chunk_size": chunk,
+        "pipeline_chunks": pipeline,
     }
