@@ -20,11 +20,11 @@ import numpy as np
 
 from looproto import _nest, distributed
 from looproto.backends._common import python_loop
+from looproto.backends._keras import keras_refusal
 from looproto.backends.base import Loop, LoopOptions, StepFn
 from looproto.backends.jax._binding import tracer_guard
 from looproto.backends.jax._distributed import JaxEngine, initialize_distributed
 from looproto.backends.jax._gradients import array_namespace, grad, value_and_grad
-from looproto.backends.jax._keras import keras_refusal
 from looproto.backends.jax._loop import JaxLoop
 from looproto.backends.jax._nnx import (
     expand_nnx,
@@ -43,6 +43,10 @@ try:  # 0.26 µs; entering jax.named_scope costs ~2 µs, so skip it outside trac
     from jax._src.core import trace_state_clean as _trace_state_clean
 except ImportError:  # pragma: no cover - a future JAX without it: always enter
     _trace_state_clean = None
+
+
+# The end of the refusal of a Keras object on Keras' JAX backend.
+_KERAS_INSTEAD = "hold the state in `looproto.Variable`s or Flax NNX modules"
 
 
 class JaxBackend:
@@ -69,10 +73,10 @@ class JaxBackend:
     def expand(self, obj: Any) -> Iterable[tuple[tuple[Any, ...], Any]] | None:
         """See base class: the `nnx.Variable`s of a Flax NNX module, by NNX path.
 
-        A Keras 3 object on Keras' JAX backend is refused (`_keras.py`).
+        A Keras 3 object on Keras' JAX backend is refused (`backends/_keras.py`).
         """
         pairs = expand_nnx(obj)
-        return pairs if pairs is not None else keras_refusal(obj)
+        return pairs if pairs is not None else keras_refusal(obj, "jax", "JAX", _KERAS_INSTEAD)
 
     def to_numpy(self, value: Any) -> np.ndarray[Any, Any]:
         """See base class. A host copy (never a view of a buffer that may be donated).

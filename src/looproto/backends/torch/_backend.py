@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from looproto import _nest, distributed
+from looproto.backends._keras import keras_refusal
 from looproto.backends.base import Loop, LoopOptions, StepFn
 from looproto.backends.torch._data import (
     StateDictAdapter,
@@ -34,7 +35,6 @@ from looproto.backends.torch._discovery import (
 )
 from looproto.backends.torch._distributed import TorchEngine, initialize_distributed
 from looproto.backends.torch._gradients import array_namespace, grad, value_and_grad
-from looproto.backends.torch._keras import keras_refusal
 from looproto.backends.torch._loop import NULL_SCOPE, TorchLoop
 from looproto.backends.torch._options import parse_backend_options
 from looproto.backends.torch._research import TorchmetricsAdapter, hyperparameters, metric_adapter
@@ -51,6 +51,10 @@ from looproto.errors import ProtocolError, value_repr
 
 if TYPE_CHECKING:
     from looproto.module import Module
+
+
+# The end of the refusal of a Keras object on Keras' torch backend.
+_KERAS_INSTEAD = "use torch modules and optimizers"
 
 
 class _Leaf:
@@ -82,8 +86,8 @@ class TorchBackend:
     def expand(self, obj: Any) -> Iterable[tuple[tuple[Any, ...], Any]] | None:
         """See base class: `nn.Module`s, optimizers, `torch.Generator`s, and objects saved
         through their `state_dict()` (LR schedulers, `GradScaler`, ...). Keras 3 objects
-        on Keras' torch backend are refused (`_keras.py`)."""
-        refused = keras_refusal(obj)
+        on Keras' torch backend are refused (`backends/_keras.py`)."""
+        refused = keras_refusal(obj, "torch", "torch", _KERAS_INSTEAD)
         if refused is not None:
             return refused
         if isinstance(obj, torch.nn.Module):
