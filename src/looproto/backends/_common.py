@@ -207,3 +207,23 @@ def check_place(index: int, count: int, source: str) -> None:
             f"{source}: the process index must satisfy 0 <= index < count; received "
             f"index={index}, count={count}."
         )
+
+
+# ----------------------------------------------------------------------------
+# Metrics of the frameworks' own libraries
+
+
+class ComputeMetricAdapter:
+    """A metric with `reset()` and `compute()` (torchmetrics, Flax NNX) as
+    `looproto.metrics` uses it."""
+
+    def __init__(self, metric: Any) -> None:
+        self.metric = metric
+
+    def reset(self) -> None:
+        """`metric.reset()`."""
+        self.metric.reset()
+
+    def result(self) -> Any:
+        """`metric.compute()`: an array, or a dict of them for a collection."""
+        return self.metric.compute()

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from looproto import _nest, distributed
-from looproto.backends._common import python_loop
+from looproto.backends._common import ComputeMetricAdapter, python_loop
 from looproto.backends._keras import keras_refusal
 from looproto.backends.base import Loop, LoopOptions, StepFn
 from looproto.backends.jax._binding import tracer_guard
@@ -34,7 +34,7 @@ from looproto.backends.jax._nnx import (
     nnx_set,
 )
 from looproto.backends.jax._options import parse_backend_options
-from looproto.backends.jax._research import NnxMetricAdapter, hyperparameters, metric_adapter
+from looproto.backends.jax._research import hyperparameters, metric_adapter
 from looproto.errors import ProtocolError, ShapeError, value_repr
 from looproto.module import Module, Variable
 
@@ -181,7 +181,7 @@ class JaxBackend:
         """See base class: an optax state of `optax.inject_hyperparams`."""
         return hyperparameters(obj)
 
-    def metric_adapter(self, obj: Any) -> NnxMetricAdapter | None:
+    def metric_adapter(self, obj: Any) -> ComputeMetricAdapter | None:
         """See base class: Flax NNX metrics."""
         return metric_adapter(obj)
 

@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from looproto.backends._common import ComputeMetricAdapter
 from looproto.module import Variable, variable_to_numpy
 
-__all__ = ["NnxMetricAdapter", "hyperparameters", "metric_adapter"]
+__all__ = ["hyperparameters", "metric_adapter"]
 
 # optax's hyper-parameter names -> looproto's (the same on every backend).
 _NAMES = {
@@ -56,24 +57,9 @@ def hyperparameters(obj: Any) -> dict[str, float] | None:
     return out
 
 
-class NnxMetricAdapter:
-    """A Flax NNX metric as `looproto.metrics` uses it."""
-
-    def __init__(self, metric: Any) -> None:
-        self.metric = metric
-
-    def reset(self) -> None:
-        """`metric.reset()`."""
-        self.metric.reset()
-
-    def result(self) -> Any:
-        """`metric.compute()` (a dict for an `nnx.MultiMetric`)."""
-        return self.metric.compute()
-
-
-def metric_adapter(obj: Any) -> NnxMetricAdapter | None:
+def metric_adapter(obj: Any) -> ComputeMetricAdapter | None:
     """See `looproto.backends.SupportsMetrics`: Flax NNX metrics, if Flax is imported."""
     metrics = sys.modules.get("flax.nnx.training.metrics")
     if metrics is None or not isinstance(obj, metrics.Metric):
         return None
-    return NnxMetricAdapter(obj)
+    return ComputeMetricAdapter(obj)

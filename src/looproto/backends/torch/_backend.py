@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from looproto import _nest, distributed
+from looproto.backends._common import ComputeMetricAdapter
 from looproto.backends._keras import keras_refusal
 from looproto.backends.base import Loop, LoopOptions, StepFn
 from looproto.backends.torch._data import (
@@ -37,7 +38,7 @@ from looproto.backends.torch._distributed import TorchEngine, initialize_distrib
 from looproto.backends.torch._gradients import array_namespace, grad, value_and_grad
 from looproto.backends.torch._loop import NULL_SCOPE, TorchLoop
 from looproto.backends.torch._options import parse_backend_options
-from looproto.backends.torch._research import TorchmetricsAdapter, hyperparameters, metric_adapter
+from looproto.backends.torch._research import hyperparameters, metric_adapter
 from looproto.backends.torch._state_dicts import is_state_dict_object, state_dict_pairs
 from looproto.backends.torch._tensors import (
     fill_tensor,
@@ -225,7 +226,7 @@ class TorchBackend:
         """See base class: a torch optimizer's param groups (or its scheduler's optimizer's)."""
         return hyperparameters(obj)
 
-    def metric_adapter(self, obj: Any) -> TorchmetricsAdapter | None:
+    def metric_adapter(self, obj: Any) -> ComputeMetricAdapter | None:
         """See base class: torchmetrics metrics and collections."""
         return metric_adapter(obj)
 

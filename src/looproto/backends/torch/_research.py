@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["TorchmetricsAdapter", "hyperparameters", "metric_adapter"]
+from looproto.backends._common import ComputeMetricAdapter
+
+__all__ = ["hyperparameters", "metric_adapter"]
 
 # torch's param-group keys -> looproto's names (the same on every backend).
 _NAMES = {"lr": "learning_rate", "momentum": "momentum", "weight_decay": "weight_decay"}
@@ -51,26 +53,11 @@ def hyperparameters(obj: Any) -> dict[str, float] | None:
     return out
 
 
-class TorchmetricsAdapter:
-    """A torchmetrics metric (or collection) as `looproto.metrics` uses it."""
-
-    def __init__(self, metric: Any) -> None:
-        self.metric = metric
-
-    def reset(self) -> None:
-        """`metric.reset()`."""
-        self.metric.reset()
-
-    def result(self) -> Any:
-        """`metric.compute()`: a tensor, or a dict of them for a collection."""
-        return self.metric.compute()
-
-
-def metric_adapter(obj: Any) -> TorchmetricsAdapter | None:
+def metric_adapter(obj: Any) -> ComputeMetricAdapter | None:
     """See `looproto.backends.SupportsMetrics`: torchmetrics metrics, if it is imported."""
     torchmetrics = sys.modules.get("torchmetrics")
     if torchmetrics is None:
         return None
     if isinstance(obj, (torchmetrics.Metric, torchmetrics.MetricCollection)):
-        return TorchmetricsAdapter(obj)
+        return ComputeMetricAdapter(obj)
     return None
