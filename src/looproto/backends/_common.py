@@ -10,11 +10,14 @@ ran and keeps the data pipeline out of the compiled code. The eager loop
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from looproto import backends
 from looproto.backends.base import Loop, ReduceFn, StepFn
 from looproto.errors import ConfigError, ProtocolError, value_repr
 
@@ -227,3 +230,45 @@ class ComputeMetricAdapter:
     def result(self) -> Any:
         """`metric.compute()`: an array, or a dict of them for a collection."""
         return self.metric.compute()
+
+
+# ----------------------------------------------------------------------------
+# Checking Variable reads while a compiled step is traced
+
+
+class TracingReadCheck:
+    """Calls `check(variable, context)` on each Variable read in a thread that traces.
+
+    The check sits in `looproto.backends.read_hooks` only while some thread is inside
+    `tracing(context)`, so reads cost nothing otherwise; `context` (the step's name,
+    say) is this thread's, so a thread that does not trace is never checked.
+    """
+
+    def __init__(self, check: Callable[[Any, Any], None]) -> None:
+        self._check = check
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._tracing = 0  # How many threads trace now (the hook is installed while > 0).
+
+    def _hook(self, variable: Any) -> None:
+        context = getattr(self._local, "context", None)
+        if context is not None:
+            self._check(variable, context)
+
+    @contextlib.contextmanager
+    def tracing(self, context: Any) -> Iterator[None]:
+        """While this thread traces, with `context` (not None) for `check`."""
+        previous = getattr(self._local, "context", None)
+        self._local.context = context
+        with self._lock:
+            self._tracing += 1
+            if self._tracing == 1:
+                backends.read_hooks.append(self._hook)
+        try:
+            yield
+        finally:
+            self._local.context = previous
+            with self._lock:
+                self._tracing -= 1
+                if self._tracing == 0:
+                    backends.read_hooks.remove(self._hook)

@@ -27,21 +27,15 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 import jax
 
-from looproto import backends
+from looproto.backends._common import TracingReadCheck
 from looproto.backends.jax._binding import Tracer
 from looproto.backends.jax._nnx import is_nnx_variable
 from looproto.errors import StaleReadError
 from looproto.module import TreeVariable, Variable
-
-_tls = threading.local()
-_lock = threading.Lock()
-_tracing = 0  # How many threads trace a loop now (the hook is installed while > 0).
 
 _HOW = (
     "Its value at this trace would be baked into the compiled program as a constant and "
@@ -61,9 +55,8 @@ def _is_bound(value: Any, tree: bool) -> bool:
     return not leaves or any(isinstance(leaf, Tracer) for leaf in leaves)
 
 
-def _read_hook(variable: Variable) -> None:
-    step = getattr(_tls, "step", None)
-    if step is None or _is_bound(variable._value, isinstance(variable, TreeVariable)):
+def _check_read(variable: Variable, step: str) -> None:
+    if _is_bound(variable._value, isinstance(variable, TreeVariable)):
         return
     raise StaleReadError(
         f"`{step}` read looproto Variable {variable.name!r} while the JAX backend traced "
@@ -73,24 +66,12 @@ def _read_hook(variable: Variable) -> None:
     )
 
 
-@contextlib.contextmanager
-def refusing_stale_reads(step_name: str) -> Iterator[None]:
+_reads = TracingReadCheck(_check_read)
+
+
+def refusing_stale_reads(step_name: str) -> contextlib.AbstractContextManager[None]:
     """While `step_name` is traced in this thread, reads of uncarried Variables raise."""
-    global _tracing
-    previous = getattr(_tls, "step", None)
-    _tls.step = step_name
-    with _lock:
-        _tracing += 1
-        if _tracing == 1:
-            backends.read_hooks.append(_read_hook)
-    try:
-        yield
-    finally:
-        _tls.step = previous
-        with _lock:
-            _tracing -= 1
-            if _tracing == 0:
-                backends.read_hooks.remove(_read_hook)
+    return _reads.tracing(step_name)
 
 
 def _trace_constants() -> list[Any]:

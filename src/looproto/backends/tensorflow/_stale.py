@@ -14,28 +14,21 @@ reference and never go stale.) The hook is installed only while some thread trac
 from __future__ import annotations
 
 import contextlib
-import threading
-from collections.abc import Iterator
 
 import tensorflow as tf
 
-from looproto import backends
+from looproto.backends._common import TracingReadCheck
 from looproto.errors import StaleReadError
 from looproto.module import TreeVariable, Variable
 
-_tls = threading.local()
-_lock = threading.Lock()
-_tracing = 0  # How many threads trace a step now (the hook is installed while > 0).
 
-
-def _read_hook(variable: Variable) -> None:
-    step = getattr(_tls, "step", None)
-    if step is None or not tf.inside_function():
+def _check_read(variable: Variable, context: tuple[str, int]) -> None:
+    if not tf.inside_function():
         return
+    step, replicas = context
     value = variable._value
     if isinstance(value, (tf.Variable, tf.Tensor)) or tf.is_symbolic_tensor(value):
         return  # A lifted twin, or a value the step itself assigned.
-    replicas = getattr(_tls, "replicas", 1)
     if isinstance(variable, TreeVariable):
         why = (
             "the TensorFlow backend lifts Variables holding one NumPy array, not a tree "
@@ -61,21 +54,9 @@ def _read_hook(variable: Variable) -> None:
     )
 
 
-@contextlib.contextmanager
-def refusing_stale_reads(step_name: str, replicas: int) -> Iterator[None]:
+_reads = TracingReadCheck(_check_read)
+
+
+def refusing_stale_reads(step_name: str, replicas: int) -> contextlib.AbstractContextManager[None]:
     """While `step_name` is traced in this thread, reads of unlifted Variables raise."""
-    global _tracing
-    previous = getattr(_tls, "step", None), getattr(_tls, "replicas", 1)
-    _tls.step, _tls.replicas = step_name, replicas
-    with _lock:
-        _tracing += 1
-        if _tracing == 1:
-            backends.read_hooks.append(_read_hook)
-    try:
-        yield
-    finally:
-        _tls.step, _tls.replicas = previous
-        with _lock:
-            _tracing -= 1
-            if _tracing == 0:
-                backends.read_hooks.remove(_read_hook)
+    return _reads.tracing((step_name, replicas))
