@@ -110,6 +110,20 @@ def path_to_str(path: Path) -> str:
     return "/".join(str(p) for p in path)
 
 
+def lookup(tree: Mapping[str, Any], path: str) -> Any:
+    """`tree["a"]["b"]` for the path `"a/b"` of a nested mapping.
+
+    Raises:
+        KeyError: A part of `path` is not there.
+    """
+    value: Any = tree
+    for part in path.split("/"):
+        if not isinstance(value, Mapping) or part not in value:
+            raise KeyError(path)
+        value = value[part]
+    return value
+
+
 # ----------------------------------------------------------------------------
 # Outputs of `train()` / `evaluate()`: nested mappings of numbers and arrays.
 

@@ -299,14 +299,13 @@ def _output_value(output: Output, metric: str | MetricFn, argument: str = "metri
     if callable(metric):
         value = metric(output)
     else:
-        value = output
-        for part in metric.split("/"):
-            if not isinstance(value, Mapping) or part not in value:
-                raise ConfigError(
-                    f"`{argument}` {metric!r} is not in the output; keys are "
-                    f"{sorted(_nest.path_to_str(p) for p, _ in _nest.flatten_with_paths(output))}."
-                )
-            value = value[part]
+        try:
+            value = _nest.lookup(output, metric)
+        except KeyError:
+            raise ConfigError(
+                f"`{argument}` {metric!r} is not in the output; keys are "
+                f"{sorted(_nest.path_to_str(p) for p, _ in _nest.flatten_with_paths(output))}."
+            ) from None
     return float(np.asarray(_nest.to_numpy_leaf(value)))
 
 

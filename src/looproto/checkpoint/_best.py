@@ -75,15 +75,15 @@ def score(best_fn: str | BestFn, metrics: Mapping[str, Any], where: str) -> floa
     Raises:
         ConfigError: `best_fn` names a key the metrics lack, or returns a non-number.
     """
+    value: Any
     if isinstance(best_fn, str):
-        value: Any = metrics
-        for part in best_fn.split("/"):
-            if not isinstance(value, Mapping) or part not in value:
-                raise ConfigError(
-                    f"`best_fn` {best_fn!r} is not in the metrics of {where}; they have "
-                    f"{_keys(metrics)}."
-                )
-            value = value[part]
+        try:
+            value = _nest.lookup(metrics, best_fn)
+        except KeyError:
+            raise ConfigError(
+                f"`best_fn` {best_fn!r} is not in the metrics of {where}; they have "
+                f"{_keys(metrics)}."
+            ) from None
     else:
         value = best_fn(metrics)
     if value is None:
