@@ -473,3 +473,41 @@ def test_ctrl_c_while_evaluate_waits_is_one_line_with_status_130(tmp_path: Path)
     assert err.strip().splitlines()[-1] == "looproto: interrupted"
     assert "Traceback" not in err
     assert os.listdir(tmp_path / "run") == ["summaries"]  # a reader: no checkpoint dir made
+
+
+def test_orbax_thread_tracebacks_stay_out_of_the_one_line_report_unless_debug(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # orbax logs an exception in the thread that raised it, then the waiting thread
+    # re-raises it (and looproto prints it as one line): the first is dropped.
+    import logging
+    import threading
+
+    from looproto.run.faults import quiet_background_tracebacks
+
+    absl = logging.getLogger("absl")
+
+    def fail_in_a_thread() -> None:
+        def target() -> None:
+            try:
+                raise OSError(28, "No space left on device")
+            except OSError:
+                absl.exception("_SignalingThread.run() raised an exception")
+
+        worker = threading.Thread(target=target)
+        worker.start()
+        worker.join()
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="absl"):
+            quiet_background_tracebacks(debug=False)
+            fail_in_a_thread()
+            absl.error("an error of the main thread still shows")
+            assert [r.getMessage() for r in caplog.records] == [
+                "an error of the main thread still shows"
+            ]
+            quiet_background_tracebacks(debug=True)
+            fail_in_a_thread()
+            assert caplog.records[-1].exc_info is not None  # --debug keeps it
+    finally:
+        quiet_background_tracebacks(debug=True)

@@ -75,6 +75,7 @@ from looproto.run.faults import (
     check_model_dir,
     exit_status,
     one_line,
+    quiet_background_tracebacks,
 )
 from looproto.run.faults import EXIT_STORAGE as EXIT_STORAGE
 from looproto.run.faults import EXIT_USAGE as EXIT_USAGE
@@ -469,6 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up banner
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     enable_logging(logging.INFO)
+    quiet_background_tracebacks(args.debug)
     # Factories named relative to the current directory import, as with `python -m`.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())

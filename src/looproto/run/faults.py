@@ -9,8 +9,10 @@ before anything is built or trained. See
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import tempfile
+import threading
 from typing import Any
 
 from looproto.errors import (
@@ -35,6 +37,7 @@ __all__ = [
     "check_model_dir",
     "exit_status",
     "one_line",
+    "quiet_background_tracebacks",
 ]
 
 EXIT_USAGE = 2
@@ -150,3 +153,21 @@ class StoppedInStartUp(Preempted):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.cause,))
+
+
+def quiet_background_tracebacks(debug: bool) -> None:
+    """Unless `debug`, drops the tracebacks orbax logs in its threads as they fail.
+
+    Such a failure is re-raised where looproto waits for the thread (a save, a close)
+    and reported there as the fault's one line; the thread's own log of it would put a
+    traceback before that line.
+    """
+    absl = logging.getLogger("absl")
+    if debug:
+        absl.removeFilter(_in_the_main_thread_or_no_traceback)
+    else:
+        absl.addFilter(_in_the_main_thread_or_no_traceback)
+
+
+def _in_the_main_thread_or_no_traceback(record: logging.LogRecord) -> bool:
+    return record.exc_info is None or record.thread == threading.main_thread().ident
